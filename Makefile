@@ -1,0 +1,26 @@
+# Two jobs, each reusing what the last run built:
+#   make demo   set up .venv, build moca._C, run the main job on the embedded default
+#   make test   set up .venv, build moca._C, run the test suite (CPU; Triton via its interpreter)
+PY ?= .venv/bin/python
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+
+.PHONY: demo test bench setup
+setup: .venv/.built
+
+.venv/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+.venv/.built: .venv/.installed setup.py pyproject.toml $(CSRC)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: .venv/.built
+	$(PY) -m moca.embed
+
+test: .venv/.built
+	$(PY) -m pytest -q tests
+
+bench: .venv/.built
+	$(PY) bench/throughput.py --quick

@@ -1,0 +1,60 @@
+"""The benchmark entry point: `python bench/throughput.py [BENCH ...] [--device] [--quick] [--json]`.
+
+Each sub-benchmark is a module `bench/bench_<name>.py` with `run(device, quick) -> list[dict]`
+(one row per provider and shape, ours and the peers side by side) and, optionally,
+`summary(rows) -> dict`. With no BENCH every sub-benchmark that exists runs.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, print_table, write_json  # noqa: E402
+
+ORDER = ["embed", "attention", "recon_loss", "infonce", "cpt", "cl"]
+
+
+def available() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = {f[len("bench_") : -3] for f in os.listdir(here) if f.startswith("bench_") and f.endswith(".py")}
+    return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
+
+
+def main(argv=None) -> dict:
+    names = available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench", nargs="*", help=f"sub-benchmarks to run (default: all of {names})")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    p.add_argument("--json", default=None, help="write the rows and summary here (default bench/results/<device>.json)")
+    args = p.parse_args(argv)
+    unknown = [b for b in args.bench if b not in names]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; available: {names}")
+
+    env = environment(args.device)
+    print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    results, summary = {}, {}
+    for name in args.bench or names:
+        mod = importlib.import_module(f"bench_{name}")
+        rows = mod.run(args.device, args.quick)
+        print_table(name, rows)
+        results[name] = rows
+        if hasattr(mod, "summary"):
+            summary.update(mod.summary(rows))
+    if summary:
+        print_table("summary", [summary])
+    payload = {"environment": env, "quick": args.quick, "results": results, "summary": summary}
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"latest-{args.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training engine: data, packing, CPT/CL loops, distributed, evaluation."""

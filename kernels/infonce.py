@@ -1,0 +1,330 @@
+"""InfoNCE over a (gathered) global batch with per-query hard negatives: `infonce`.
+
+logits_i = [q_i.t_1 .. q_i.t_B, q_i.n_i1 .. q_i.n_ir] / temperature, target i, mean
+cross-entropy over the B queries. No (B x B) score matrix ever exists:
+
+* forward: one Triton kernel is a tiled Q T^T GEMM whose epilogue folds each (BM x BN)
+  score tile into an online log-sum-exp (fp32, base 2), split over key tiles for
+  parallelism; it also takes the row-wise positive and hard-negative dots. Saved for
+  backward: the (B,) lse and the (B, r) negative logits.
+* backward: embeddings are wide (D = 2048 for the 3B model), so a (BM x D) gradient
+  accumulator does not fit on chip and a flash-attention-style fused backward would
+  recompute S once per D slice. Instead the host walks (CHUNK x CHUNK) blocks: a Triton
+  kernel recomputes the block's scores and writes dS = softmax - onehot (input dtype,
+  at most CHUNK^2 elements), then two cuBLAS GEMMs add dS @ T into the chunk's fp32 dq and
+  dS^T @ Q into an fp32 dt. That is 4 GEMMs of B^2 D in all (naive: 3, plus B^2 memory).
+  Hard negatives belong to one query, so their gradients are row-wise products.
+
+The torch backend runs the same blocked algorithm with torch ops in fp32; it is the CPU
+path. Across ranks, `gathered_infonce` gathers with autograd (`gather_with_grad`).
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from kernels._backend import interpreter_enabled, resolve
+
+LOG2E = 1.4426950408889634
+# Side of the score blocks the backward materialises (elements: CHUNK^2, bounded in B).
+_CHUNK = 8192
+
+
+@triton.jit
+def _score_tile(Q, T, rows, cols, n_rows, n_cols, D,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """fp32 (BM, BN) tile of Q[rows] @ T[cols]^T; rows >= n_rows and cols >= n_cols read as zeros."""
+    q_rows = Q + rows.to(tl.int64)[:, None] * D  # int64: B * D passes 2^31 at B = 1M, D = 2048
+    t_cols = T + cols.to(tl.int64)[None, :] * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(q_rows + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < D), other=0.0)
+        b = tl.load(t_cols + ks[:, None], mask=(cols[None, :] < n_cols) & (ks[:, None] < D), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_dot(Q, X, x_row_stride, rows, B, D, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BM,) dots Q[r] . X[r] for each row r (X rows `x_row_stride` elements apart)."""
+    q_rows = Q + rows.to(tl.int64)[:, None] * D
+    x_rows = X + rows.to(tl.int64)[:, None] * x_row_stride
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < B) & (ks[None, :] < D)
+        a = tl.load(q_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(a * x, axis=1)
+    return acc
+
+
+@triton.jit
+def _infonce_fwd_kernel(
+    Q, T, NEG, M_OUT, L_OUT, POS, NEG_DOT,
+    B, D, tiles_per_split, qk_scale,
+    R: tl.constexpr, HAS_NEG: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Program (m, s): query tile m against key tiles [s*tiles_per_split, (s+1)*tiles_per_split).
+
+    Writes the partial base-2 running max and sum of that range to M_OUT[s], L_OUT[s] (B,);
+    split 0 also writes the raw positive dots POS (B,) and hard-negative dots NEG_DOT (B, R)
+    and folds the negatives into its partial.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if pid_s == 0:
+        tl.store(POS + rows, _row_dot(Q, T, D, rows, B, D, BLOCK_M, BLOCK_K), mask=row_ok)
+        if HAS_NEG:
+            for j in range(R):
+                dot = _row_dot(Q, NEG + j * D, R * D, rows, B, D, BLOCK_M, BLOCK_K)
+                tl.store(NEG_DOT + rows * R + j, dot, mask=row_ok)
+                s = dot * qk_scale
+                m_new = tl.maximum(m_i, s)
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.exp2(s - m_new)
+                m_i = m_new
+    n_tiles = tl.cdiv(B, BLOCK_N)
+    start = pid_s * tiles_per_split
+    end = tl.minimum(start + tiles_per_split, n_tiles)
+    for nt in range(start, end):
+        cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        s = _score_tile(Q, T, rows, cols, B, B, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * qk_scale
+        s = tl.where(cols[None, :] < B, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(M_OUT + pid_s * B + rows, m_i, mask=row_ok)
+    tl.store(L_OUT + pid_s * B + rows, l_i, mask=row_ok)
+
+
+@triton.jit
+def _infonce_dscores_kernel(
+    Q, T, LSE, DS,
+    C, N, D, ds_stride, diag_offset, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """DS[i, j] = exp(q_i.t_j / tau - lse_i) - [i + diag_offset == j] for a (C, N) block."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _score_tile(Q, T, rows, cols, C, N, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    lse2 = tl.load(LSE + rows, mask=rows < C, other=0.0) * LOG2E
+    p = tl.exp2(acc * qk_scale - lse2[:, None])
+    p = tl.where(rows[:, None] + diag_offset == cols[None, :], p - 1.0, p)
+    mask = (rows[:, None] < C) & (cols[None, :] < N)
+    tl.store(DS + rows[:, None] * ds_stride + cols[None, :], p.to(DS.dtype.element_ty), mask=mask)
+
+
+def _config(dtype: torch.dtype) -> dict:
+    """Tile sizes: small in the interpreter (fast tests), GEMM-sized on a GPU."""
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    if interpreter_enabled():
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=precision)
+    block_k = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
+
+
+def _forward_triton(q, t, neg, temperature):
+    """q, t: (B, D), neg: (B, r, D) or None -> lse (B,), pos_dot (B,), neg_dot (B, r) or None; fp32."""
+    B, D = q.shape
+    cfg = _config(q.dtype)
+    row_tiles, key_tiles = triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(B, cfg["BLOCK_N"])
+    # Split the key range so that small batches still fill the machine.
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
+    tiles_per_split = triton.cdiv(key_tiles, min(key_tiles, triton.cdiv(2 * sms, row_tiles)))
+    n_split = triton.cdiv(key_tiles, tiles_per_split)
+    r = 0 if neg is None else neg.shape[1]
+    m_part = torch.empty(n_split, B, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    pos = torch.empty(B, device=q.device, dtype=torch.float32)
+    neg_dot = torch.empty(B, r, device=q.device, dtype=torch.float32) if r else None
+    _infonce_fwd_kernel[(row_tiles, n_split)](
+        q, t, neg if r else q, m_part, l_part, pos, neg_dot if r else pos,
+        B, D, tiles_per_split, LOG2E / temperature,
+        R=max(r, 1), HAS_NEG=r > 0, **cfg,
+    )
+    m_max = m_part.max(dim=0).values
+    lse = (m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(dim=0))) / LOG2E
+    return lse, pos, neg_dot
+
+
+def _forward_torch(q, t, neg, temperature):
+    """Same outputs as `_forward_triton`, from fp32 (CHUNK x CHUNK) score blocks."""
+    B = q.shape[0]
+    lse = torch.full((B,), float("-inf"), device=q.device, dtype=torch.float32)
+    for r0 in range(0, B, _CHUNK):
+        qc = q[r0 : r0 + _CHUNK].float()
+        for c0 in range(0, B, _CHUNK):
+            s = qc @ t[c0 : c0 + _CHUNK].float().T / temperature  # (C, N)
+            lse[r0 : r0 + _CHUNK] = torch.logaddexp(lse[r0 : r0 + _CHUNK], torch.logsumexp(s, dim=1))
+    pos = torch.empty(B, device=q.device, dtype=torch.float32)
+    neg_dot = None if neg is None else torch.empty(B, neg.shape[1], device=q.device, dtype=torch.float32)
+    for r0 in range(0, B, _CHUNK):
+        qc = q[r0 : r0 + _CHUNK].float()
+        pos[r0 : r0 + _CHUNK] = (qc * t[r0 : r0 + _CHUNK].float()).sum(-1)
+        if neg is not None:
+            neg_dot[r0 : r0 + _CHUNK] = (neg[r0 : r0 + _CHUNK].float() @ qc[:, :, None]).squeeze(-1)
+    if neg is not None:
+        lse = torch.logaddexp(lse, torch.logsumexp(neg_dot / temperature, dim=1))
+    return lse, pos, neg_dot
+
+
+def _dscores_triton(qc, tc, lse_c, diag_offset, temperature, out):
+    """qc: (C, D), tc: (N, D), lse_c: (C,) -> out[:C, :N] = softmax block - onehot, input dtype."""
+    C, D = qc.shape
+    N = tc.shape[0]
+    ds = out[:C, :N]
+    cfg = _config(qc.dtype)
+    grid = (triton.cdiv(C, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _infonce_dscores_kernel[grid](
+        qc, tc, lse_c, ds, C, N, D, ds.stride(0), diag_offset, LOG2E / temperature, **cfg
+    )
+    return ds
+
+
+def _dscores_torch(qc, tc, lse_c, diag_offset, temperature, out):
+    ds = torch.exp(qc.float() @ tc.float().T / temperature - lse_c[:, None])  # (C, N) fp32
+    ds.diagonal(diag_offset).sub_(1.0)
+    return ds
+
+
+def _acc_mm(acc, a, b):
+    """acc (fp32) += a @ b. Low-precision operands go through cuBLAS (fp32 accumulate), rounded once."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b.float())
+    else:
+        acc.add_(a @ b)
+
+
+def _backward(q, t, neg, lse, neg_dot, grad, temperature, needs, dscores):
+    """Gradients of mean_i(lse_i - q_i.t_i / tau) given the forward's lse and negative dots.
+
+    dS = softmax - onehot is produced block by block by `dscores`; every gradient is
+    accumulated in fp32 and scaled by grad / (B tau) once at the end.
+    """
+    need_q, need_t, need_n = needs
+    B = q.shape[0]
+    coef = grad.float() / (B * temperature)  # 0-d, stays on the device
+    dq = torch.empty_like(q) if need_q else None
+    dt = torch.zeros(t.shape, device=t.device, dtype=torch.float32) if need_t else None
+    dn = torch.empty_like(neg) if (neg is not None and need_n) else None
+    side = min(_CHUNK, B)
+    buf = torch.empty(side, side, device=q.device, dtype=q.dtype) if dscores is _dscores_triton else None
+    for r0 in range(0, B, _CHUNK):
+        qc = q[r0 : r0 + _CHUNK]
+        dq_c = torch.zeros(qc.shape, device=q.device, dtype=torch.float32) if need_q else None
+        if need_q or need_t:
+            for c0 in range(0, B, _CHUNK):
+                tc = t[c0 : c0 + _CHUNK]
+                ds = dscores(qc, tc, lse[r0 : r0 + _CHUNK], r0 - c0, temperature, buf)  # (C, N)
+                if need_q:
+                    _acc_mm(dq_c, ds, tc)
+                if need_t:
+                    _acc_mm(dt[c0 : c0 + _CHUNK], ds.T, qc)
+        if neg is not None:
+            nc = neg[r0 : r0 + _CHUNK]
+            p_neg = torch.exp(neg_dot[r0 : r0 + _CHUNK] / temperature - lse[r0 : r0 + _CHUNK, None])  # (C, r)
+            if need_q:
+                dq_c += (p_neg[:, None, :] @ nc.float()).squeeze(1)
+            if need_n:
+                dn[r0 : r0 + _CHUNK] = (coef * p_neg[:, :, None] * qc[:, None, :].float()).to(neg.dtype)
+        if need_q:
+            dq[r0 : r0 + _CHUNK] = (dq_c * coef).to(q.dtype)
+    if need_t:
+        dt = dt.mul_(coef).to(t.dtype)
+    return dq, dt, dn
+
+
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, t, neg, temperature, backend):
+        fwd = _forward_triton if backend == "triton" else _forward_torch
+        lse, pos, neg_dot = fwd(q, t, neg, temperature)
+        ctx.save_for_backward(q, t, neg, lse, neg_dot)
+        ctx.temperature, ctx.backend = temperature, backend
+        return (lse - pos / temperature).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, t, neg, lse, neg_dot = ctx.saved_tensors
+        dscores = _dscores_triton if ctx.backend == "triton" else _dscores_torch
+        dq, dt, dn = _backward(q, t, neg, lse, neg_dot, grad, ctx.temperature, ctx.needs_input_grad[:3], dscores)
+        return dq, dt, dn, None, None
+
+
+def infonce(q, t, negatives=None, temperature=0.03, backend=None):
+    """Mean InfoNCE loss (fp32 scalar) with in-batch and per-query hard negatives.
+
+    q: (B, D) queries; t: (B, D) positives, t_i for q_i and every other row an in-batch
+    negative; negatives: (B, r, D) or None, q_i's own hard negatives; all one dtype
+    (fp32, fp16 or bf16; accumulation is fp32). temperature: host float. Gradients flow to
+    q, t and negatives. Memory: inputs, gradients, an fp32 (B, D) accumulator for dt and
+    O(B) plus one bounded block; never a (B x B) matrix.
+    """
+    assert q.dim() == 2 and t.shape == q.shape, f"q, t must both be (B, D); got {tuple(q.shape)}, {tuple(t.shape)}"
+    assert q.shape[0] > 0, "empty batch"
+    assert t.dtype == q.dtype and t.device == q.device
+    if negatives is not None:
+        assert negatives.dim() == 3 and negatives.shape[0] == q.shape[0] and negatives.shape[2] == q.shape[1], (
+            f"negatives must be (B, r, D); got {tuple(negatives.shape)}"
+        )
+        assert negatives.dtype == q.dtype and negatives.device == q.device
+        negatives = negatives.contiguous() if negatives.shape[1] > 0 else None
+    backend = resolve(backend, q)
+    return _InfoNCE.apply(q.contiguous(), t.contiguous(), negatives, float(temperature), backend)
+
+
+def gather_with_grad(x):
+    """All ranks' x concatenated along dim 0 in rank order, with autograd.
+
+    x: (n, ...) with the same n on every rank -> (world * n, ...). Backward returns this
+    rank's slice of the gradients summed over ranks (a reduce-scatter). Identity when
+    torch.distributed is not initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    import torch.distributed._functional_collectives as fc
+
+    return fc.wait_tensor(fc.all_gather_single(x.contiguous(), 0, dist.group.WORLD))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def gathered_infonce(q, t, negatives=None, temperature=0.03, backend=None):
+    """InfoNCE over the batch gathered from every rank (each holds an equal-sized slice).
+
+    Convention: the returned loss on every rank equals the single-process loss on the
+    concatenated batch, and the gradients of this rank's q, t, negatives equal the
+    full-batch gradients of those rows. (Every rank backpropagates the same loss, and
+    the gather's backward sums over ranks, so the loss's gradient is scaled by 1/world.)
+    DDP averages parameter gradients over ranks, so a trainer that wants the full-batch
+    parameter gradient under DDP backpropagates `world_size * loss`.
+    """
+    world = dist.get_world_size() if (dist.is_available() and dist.is_initialized()) else 1
+    loss = infonce(
+        gather_with_grad(q),
+        gather_with_grad(t),
+        None if negatives is None else gather_with_grad(negatives),
+        temperature,
+        backend,
+    )
+    return _ScaleGrad.apply(loss, 1.0 / world) if world > 1 else loss

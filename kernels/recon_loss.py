@@ -1,0 +1,365 @@
+"""Masked reconstruction losses of MoCa's continual pre-training (MOCA.md §2).
+
+masked_lm_loss(hidden (M, H), lm_weight (V, H), targets (M,) int64) -> mean cross-entropy of the
+LM head over the M masked rows; the (M, V) logits never exist. masked_patch_loss(hidden (N, H),
+proj_weight (4704, H), proj_bias (4704,), targets (N, 4704)) -> mean squared error of the MAE
+projection over all N * 4704 numbers (the output layout d*4 + p is the caller's business: the
+loss is blind to it).
+
+Design decisions a reader must know:
+* LM forward. One Triton kernel multiplies a row tile of hidden by vocabulary tiles and folds the
+  fp32 logits into an online log-sum-exp, picking up the target's logit on the way; only (S, M)
+  partials survive, S being the number of vocabulary splits that small M needs to fill the GPU.
+  The forward keeps the (M,) lse for the backward.
+* LM backward, a justified split. d_hidden needs every vocabulary row and d_weight every hidden
+  row, and H (2048..3584) is far too wide to keep either fp32 accumulator in registers, so a fully
+  fused backward has to read-modify-write (BM + BV) x H fp32 in global memory per tile pair
+  (~50 flop/byte: memory bound, which is why cut-cross-entropy needs its lossy gradient filter).
+  Here V is walked in chunks of Vc columns: a Triton kernel recomputes the logit tiles in fp32 and
+  writes d_logits = (softmax - onehot) * g / M for the chunk in the input dtype (as bf16 autograd
+  would), then d_weight[chunk] = d_logits^T @ hidden is ONE cuBLAS GEMM over all M rows (fp32
+  accumulation, rounded once) and d_hidden += d_logits @ weight[chunk] is a Triton GEMM that
+  accumulates into an fp32 (M, H) buffer. No atomics, deterministic; the extra memory is the
+  (M, Vc) chunk (at most 1/16 of the weight once Vc >= 1024) plus fp32 (M, H): O(M + V*H).
+* Patch loss, fused the same way. The projection is 2 * N * 4704 * H flops against N * 4704
+  elementwise ones, so the fusion only has to spare the (N, 4704) prediction round trip and its
+  rounding: the forward kernel adds bias, subtracts the target and sums squares per tile in fp32,
+  writing nothing of size (N, 4704); the backward kernel recomputes the tile and writes the
+  residual gradient in the input dtype (the size of the targets the caller already holds), from
+  which cuBLAS gives d_hidden and d_weight (fp32 accumulation over N inside one GEMM) and a
+  reduction d_bias.
+* Torch references (`_lm_*_torch`, `_patch_*_torch`) do the same maths plainly, the LM one in
+  chunks of rows so that (M, V) never exists either; they are the CPU backend and the oracle.
+* Interpreter (UPCAST): Triton's CPU interpreter gets 16-bit arithmetic wrong, so there every tile
+  is cast to fp32 right after loading; on the GPU 16-bit tiles go to the tensor cores as they are.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._backend import resolve
+
+_REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
+
+
+@triton.jit
+def _tile_matmul(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) fp32 tile of a[rows, :K] @ b[:K, cols] for arbitrarily strided a and b."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_rows + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_cols + ks[:, None] * stride_bk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, M, V, H, tiles_per_split,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One row tile x one vocabulary split: online lse and target logit over the split's columns.
+
+    h: (M, H); w: (V, H); tgt: (M,) int64; lse, tgt_logit: (S, M) fp32 partials.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    t_i = tl.zeros((BLOCK_M,), tl.float32)
+    v_lo = pid_s * tiles_per_split * BLOCK_N
+    v_hi = tl.minimum(V, v_lo + tiles_per_split * BLOCK_N)
+    for v0 in range(v_lo, v_hi, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < V
+        z = _tile_matmul(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, H, 1, 1, H,
+                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PREC)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+        t_i += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+    out = pid_s * M + rows
+    tl.store(lse_ptr + out, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(tgt_logit_ptr + out, t_i, mask=row_ok)
+
+
+@triton.jit
+def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, M, H, v0, n_cols,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """d_logits for vocabulary columns v0 .. v0 + n_cols: (softmax - onehot) * scale.
+
+    h: (M, H); w: (V, H); tgt, lse: (M,); scale: (1,) fp32 = upstream grad / M; dz: (M, n_cols).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = local < n_cols
+    cols = v0 + local
+    z = _tile_matmul(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, H, 1, 1, H,
+                     BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PREC)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(z - lse[:, None])
+    dz = (p - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)) * tl.load(scale_ptr)
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * n_cols + local[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, M, N, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """c (M, N) fp32 += a (M, K) @ b (K, N), all row-major: d_hidden += d_logits @ weight[chunk]."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = _tile_matmul(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, K, 1, N, 1,
+                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PREC)
+    ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+
+
+@triton.jit
+def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, scale_ptr, N, D, H,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  WRITE_GRAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Residual r = h @ w^T + b - t of one (row, column) tile, in fp32.
+
+    h: (N, H); w: (D, H); b: (D,); t: (N, D). WRITE_GRAD: out (N, D) = 2 * scale * r in the input
+    dtype, scale: (1,) fp32 = upstream grad / (N * D); else out (row tiles, column tiles) fp32 = sum r^2.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < D
+    ok = row_ok[:, None] & col_ok[None, :]
+    pred = _tile_matmul(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, H, 1, 1, H,
+                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PREC)
+    pred += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    r = tl.where(ok, pred - tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32), 0.0)
+    if WRITE_GRAD:
+        tl.store(out_ptr + offs, (2.0 * tl.load(scale_ptr) * r).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(out_ptr + pid_m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(r * r, 1), 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_cfg(x: torch.Tensor, rows: int) -> dict:
+    """Tiles: tensor-core sized on the GPU; under the interpreter fewer, wider ones (each tile op
+    is one numpy call) and fp32 arithmetic."""
+    interp = not x.is_cuda
+    bm = max(16, min(64 if interp else 128, triton.next_power_of_2(rows)))
+    return dict(
+        BLOCK_M=bm, BLOCK_N=256 if interp else 128, BLOCK_K=64, UPCAST=interp,
+        PREC="ieee" if (interp or x.dtype == torch.float32) else "tf32",
+        num_warps=8 if bm >= 64 else 4, num_stages=3,
+    )
+
+
+def _vocab_chunk(M: int, V: int, H: int, block: int) -> int:
+    """Columns per backward chunk: the (M, Vc) d_logits stay within 1/16 of the weight, Vc >= 1024."""
+    vc = (V * H // 16) // M // block * block
+    return min(V, max(1024, vc))
+
+
+def _lm_fwd_triton(h, w, tgt):
+    """-> (lse, target logit), both (M,) fp32. h: (M, H); w: (V, H); tgt: (M,) int64."""
+    M, H = h.shape
+    V = w.shape[0]
+    cfg = _launch_cfg(h, M)
+    m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
+    programs = 2 * _sm_count(h.device.index) if h.is_cuda else 4
+    per_split = triton.cdiv(v_tiles, min(v_tiles, max(1, triton.cdiv(programs, m_tiles))))
+    splits = triton.cdiv(v_tiles, per_split)
+    lse = torch.empty(splits, M, dtype=torch.float32, device=h.device)
+    tgt_logit = torch.empty_like(lse)
+    _lm_fwd_kernel[(m_tiles, splits)](h, w, tgt, lse, tgt_logit, M, V, H, per_split, **cfg)
+    return torch.logsumexp(lse, 0), tgt_logit.sum(0)
+
+
+def _lm_bwd_triton(h, w, tgt, lse, scale):
+    """-> (d_hidden, d_weight) in the input dtype. scale: (1,) fp32 = upstream grad / M."""
+    M, H = h.shape
+    V = w.shape[0]
+    cfg = _launch_cfg(h, M)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    vc = _vocab_chunk(M, V, H, bn)
+    dz_buf = torch.empty(M * vc, dtype=h.dtype, device=h.device)
+    dh = torch.zeros(M, H, dtype=torch.float32, device=h.device)
+    dw = torch.empty_like(w)
+    for v0 in range(0, V, vc):
+        n = min(vc, V - v0)
+        dz = dz_buf[: M * n].view(M, n)
+        _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, M, H, v0, n, **cfg)
+        torch.mm(dz.t(), h, out=dw[v0 : v0 + n])
+        _mm_acc_kernel[(triton.cdiv(H, bn), triton.cdiv(M, bm))](dh, dz, w[v0 : v0 + n], M, H, n, **cfg)
+    return dh.to(h.dtype), dw
+
+
+def _lm_fwd_torch(h, w, tgt):
+    """Reference: -> (lse, target logit), both (M,) fp32, logits in row chunks in the input dtype."""
+    M, V = h.shape[0], w.shape[0]
+    step = max(1, _REF_CHUNK // V)
+    lse = torch.empty(M, dtype=torch.float32, device=h.device)
+    tgt_logit = torch.empty_like(lse)
+    for i in range(0, M, step):
+        z = (h[i : i + step] @ w.t()).float()
+        lse[i : i + step] = torch.logsumexp(z, 1)
+        tgt_logit[i : i + step] = z.gather(1, tgt[i : i + step, None])[:, 0]
+    return lse, tgt_logit
+
+
+def _lm_bwd_torch(h, w, tgt, lse, scale):
+    """Reference: -> (d_hidden, d_weight), d_weight accumulated over row chunks in fp32."""
+    M, V = h.shape[0], w.shape[0]
+    step = max(1, _REF_CHUNK // V)
+    dh = torch.empty_like(h)
+    dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    for i in range(0, M, step):
+        hc, tc = h[i : i + step], tgt[i : i + step]
+        p = torch.exp((hc @ w.t()).float() - lse[i : i + step, None])
+        p[torch.arange(len(tc), device=p.device), tc] -= 1.0
+        dz = (p * scale).to(h.dtype)
+        dh[i : i + step] = dz @ w
+        dw.addmm_(dz.t().float(), hc.float())
+    return dh, dw.to(w.dtype)
+
+
+def _patch_fwd_triton(h, w, b, t):
+    """-> sum of squared residuals, fp32 scalar. h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
+    N, H = h.shape
+    D = w.shape[0]
+    cfg = _launch_cfg(h, N)
+    grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
+    partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
+    _patch_kernel[grid](h, w, b, t, partial, partial, N, D, H, WRITE_GRAD=False, **cfg)
+    return partial.sum()
+
+
+def _patch_bwd_triton(h, w, b, t, scale):
+    """-> (d_hidden, d_weight, d_bias). scale: (1,) fp32 = upstream grad / (N * D)."""
+    N, H = h.shape
+    D = w.shape[0]
+    cfg = _launch_cfg(h, N)
+    grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
+    g = torch.empty(N, D, dtype=h.dtype, device=h.device)
+    _patch_kernel[grid](h, w, b, t, g, scale, N, D, H, WRITE_GRAD=True, **cfg)
+    return g @ w, g.t() @ h, g.sum(0, dtype=torch.float32).to(b.dtype)
+
+
+def _patch_fwd_torch(h, w, b, t):
+    """Reference: projection in the input dtype, squared error summed in fp32."""
+    return (torch.addmm(b, h, w.t()).float() - t.float()).square().sum()
+
+
+def _patch_bwd_torch(h, w, b, t, scale):
+    g = (2.0 * scale * (torch.addmm(b, h, w.t()).float() - t.float())).to(h.dtype)
+    return g @ w, g.t() @ h, g.sum(0, dtype=torch.float32).to(b.dtype)
+
+
+class _MaskedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, backend):
+        fwd = _lm_fwd_triton if backend == "triton" else _lm_fwd_torch
+        lse, tgt_logit = fwd(hidden, weight, targets)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.backend = backend
+        return (lse - tgt_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        bwd = _lm_bwd_triton if ctx.backend == "triton" else _lm_bwd_torch
+        scale = (grad.float() / hidden.shape[0]).reshape(1)
+        d_hidden, d_weight = bwd(hidden, weight, targets, lse, scale)
+        return d_hidden, d_weight, None, None
+
+
+class _MaskedPatchLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, backend):
+        fwd = _patch_fwd_triton if backend == "triton" else _patch_fwd_torch
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.backend = backend
+        return fwd(hidden, weight, bias, targets) / targets.numel()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        bwd = _patch_bwd_triton if ctx.backend == "triton" else _patch_bwd_torch
+        scale = (grad.float() / targets.numel()).reshape(1)
+        return (*bwd(hidden, weight, bias, targets, scale), None, None)
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+def masked_lm_loss(hidden, lm_weight, targets, backend=None):
+    """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits.
+
+    hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
+    targets: (M,) int64 in [0, V) (checked on the host when not on CUDA, never synced on CUDA).
+    Returns an fp32 scalar; gradients flow to hidden and lm_weight.
+    """
+    _require(hidden.ndim == 2 and lm_weight.ndim == 2 and hidden.shape[1] == lm_weight.shape[1],
+             f"hidden (M, H) and lm_weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
+    _require(hidden.dtype == lm_weight.dtype, f"dtype mismatch: {hidden.dtype} vs {lm_weight.dtype}")
+    _require(hidden.shape[0] >= 1, "no masked rows")
+    _require(targets.dtype == torch.int64 and tuple(targets.shape) == (hidden.shape[0],),
+             f"targets must be ({hidden.shape[0]},) int64, got {tuple(targets.shape)} {targets.dtype}")
+    if not targets.is_cuda:
+        V = lm_weight.shape[0]
+        _require(bool((targets >= 0).all()) and bool((targets < V).all()), f"targets outside [0, {V})")
+    backend = resolve(backend, hidden)
+    return _MaskedLMLoss.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(), backend)
+
+
+def masked_patch_loss(hidden, proj_weight, proj_bias, targets, backend=None):
+    """Mean squared error of `hidden @ proj_weight.T + proj_bias` against `targets`.
+
+    hidden: (N, H) at the masked image tokens; proj_weight: (4704, H); proj_bias: (4704,);
+    targets: (N, 4704) in any float dtype. Returns an fp32 scalar; gradients flow to hidden,
+    proj_weight and proj_bias.
+    """
+    _require(hidden.ndim == 2 and proj_weight.ndim == 2 and hidden.shape[1] == proj_weight.shape[1],
+             f"hidden (N, H) and proj_weight (D, H) expected, got {tuple(hidden.shape)} and {tuple(proj_weight.shape)}")
+    D = proj_weight.shape[0]
+    _require(tuple(proj_bias.shape) == (D,) and tuple(targets.shape) == (hidden.shape[0], D),
+             f"proj_bias ({D},) and targets ({hidden.shape[0]}, {D}) expected")
+    _require(hidden.dtype == proj_weight.dtype == proj_bias.dtype, "hidden, proj_weight and proj_bias dtypes differ")
+    _require(hidden.shape[0] >= 1, "no masked image tokens")
+    backend = resolve(backend, hidden)
+    return _MaskedPatchLoss.apply(hidden.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(),
+                                  targets.contiguous(), backend)

