@@ -23,7 +23,7 @@ def _with_cuda() -> bool:
 
 def extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if _with_cuda():
         cu = sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
@@ -31,7 +31,7 @@ def extension():
             cpp + cu,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("MOCA_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
         )
     return CppExtension(
         "moca._C", cpp, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx_flags}

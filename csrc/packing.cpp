@@ -1,10 +1,10 @@
 // Token-budget bin packing of samples into micro-batches: First-Fit-Decreasing in O(N log N).
 // "First open bin with room" is a leftmost-leaf query on a max-tree over the bins' usable room
-// (-1 once a bin is over budget or holds max_items), so N in the millions packs in well under a second.
+// (-1 once a bin is over budget or holds max_items): O(log bins) per item instead of a scan over all bins.
 #include "host_ops.h"
 
 #include <algorithm>
-#include <numeric>
+#include <utility>
 #include <vector>
 
 namespace moca {
@@ -20,16 +20,22 @@ std::tuple<at::Tensor, at::Tensor> pack_bins(const at::Tensor& costs, int64_t bu
   const int64_t N = c_t.numel();
   for (int64_t i = 0; i < N; ++i) TORCH_CHECK_VALUE(c[i] >= 0, "costs must be >= 0, got ", c[i], " at index ", i);
 
+  // (-cost, index) keys are unique, so a plain sort gives cost descending, ties by index ascending.
+  std::vector<std::pair<int64_t, int64_t>> keys(N);
+  for (int64_t i = 0; i < N; ++i) keys[i] = {-c[i], i};
+  std::sort(keys.begin(), keys.end());
   std::vector<int64_t> sorted(N);
-  std::iota(sorted.begin(), sorted.end(), 0);
-  std::stable_sort(sorted.begin(), sorted.end(), [c](int64_t a, int64_t b) { return c[a] > c[b]; });
+  for (int64_t i = 0; i < N; ++i) sorted[i] = keys[i].second;
+  keys = {};
 
+  // tree[leaves + b] = usable room of bin b; sized by the bins so far (doubled when full) so that it
+  // stays in cache when bins are much fewer than items.
   int64_t leaves = 1;
-  while (leaves < N) leaves <<= 1;
-  std::vector<int64_t> tree(2 * leaves, -1);  // tree[leaves + b] = usable room of bin b
+  std::vector<int64_t> tree(2, -1);
   std::vector<int64_t> room, count, bin_of(N);
-  room.reserve(N);
-  count.reserve(N);
+  const auto usable = [&](int64_t b) {
+    return (room[b] < 0 || (max_items > 0 && count[b] >= max_items)) ? int64_t{-1} : room[b];
+  };
   for (const int64_t item : sorted) {
     const int64_t cost = c[item];
     int64_t b;
@@ -41,13 +47,23 @@ std::tuple<at::Tensor, at::Tensor> pack_bins(const at::Tensor& costs, int64_t bu
       b = static_cast<int64_t>(room.size());
       room.push_back(budget);
       count.push_back(0);
+      if (b == leaves) {
+        leaves *= 2;
+        tree.assign(2 * leaves, -1);
+        for (int64_t i = 0; i < b; ++i) tree[leaves + i] = usable(i);
+        for (int64_t node = leaves - 1; node >= 1; --node) tree[node] = std::max(tree[2 * node], tree[2 * node + 1]);
+      }
     }
     room[b] -= cost;
     ++count[b];
     bin_of[item] = b;
     int64_t node = leaves + b;
-    tree[node] = (room[b] < 0 || (max_items > 0 && count[b] >= max_items)) ? -1 : room[b];
-    for (node >>= 1; node >= 1; node >>= 1) tree[node] = std::max(tree[2 * node], tree[2 * node + 1]);
+    tree[node] = usable(b);
+    for (node >>= 1; node >= 1; node >>= 1) {
+      const int64_t best = std::max(tree[2 * node], tree[2 * node + 1]);
+      if (tree[node] == best) break;  // ancestors unchanged
+      tree[node] = best;
+    }
   }
 
   const int64_t num_bins = static_cast<int64_t>(room.size());

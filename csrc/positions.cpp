@@ -105,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> vision_window_index(const at::Tensor& grid_th
   const int64_t* g = grids.data_ptr<int64_t>();
   const int64_t I = grids.size(0), unit = spatial_merge_size * spatial_merge_size;
 
-  int64_t total = 0;
-  for (int64_t i = 0; i < I; ++i) total += g[3 * i] * (g[3 * i + 1] / spatial_merge_size) * (g[3 * i + 2] / spatial_merge_size);
+  int64_t total = 0;  // merged tokens
+  for (int64_t i = 0; i < I; ++i) total += g[3 * i] * g[3 * i + 1] * g[3 * i + 2] / unit;
   TORCH_CHECK_VALUE(total * unit <= std::numeric_limits<int32_t>::max(), "grid_thw has ", total * unit,
                     " patches, more than int32 cu_window_seqlens can hold");
 

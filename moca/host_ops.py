@@ -170,15 +170,16 @@ def mrope_positions_reference(
                 j += 1
                 continue
             if g == len(grids):
-                raise ValueError(f"image token at index {j} but all {len(grids)} grids are used (image tokens left over)")
+                raise ValueError(f"image token at {j} but all {len(grids)} grids are used (image tokens left over)")
             t, h, w = grids[g][0], grids[g][1] // m, grids[g][2] // m
-            if j + t * h * w > end:
-                raise ValueError(f"image {g} ({t * h * w} tokens from index {j}) is cut by the end of sample {b} at {end}")
+            n = t * h * w
+            if j + n > end:
+                raise ValueError(f"image {g} ({n} tokens from index {j}) is cut by the end of sample {b} at {end}")
             for ti in range(t):
                 for hi in range(h):
                     for wi in range(w):
                         if ids[j] != image_token_id:
-                            raise ValueError(f"image {g} needs {t * h * w} consecutive image tokens, found {ids[j]} at {j}")
+                            raise ValueError(f"image {g} needs {n} consecutive image tokens, found {ids[j]} at {j}")
                         pos[0][j], pos[1][j], pos[2][j] = p + ti, p + hi, p + wi
                         j += 1
             p += max(t, h, w)

@@ -180,7 +180,9 @@ def random_grids(rng, m, n):
     return torch.tensor(grids)
 
 
-@pytest.mark.parametrize("window_size, patch_size, m", [(112, 14, 2), (56, 14, 2), (28, 14, 2), (84, 14, 2), (64, 8, 1)])
+@pytest.mark.parametrize(
+    "window_size, patch_size, m", [(112, 14, 2), (56, 14, 2), (28, 14, 2), (84, 14, 2), (64, 8, 1)]
+)
 def test_window_index_matches_transformers(ops, window_size, patch_size, m):
     from transformers.vision_utils import get_vision_window_index
 
@@ -247,8 +249,9 @@ def random_costs(rng, n, budget):
         return [rng.randint(1, 4) * budget // 8 for _ in range(n)]
     if kind == "wide":
         return [rng.randint(0, budget) for _ in range(n)]
-    choices = lambda: [0, rng.randint(1, max(1, budget // 3)), rng.randint(budget // 2, budget), budget + rng.randint(1, 50)]  # noqa: E731
-    return [rng.choice(choices()) for _ in range(n)]
+    small, big, over = max(1, budget // 3), budget // 2, budget + 50  # zeros, small, large, over budget
+    draws = lambda: [0, rng.randint(1, small), rng.randint(big, budget), rng.randint(budget + 1, over)]  # noqa: E731
+    return [rng.choice(draws()) for _ in range(n)]
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 97, 257, 1500])
@@ -297,7 +300,10 @@ BAD = {
     "ids 2-D": ("mrope_positions", (_ids[None], _cu, _grid([1, 2, 4]), IMAGE, 2)),
     "cu int64": ("mrope_positions", (_ids, _cu.long(), _grid([1, 2, 4]), IMAGE, 2)),
     "cu short of T": ("mrope_positions", (_ids, torch.tensor([0, 3], dtype=torch.int32), _grid([1, 2, 4]), IMAGE, 2)),
-    "cu decreasing": ("mrope_positions", (_ids, torch.tensor([0, 3, 2, 4], dtype=torch.int32), _grid([1, 2, 4]), IMAGE, 2)),
+    "cu decreasing": (
+        "mrope_positions",
+        (_ids, torch.tensor([0, 3, 2, 4], dtype=torch.int32), _grid([1, 2, 4]), IMAGE, 2),
+    ),
     "grid (I, 2)": ("mrope_positions", (_ids, _cu, torch.tensor([[2, 4]]), IMAGE, 2)),
     "grid float": ("mrope_positions", (_ids, _cu, _grid([1, 2, 4]).float(), IMAGE, 2)),
     "grid not divisible": ("mrope_positions", (_ids, _cu, _grid([1, 3, 4]), IMAGE, 2)),
