@@ -23,15 +23,16 @@ Design decisions a reader must know:
   callers never pad. Odd sizes get a masked tail.
 * Backward. A dk/dv program owns one key tile of one kv head and loops over every query tile
   of its group of query heads, so GQA needs no atomics; dq is a second kernel over query tiles.
-* Interpreter. Triton's CPU interpreter gets bf16/fp16 arithmetic wrong: there (UPCAST) every
-  tile is cast to fp32 after loading, while P and dS are still rounded through the input dtype
-  so that the interpreter reproduces the GPU's rounding.
+* Interpreter. Triton's CPU interpreter gets bf16 arithmetic wrong (triton-lang/triton#11584):
+  there the launchers hand the kernels fp32 copies, and the kernels still round P and dS through
+  the input dtype (the DTYPE constexpr), so the interpreter reproduces the GPU's rounding.
 """
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels._backend import interpreter_enabled, resolve
 
@@ -40,57 +41,37 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
-    """Reference: one SDPA call per segment (the CPU backend and the test oracle)."""
+    """Reference: SDPA per run of consecutive equal-length segments (the CPU backend, and the
+    tests' same-dtype yardstick). Runs batch the vision tower's equal windows into one call;
+    4-D inputs let CPU SDPA take its flash kernel."""
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        q_s, k_s, v_s = (x[start:end].transpose(0, 1) for x in (q, k, v))  # (H, L, D)
-        o = F.scaled_dot_product_attention(q_s, k_s, v_s, scale=scale, enable_gqa=gqa)
-        outs.append(o.transpose(0, 1))
+    i, n = 0, len(bounds) - 1
+    while i < n:
+        length = bounds[i + 1] - bounds[i]
+        j = i + 1
+        while j < n and bounds[j + 1] - bounds[j] == length:
+            j += 1
+        if length:
+            start, end = bounds[i], bounds[j]
+            q_s, k_s, v_s = (x[start:end].unflatten(0, (j - i, length)).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(q_s, k_s, v_s, scale=scale, enable_gqa=gqa)  # (S, H, L, D)
+            outs.append(o.transpose(1, 2).flatten(0, 1))
+        i = j
     return torch.cat(outs) if outs else q.new_zeros(q.shape)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
-
-
-@triton.jit
-def _load_tile(base, rows, row_ok, stride, cols, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr, UPCAST: tl.constexpr):
-    """(len(rows), len(cols)) tile of a row-major (rows, HEAD_DIM) slab; rows/cols outside read as 0."""
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    if MASK_D:
-        x = tl.load(ptrs, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM), other=0.0)
-    else:
-        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store_tile(base, rows, row_ok, stride, cols, x, HEAD_DIM: tl.constexpr, MASK_D: tl.constexpr):
-    ptrs = base + rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    x = x.to(base.dtype.element_ty)
-    if MASK_D:
-        tl.store(ptrs, x, mask=row_ok[:, None] & (cols[None, :] < HEAD_DIM))
-    else:
-        tl.store(ptrs, x, mask=row_ok[:, None])
-
-
-@triton.jit
-def _as_operand(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """Round an fp32 tile to the input dtype for a tensor-core dot (kept in fp32 under the interpreter)."""
-    x = x.to(DTYPE)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+# Every head-dim quantity comes in two column chunks: `*0` over d0 = [0, D0) and `*1` over
+# d1 = D0 + [0, D1) (absent when D1 == 0, where placeholders stand in and are never read).
+# dm0/dm1 are the (1, D) column masks (d < HEAD_DIM). Segment-relative offsets are int32; the
+# segment start is int64 (the host checks max_seqlen * row stride < 2**31).
 
 
 @triton.jit
 def _segment(CU, SCHED, slot):
-    """(segment start token, segment length, tile index) of a slot; length 0 for a spare slot."""
+    """(segment start token as int64, segment length, tile index) of a slot of the schedule table."""
     seg = tl.load(SCHED + 2 * slot)
     tile = tl.load(SCHED + 2 * slot + 1)
     start = tl.load(CU + seg)
@@ -99,40 +80,48 @@ def _segment(CU, SCHED, slot):
 
 
 @triton.jit
-def _fwd_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt, start_n, seqlen, qk_scale,
-              offs_n, d0, d1, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DTYPE: tl.constexpr):
-    """One (BLOCK_M x BLOCK_N) step of the online softmax; MASK_N only on a segment's last key tile."""
-    cols = start_n + offs_n
-    col_ok = cols < seqlen
-    k0 = _load_tile(k_base, cols, col_ok, stride_kt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-    if D1 > 0:
-        k1 = _load_tile(k_base, cols, col_ok, stride_kt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-    if MASK_N:
-        qk = tl.where(col_ok[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = _as_operand(p, DTYPE, UPCAST)
-    v0 = _load_tile(v_base, cols, col_ok, stride_vt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
-    if D1 > 0:
-        v1 = _load_tile(v_base, cols, col_ok, stride_vt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
-    return acc0, acc1, l_i, m_new
+def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+               stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n,
+               D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Online-softmax steps over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        mask0 = dm0
+        mask1 = dm1
+        if MASK_N:
+            col_ok = (start_n + offs_n) < seqlen
+            mask0 = col_ok[:, None] & dm0
+            mask1 = col_ok[:, None] & dm1
+        k0 = tl.load(k_ptrs0 + start_n * stride_kt, mask=mask0, other=0.0)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        if D1 > 0:
+            k1 = tl.load(k_ptrs1 + start_n * stride_kt, mask=mask1, other=0.0)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+        if MASK_N:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(DTYPE).to(q0.dtype)  # P rounded to the input dtype, as the tensor cores take it
+        v0 = tl.load(v_ptrs0 + start_n * stride_vt, mask=mask0, other=0.0)
+        acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+        if D1 > 0:
+            v1 = tl.load(v_ptrs1 + start_n * stride_vt, mask=mask1, other=0.0)
+            acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc0, acc1, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_tokens, qk_scale, seq_bucket,
-    H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """o, lse of one query tile of one head; lse = log2(sum exp2(scores * qk_scale)), fp32."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
@@ -144,212 +133,236 @@ def _attn_fwd_kernel(
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
     o_base = O + start * stride_ot + head * stride_oh
-    DTYPE: tl.constexpr = Q.dtype.element_ty
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < seqlen
+    row_ok = rows[:, None] < seqlen
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
-    q0 = _load_tile(q_base, rows, row_ok, stride_qt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
+    dm0 = (d0 < HEAD_DIM)[None, :]
+    q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
+    k_ptrs0 = k_base + offs_n[:, None] * stride_kt + d0[None, :]
+    v_ptrs0 = v_base + offs_n[:, None] * stride_vt + d0[None, :]
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(q_base, rows, row_ok, stride_qt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
+        dm1 = (d1 < HEAD_DIM)[None, :]
+        q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
+        k_ptrs1 = k_base + offs_n[:, None] * stride_kt + d1[None, :]
+        v_ptrs1 = v_base + offs_n[:, None] * stride_vt + d1[None, :]
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    else:  # placeholders, never read
-        d1 = d0
-        q1 = q0
+    else:
+        dm1, q1, k_ptrs1, v_ptrs1 = dm0, q0, k_ptrs0, v_ptrs0
         acc1 = tl.zeros([1, 1], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, l_i, m_i = _fwd_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                         start_n, seqlen, qk_scale, offs_n, d0, d1, HEAD_DIM, D0, D1, False,
-                                         UPCAST, DOT_PREC, DTYPE)  # fmt: skip
-    if n_full < seqlen:
-        acc0, acc1, l_i, m_i = _fwd_tile(acc0, acc1, l_i, m_i, q0, q1, k_base, v_base, stride_kt, stride_vt,
-                                         n_full, seqlen, qk_scale, offs_n, d0, d1, HEAD_DIM, D0, D1, True,
-                                         UPCAST, DOT_PREC, DTYPE)  # fmt: skip
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+                                      stride_kt, stride_vt, 0, n_full, seqlen, qk_scale, offs_n,
+                                      D1, False, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+    acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+                                      stride_kt, stride_vt, n_full, seqlen, seqlen, qk_scale, offs_n,
+                                      D1, True, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
 
     inv_l = 1.0 / l_i
-    _store_tile(o_base, rows, row_ok, stride_ot, d0, acc0 * inv_l[:, None], HEAD_DIM, D0 > HEAD_DIM)
+    o_ty = O.dtype.element_ty
+    tl.store(o_base + rows[:, None] * stride_ot + d0[None, :], (acc0 * inv_l[:, None]).to(o_ty), mask=row_ok & dm0)
     if D1 > 0:
-        _store_tile(o_base, rows, row_ok, stride_ot, d1, acc1 * inv_l[:, None], HEAD_DIM, D0 + D1 > HEAD_DIM)
-    tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=row_ok)
+        tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(o_ty), mask=row_ok & dm1)
+    tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=rows < seqlen)
 
 
 @triton.jit
 def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, n_tokens,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] (fp32), the softmax-gradient row term."""
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d] in fp32: the row term of the softmax gradient."""
     head = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < n_tokens
+    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + head * stride_oh, rows, row_ok, stride_ot, cols, HEAD_DIM, BLOCK_D > HEAD_DIM, True)
-    do = _load_tile(DO + head * stride_doh, rows, row_ok, stride_dot, cols, HEAD_DIM, BLOCK_D > HEAD_DIM, True)
-    tl.store(DELTA + head * n_tokens + rows, tl.sum(o * do, 1), mask=row_ok)
+    mask = (rows[:, None] < n_tokens) & (cols[None, :] < HEAD_DIM)
+    o = tl.load(O + head * stride_oh + rows[:, None] * stride_ot + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + head * stride_doh + rows[:, None] * stride_dot + cols[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + head * n_tokens + rows, delta, mask=rows < n_tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
-    H_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H_KV, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one key tile of one kv head, summed over every query tile of the GROUP query heads."""
+    """dk, dv of one key tile of one kv head, summed over every query tile of its GROUP query heads."""
     pid = tl.program_id(0)
     slot = pid // H_KV
     kv_head = pid % H_KV
     start, seqlen, tile = _segment(CU, SCHED, slot)
-    if seqlen <= tile * BLOCK_N:
+    if seqlen <= tile * BLOCK_N:  # spare slot
         return
-    DTYPE: tl.constexpr = Q.dtype.element_ty
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < seqlen
+    col_ok = cols[:, None] < seqlen
+    offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
+    dm0 = (d0 < HEAD_DIM)[None, :]
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
-    k0 = _load_tile(k_base, cols, col_ok, stride_kt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    v0 = _load_tile(v_base, cols, col_ok, stride_vt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
+    q_base = Q + start * stride_qt + kv_head * GROUP * stride_qh  # the group's first query head
+    do_base = DO + start * stride_dot + kv_head * GROUP * stride_doh
+    lse_ptrs = LSE + kv_head * GROUP * n_tokens + start + offs_m
+    delta_ptrs = DELTA + kv_head * GROUP * n_tokens + start + offs_m
+    k0 = tl.load(k_base + cols[:, None] * stride_kt + d0[None, :], mask=col_ok & dm0, other=0.0)
+    v0 = tl.load(v_base + cols[:, None] * stride_vt + d0[None, :], mask=col_ok & dm0, other=0.0)
+    q_ptrs0 = q_base + offs_m[:, None] * stride_qt + d0[None, :]
+    do_ptrs0 = do_base + offs_m[:, None] * stride_dot + d0[None, :]
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
-        k1 = _load_tile(k_base, cols, col_ok, stride_kt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        v1 = _load_tile(v_base, cols, col_ok, stride_vt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
+        dm1 = (d1 < HEAD_DIM)[None, :]
+        k1 = tl.load(k_base + cols[:, None] * stride_kt + d1[None, :], mask=col_ok & dm1, other=0.0)
+        v1 = tl.load(v_base + cols[:, None] * stride_vt + d1[None, :], mask=col_ok & dm1, other=0.0)
+        q_ptrs1 = q_base + offs_m[:, None] * stride_qt + d1[None, :]
+        do_ptrs1 = do_base + offs_m[:, None] * stride_dot + d1[None, :]
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
-    else:  # placeholders, never read
+    else:
         dk1 = tl.zeros([1, 1], dtype=tl.float32)
         dv1 = tl.zeros([1, 1], dtype=tl.float32)
 
-    # Padded query rows read q = do = 0, lse = +inf, so their P^T column is exactly 0: no score mask.
-    # Padded key rows only pollute their own (never stored) dk/dv rows.
+    # Padded query rows read q = do = 0 and lse = +inf, so their column of P^T is exactly 0 and no
+    # score mask is needed; padded key rows only touch their own dk/dv rows, which are not stored.
     n_m = tl.cdiv(seqlen, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
     for it in range(0, GROUP * n_m):  # one flat loop over (query head of the group, query tile)
         g = it // n_m
-        head = kv_head * GROUP + g
-        rows = (it - g * n_m) * BLOCK_M + offs_m
-        row_ok = rows < seqlen
-        q_base = Q + start * stride_qt + head * stride_qh
-        do_base = DO + start * stride_dot + head * stride_doh
-        q0 = _load_tile(q_base, rows, row_ok, stride_qt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-        do0 = _load_tile(do_base, rows, row_ok, stride_dot, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-        lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+        row0 = (it - g * n_m) * BLOCK_M
+        row_ok = (row0 + offs_m) < seqlen
+        q_off = g * stride_qh + row0 * stride_qt
+        do_off = g * stride_doh + row0 * stride_dot
+        q0 = tl.load(q_ptrs0 + q_off, mask=row_ok[:, None] & dm0, other=0.0)
+        do0 = tl.load(do_ptrs0 + do_off, mask=row_ok[:, None] & dm0, other=0.0)
+        lse = tl.load(lse_ptrs + g * n_tokens + row0, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptrs + g * n_tokens + row0, mask=row_ok, other=0.0)
         qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
-            q1 = _load_tile(q_base, rows, row_ok, stride_qt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-            do1 = _load_tile(do_base, rows, row_ok, stride_dot, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
+            q1 = tl.load(q_ptrs1 + q_off, mask=row_ok[:, None] & dm1, other=0.0)
+            do1 = tl.load(do_ptrs1 + do_off, mask=row_ok[:, None] & dm1, other=0.0)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
         pT = tl.exp2(qkT * qk_scale - lse[None, :])
-        pT_op = _as_operand(pT, DTYPE, UPCAST)
+        pT_op = pT.to(DTYPE).to(k0.dtype)
         dv0 = tl.dot(pT_op, do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
         if D1 > 0:
             dv1 = tl.dot(pT_op, do1, dv1, input_precision=DOT_PREC)
             dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
-        dsT = _as_operand(pT * (dpT - delta[None, :]), DTYPE, UPCAST)
+        dsT = (pT * (dpT - delta[None, :])).to(DTYPE).to(k0.dtype)
         dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
         if D1 > 0:
             dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
 
-    dk_base = DK + start * stride_dkt + kv_head * stride_dkh
-    dv_base = DV + start * stride_dvt + kv_head * stride_dvh
-    _store_tile(dk_base, cols, col_ok, stride_dkt, d0, dk0 * sm_scale, HEAD_DIM, D0 > HEAD_DIM)
-    _store_tile(dv_base, cols, col_ok, stride_dvt, d0, dv0, HEAD_DIM, D0 > HEAD_DIM)
+    dk_ptrs = DK + start * stride_dkt + kv_head * stride_dkh + cols[:, None] * stride_dkt
+    dv_ptrs = DV + start * stride_dvt + kv_head * stride_dvh + cols[:, None] * stride_dvt
+    tl.store(dk_ptrs + d0[None, :], (dk0 * sm_scale).to(DK.dtype.element_ty), mask=col_ok & dm0)
+    tl.store(dv_ptrs + d0[None, :], dv0.to(DV.dtype.element_ty), mask=col_ok & dm0)
     if D1 > 0:
-        _store_tile(dk_base, cols, col_ok, stride_dkt, d1, dk1 * sm_scale, HEAD_DIM, D0 + D1 > HEAD_DIM)
-        _store_tile(dv_base, cols, col_ok, stride_dvt, d1, dv1, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        tl.store(dk_ptrs + d1[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty), mask=col_ok & dm1)
+        tl.store(dv_ptrs + d1[None, :], dv1.to(DV.dtype.element_ty), mask=col_ok & dm1)
 
 
 @triton.jit
-def _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, seqlen, qk_scale,
-             offs_n, d0, d1, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr,
-             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DTYPE: tl.constexpr):
-    cols = start_n + offs_n
-    col_ok = cols < seqlen
-    k0 = _load_tile(k_base, cols, col_ok, stride_kt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    v0 = _load_tile(v_base, cols, col_ok, stride_vt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-    dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
-    if D1 > 0:
-        k1 = _load_tile(k_base, cols, col_ok, stride_kt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        v1 = _load_tile(v_base, cols, col_ok, stride_vt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
-    p = tl.exp2(qk * qk_scale - lse[:, None])
-    if MASK_N:
-        p = tl.where(col_ok[None, :], p, 0.0)
-    ds = _as_operand(p * (dp - delta[:, None]), DTYPE, UPCAST)
-    dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
-    if D1 > 0:
-        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
+def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+              stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n,
+              D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """dq accumulation over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        mask0 = dm0
+        mask1 = dm1
+        if MASK_N:
+            col_ok = (start_n + offs_n) < seqlen
+            mask0 = col_ok[:, None] & dm0
+            mask1 = col_ok[:, None] & dm1
+        k0 = tl.load(k_ptrs0 + start_n * stride_kt, mask=mask0, other=0.0)
+        v0 = tl.load(v_ptrs0 + start_n * stride_vt, mask=mask0, other=0.0)
+        qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
+        if D1 > 0:
+            k1 = tl.load(k_ptrs1 + start_n * stride_kt, mask=mask1, other=0.0)
+            v1 = tl.load(v_ptrs1 + start_n * stride_vt, mask=mask1, other=0.0)
+            qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
+        p = tl.exp2(qk * qk_scale - lse[:, None])
+        if MASK_N:
+            p = tl.where(col_ok[None, :], p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(DTYPE).to(k0.dtype)
+        dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
+        if D1 > 0:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=DOT_PREC)
     return dq0, dq1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
-    H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dq of one query tile of one query head, looping over the segment's key tiles."""
+    """dq of one query tile of one query head, looping over its segment's key tiles."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
     start, seqlen, tile = _segment(CU, SCHED, slot)
-    if seqlen <= tile * BLOCK_M:
+    if seqlen <= tile * BLOCK_M:  # spare slot
         return
     kv_head = head // GROUP
-    DTYPE: tl.constexpr = Q.dtype.element_ty
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < seqlen
-    offs_n = tl.arange(0, BLOCK_N)
-    d0 = tl.arange(0, D0)
     q_base = Q + start * stride_qt + head * stride_qh
     do_base = DO + start * stride_dot + head * stride_doh
     k_base = K + start * stride_kt + kv_head * stride_kh
     v_base = V + start * stride_vt + kv_head * stride_vh
-    q0 = _load_tile(q_base, rows, row_ok, stride_qt, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
-    do0 = _load_tile(do_base, rows, row_ok, stride_dot, d0, HEAD_DIM, D0 > HEAD_DIM, UPCAST)
+    dq_base = DQ + start * stride_dqt + head * stride_dqh
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows[:, None] < seqlen
+    offs_n = tl.arange(0, BLOCK_N)
+    d0 = tl.arange(0, D0)
+    dm0 = (d0 < HEAD_DIM)[None, :]
+    q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
+    do0 = tl.load(do_base + rows[:, None] * stride_dot + d0[None, :], mask=row_ok & dm0, other=0.0)
+    k_ptrs0 = k_base + offs_n[:, None] * stride_kt + d0[None, :]
+    v_ptrs0 = v_base + offs_n[:, None] * stride_vt + d0[None, :]
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
-        q1 = _load_tile(q_base, rows, row_ok, stride_qt, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
-        do1 = _load_tile(do_base, rows, row_ok, stride_dot, d1, HEAD_DIM, D0 + D1 > HEAD_DIM, UPCAST)
+        dm1 = (d1 < HEAD_DIM)[None, :]
+        q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
+        do1 = tl.load(do_base + rows[:, None] * stride_dot + d1[None, :], mask=row_ok & dm1, other=0.0)
+        k_ptrs1 = k_base + offs_n[:, None] * stride_kt + d1[None, :]
+        v_ptrs1 = v_base + offs_n[:, None] * stride_vt + d1[None, :]
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
-    else:  # placeholders, never read
-        d1 = d0
-        q1 = q0
-        do1 = do0
+    else:
+        dm1, q1, do1, k_ptrs1, v_ptrs1 = dm0, q0, do0, k_ptrs0, v_ptrs0
         dq1 = tl.zeros([1, 1], dtype=tl.float32)
     # Padded query rows read q = do = 0 and lse = delta = 0: finite, and never stored.
-    lse = tl.load(LSE + head * n_tokens + start + rows, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + head * n_tokens + start + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
+    delta = tl.load(DELTA + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
 
     n_full = (seqlen // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n,
-                            seqlen, qk_scale, offs_n, d0, d1, HEAD_DIM, D0, D1, False, UPCAST, DOT_PREC, DTYPE)
-    if n_full < seqlen:
-        dq0, dq1 = _dq_tile(dq0, dq1, q0, q1, do0, do1, lse, delta, k_base, v_base, stride_kt, stride_vt, n_full,
-                            seqlen, qk_scale, offs_n, d0, d1, HEAD_DIM, D0, D1, True, UPCAST, DOT_PREC, DTYPE)
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+                         stride_kt, stride_vt, 0, n_full, seqlen, qk_scale, offs_n,
+                         D1, False, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+    dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
+                         stride_kt, stride_vt, n_full, seqlen, seqlen, qk_scale, offs_n,
+                         D1, True, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
 
-    dq_base = DQ + start * stride_dqt + head * stride_dqh
-    _store_tile(dq_base, rows, row_ok, stride_dqt, d0, dq0 * sm_scale, HEAD_DIM, D0 > HEAD_DIM)
+    dq_ty = DQ.dtype.element_ty
+    tl.store(dq_base + rows[:, None] * stride_dqt + d0[None, :], (dq0 * sm_scale).to(dq_ty), mask=row_ok & dm0)
     if D1 > 0:
-        _store_tile(dq_base, rows, row_ok, stride_dqt, d1, dq1 * sm_scale, HEAD_DIM, D0 + D1 > HEAD_DIM)
+        tl.store(dq_base + rows[:, None] * stride_dqt + d1[None, :], (dq1 * sm_scale).to(dq_ty), mask=row_ok & dm1)
 
 
 # ----------------------------------------------------------------------------- schedule and configs
@@ -384,29 +397,35 @@ def _schedule_hook(block_key: str):
     return hook
 
 
-def _configs(space, block_key: str, interp: tuple):
-    """Autotune configs; under the interpreter one small fixed config (speed there is irrelevant)."""
+def _autotuned(kernel, space, block_key: str, interp: tuple):
+    """(autotuned kernel, smallest scheduled tile of its configs: it sizes the slot-table buffer).
+    space: (BLOCK_M, BLOCK_N, warps) candidates x stages 2-4; under the interpreter one fixed
+    config, big enough to be quick there, small enough that the test segments span several tiles."""
     hook = _schedule_hook(block_key)
     if interpreter_enabled():
-        (bm, bn) = interp
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1, pre_hook=hook)]
-    return [
+        space, stages = [(*interp, 4)], (1,)
+    else:
+        stages = (2, 3, 4)
+    configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in space
-        for s in (2, 3, 4)
+        for s in stages
     ]
+    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"])(kernel), min(
+        c.kwargs[block_key] for c in configs
+    )
 
 
-# H100 candidates (BLOCK_M, BLOCK_N, warps): 8 warps only where a tile has 128 rows to share.
-_FWD_SPACE = [(128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)]
-_DKDV_SPACE = [(32, 128, 4), (64, 128, 8), (64, 64, 4), (32, 64, 4)]  # BLOCK_N: key tile (scheduled)
-_DQ_SPACE = [(128, 32, 4), (128, 64, 8), (64, 64, 4), (64, 32, 4)]  # BLOCK_M: query tile (scheduled)
-_KEY = ["HEAD_DIM", "GROUP", "seq_bucket"]
-
-_attn_fwd = triton.autotune(_configs(_FWD_SPACE, "BLOCK_M", (64, 64)), key=_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv = triton.autotune(_configs(_DKDV_SPACE, "BLOCK_N", (32, 64)), key=_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq = triton.autotune(_configs(_DQ_SPACE, "BLOCK_M", (64, 32)), key=_KEY)(_attn_bwd_dq_kernel)
-_MIN_SCHED_BLOCK = 16  # the smallest scheduled tile of any config: sizes the slot-table buffer
+# H100 candidates (BLOCK_M, BLOCK_N, warps); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for
+# dkdv. 8 warps where the fp32 accumulators are large: compiled for sm_90 with bf16 at head dim
+# 128, fwd (128, 64, 8), dkdv (32, 128, 8) and dq (128, 32, 8) fit in registers, while a 128-row
+# forward tile on 4 warps spills at head dims 80 and 128, so it is not a candidate.
+_FWD_SPACE = [(128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)]
+_DKDV_SPACE = [(32, 128, 8), (64, 128, 8), (32, 64, 4), (64, 64, 4)]
+_DQ_SPACE = [(128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4)]
+_attn_fwd, _FWD_MIN_TILE = _autotuned(_attn_fwd_kernel, _FWD_SPACE, "BLOCK_M", (128, 64))
+_attn_bwd_dkdv, _DKDV_MIN_TILE = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SPACE, "BLOCK_N", (64, 128))
+_attn_bwd_dq, _DQ_MIN_TILE = _autotuned(_attn_bwd_dq_kernel, _DQ_SPACE, "BLOCK_M", (128, 64))
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -420,22 +439,33 @@ def _split_head_dim(d: int) -> tuple[int, int]:
     return (d, 0) if d0 == d else (d0, max(16, triton.next_power_of_2(d - d0)))
 
 
-def _meta(q, k, max_seqlen):
-    """Launch constants shared by the three kernels."""
-    upcast = interpreter_enabled() and q.dtype != torch.float32
-    d0, d1 = _split_head_dim(q.shape[2])
-    return dict(
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _tiles(*xs):
+    """Kernel operands: last dim contiguous (other strides are passed through, so q/k/v may be
+    views into a fused qkv projection). Under the interpreter fp32 copies instead, since its
+    bf16 arithmetic is wrong; the kernels still round P and dS through the true dtype."""
+    if interpreter_enabled():
+        return [x.float().contiguous() for x in xs]
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+
+
+def _meta(dtype, q, k, max_seqlen):
+    """Launch constants shared by the three kernels (q, k: the operands from `_tiles`) and the
+    autotune bucket of max_seqlen."""
+    T, _, D = q.shape
+    assert max(x.stride(0) for x in (q, k)) * max(int(max_seqlen), 1) < 2**31, "segment too long for int32 offsets"
+    d0, d1 = _split_head_dim(D)
+    meta = dict(
         GROUP=q.shape[1] // k.shape[1],
-        HEAD_DIM=q.shape[2],
+        HEAD_DIM=D,
         D0=d0,
         D1=d1,
-        UPCAST=upcast,
-        DOT_PREC="ieee" if (q.dtype == torch.float32 or upcast) else "tf32",
-    ), min(triton.next_power_of_2(max(int(max_seqlen), 64)), 8192)
-
-
-def _rowmajor(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
+        DTYPE=_TL_DTYPES[dtype],
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get exact fp32 dots
+    )
+    return meta, min(triton.next_power_of_2(max(int(max_seqlen), 64)), 8192)
 
 
 def _check(q, k, v, cu_seqlens):
@@ -448,58 +478,61 @@ def _check(q, k, v, cu_seqlens):
 
 
 def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
-    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32 -> o: (T, Hq, D), lse: (Hq, T) fp32 in log2 units."""
+    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32 from 0 to T
+    -> o: (T, Hq, D) in q's dtype, lse: (Hq, T) fp32 in log2 units."""
     _check(q, k, v, cu_seqlens)
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    dtype = q.dtype
+    q, k, v = _tiles(q, k, v)
     T, H, _ = q.shape
     n_seg = cu_seqlens.numel() - 1
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = torch.empty((T, H, q.shape[2]), device=q.device, dtype=q.dtype)
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
     if T == 0 or n_seg == 0:
-        return o.zero_(), lse
-    meta, bucket = _meta(q, k, max_seqlen)
-    sched = torch.empty((_n_slots(T, n_seg, _MIN_SCHED_BLOCK), 2), device=q.device, dtype=torch.int32)
-    grid = lambda META: (_n_slots(T, n_seg, META["BLOCK_M"]) * H,)  # noqa: E731
-    _attn_fwd[grid](
+        return o.to(dtype), lse
+    meta, bucket = _meta(dtype, q, k, max_seqlen)
+    sched = torch.empty((_n_slots(T, n_seg, _FWD_MIN_TILE), 2), device=q.device, dtype=torch.int32)
+    _attn_fwd[lambda META: (_n_slots(T, n_seg, META["BLOCK_M"]) * H,)](
         q, k, v, o, lse, cu_seqlens, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         T, scale * LOG2E, bucket, H=H, **meta,
     )  # fmt: skip
-    return o, lse
+    return o.to(dtype), lse
 
 
 def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     """do/q/o: (T, Hq, D), k/v: (T, Hkv, D), lse: (Hq, T) -> dq (T, Hq, D), dk, dv (T, Hkv, D)."""
-    q, k, v, do = _rowmajor(q), _rowmajor(k), _rowmajor(v), _rowmajor(do)
+    dtype = q.dtype
+    q, k, v, o, do = _tiles(q, k, v, o, do)
     T, H, D = q.shape
     H_kv = k.shape[1]
     n_seg = cu_seqlens.numel() - 1
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    dq = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((T, H_kv, D), device=q.device, dtype=q.dtype)
+    dv = torch.empty((T, H_kv, D), device=q.device, dtype=q.dtype)
     if T == 0 or n_seg == 0:
-        return dq, dk, dv
-    meta, bucket = _meta(q, k, max_seqlen)
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    meta, bucket = _meta(dtype, q, k, max_seqlen)
     delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
     block_t = 64
     _attn_bwd_preprocess[(triton.cdiv(T, block_t), H)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
     )  # fmt: skip
-    sched = torch.empty((_n_slots(T, n_seg, _MIN_SCHED_BLOCK), 2), device=q.device, dtype=torch.int32)
+    n_slots = _n_slots(T, n_seg, min(_DKDV_MIN_TILE, _DQ_MIN_TILE))
+    sched = torch.empty((n_slots, 2), device=q.device, dtype=torch.int32)
     common = (T, scale * LOG2E, scale, bucket)
     _attn_bwd_dkdv[lambda META: (_n_slots(T, n_seg, META["BLOCK_N"]) * H_kv,)](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common, H_KV=H_kv, **meta,
     )  # fmt: skip
-    # The dq launch's pre_hook refills `sched` on the same stream, so after dkdv has read it.
+    # The dq launch's pre_hook refills `sched` on the same stream, so only after dkdv has read it.
     _attn_bwd_dq[lambda META: (_n_slots(T, n_seg, META["BLOCK_M"]) * H,)](
         q, k, v, do, lse, delta, dq, cu_seqlens, sched,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1), *common, H=H, **meta,
     )  # fmt: skip
-    return dq, dk, dv
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 class _VarlenAttention(torch.autograd.Function):
@@ -511,6 +544,7 @@ class _VarlenAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)

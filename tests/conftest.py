@@ -2,7 +2,10 @@
 
 import os
 
-import torch
+# The interpreter's many small numpy matmuls crawl with threaded OpenBLAS on a 2-core machine.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

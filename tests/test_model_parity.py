@@ -69,8 +69,10 @@ def test_single_sample_matches_transformers(pair, name):
     assert torch.allclose(emb[0].double(), ref_emb, atol=1e-6, rtol=1e-5)
 
 
-def test_packed_batch_matches_transformers_sample_by_sample(pair):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_batch_matches_transformers_sample_by_sample(pair, backend, monkeypatch):
     hf, model, proc = pair
+    monkeypatch.setattr(model, "attn_backend", backend)  # triton runs through the interpreter on CPU
     items = list(_inputs().values())
     items = [items[2], items[0], items[1], items[3], items[0]]  # images of different sizes between texts
     samples = [proc.encode(it) for it in items]
