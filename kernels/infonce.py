@@ -19,8 +19,6 @@ The torch backend runs the same blocked algorithm with torch ops in fp32; it is 
 path. Across ranks, `gathered_infonce` gathers with autograd (`gather_with_grad`).
 """
 
-import math
-
 import torch
 import torch.distributed as dist
 import triton
@@ -160,18 +158,17 @@ def _forward_torch(q, t, neg, temperature):
     """Same outputs as `_forward_triton`, from fp32 (CHUNK x CHUNK) score blocks."""
     B = q.shape[0]
     lse = torch.full((B,), float("-inf"), device=q.device, dtype=torch.float32)
-    for r0 in range(0, B, _CHUNK):
-        qc = q[r0 : r0 + _CHUNK].float()
-        for c0 in range(0, B, _CHUNK):
-            s = qc @ t[c0 : c0 + _CHUNK].float().T / temperature  # (C, N)
-            lse[r0 : r0 + _CHUNK] = torch.logaddexp(lse[r0 : r0 + _CHUNK], torch.logsumexp(s, dim=1))
     pos = torch.empty(B, device=q.device, dtype=torch.float32)
     neg_dot = None if neg is None else torch.empty(B, neg.shape[1], device=q.device, dtype=torch.float32)
     for r0 in range(0, B, _CHUNK):
-        qc = q[r0 : r0 + _CHUNK].float()
-        pos[r0 : r0 + _CHUNK] = (qc * t[r0 : r0 + _CHUNK].float()).sum(-1)
+        rows = slice(r0, r0 + _CHUNK)
+        qc = q[rows].float()
+        for c0 in range(0, B, _CHUNK):
+            s = qc @ t[c0 : c0 + _CHUNK].float().T / temperature  # (C, N)
+            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(s, dim=1))
+        pos[rows] = (qc * t[rows].float()).sum(-1)
         if neg is not None:
-            neg_dot[r0 : r0 + _CHUNK] = (neg[r0 : r0 + _CHUNK].float() @ qc[:, :, None]).squeeze(-1)
+            neg_dot[rows] = (neg[rows].float() @ qc[:, :, None]).squeeze(-1)  # (C, r)
     if neg is not None:
         lse = torch.logaddexp(lse, torch.logsumexp(neg_dot / temperature, dim=1))
     return lse, pos, neg_dot
@@ -219,25 +216,25 @@ def _backward(q, t, neg, lse, neg_dot, grad, temperature, needs, dscores):
     side = min(_CHUNK, B)
     buf = torch.empty(side, side, device=q.device, dtype=q.dtype) if dscores is _dscores_triton else None
     for r0 in range(0, B, _CHUNK):
-        qc = q[r0 : r0 + _CHUNK]
+        rows = slice(r0, r0 + _CHUNK)
+        qc = q[rows]
         dq_c = torch.zeros(qc.shape, device=q.device, dtype=torch.float32) if need_q else None
         if need_q or need_t:
             for c0 in range(0, B, _CHUNK):
-                tc = t[c0 : c0 + _CHUNK]
-                ds = dscores(qc, tc, lse[r0 : r0 + _CHUNK], r0 - c0, temperature, buf)  # (C, N)
+                cols = slice(c0, c0 + _CHUNK)
+                ds = dscores(qc, t[cols], lse[rows], r0 - c0, temperature, buf)  # (C, N)
                 if need_q:
-                    _acc_mm(dq_c, ds, tc)
+                    _acc_mm(dq_c, ds, t[cols])
                 if need_t:
-                    _acc_mm(dt[c0 : c0 + _CHUNK], ds.T, qc)
+                    _acc_mm(dt[cols], ds.T, qc)
         if neg is not None:
-            nc = neg[r0 : r0 + _CHUNK]
-            p_neg = torch.exp(neg_dot[r0 : r0 + _CHUNK] / temperature - lse[r0 : r0 + _CHUNK, None])  # (C, r)
+            p_neg = torch.exp(neg_dot[rows] / temperature - lse[rows, None])  # (C, r)
             if need_q:
-                dq_c += (p_neg[:, None, :] @ nc.float()).squeeze(1)
+                dq_c += (p_neg[:, None, :] @ neg[rows].float()).squeeze(1)
             if need_n:
-                dn[r0 : r0 + _CHUNK] = (coef * p_neg[:, :, None] * qc[:, None, :].float()).to(neg.dtype)
+                dn[rows] = (coef * p_neg[:, :, None] * qc[:, None, :].float()).to(neg.dtype)
         if need_q:
-            dq[r0 : r0 + _CHUNK] = (dq_c * coef).to(q.dtype)
+            dq[rows] = (dq_c * coef).to(q.dtype)
     if need_t:
         dt = dt.mul_(coef).to(t.dtype)
     return dq, dt, dn
@@ -266,8 +263,9 @@ def infonce(q, t, negatives=None, temperature=0.03, backend=None):
     q: (B, D) queries; t: (B, D) positives, t_i for q_i and every other row an in-batch
     negative; negatives: (B, r, D) or None, q_i's own hard negatives; all one dtype
     (fp32, fp16 or bf16; accumulation is fp32). temperature: host float. Gradients flow to
-    q, t and negatives. Memory: inputs, gradients, an fp32 (B, D) accumulator for dt and
-    O(B) plus one bounded block; never a (B x B) matrix.
+    q, t and negatives. Memory beyond inputs and gradients: O(B) saved for backward, an
+    fp32 (B, D) dt accumulator for 16-bit inputs, and (CHUNK x CHUNK) + (CHUNK x r x D)
+    blocks; never a (B x B) matrix.
     """
     assert q.dim() == 2 and t.shape == q.shape, f"q, t must both be (B, D); got {tuple(q.shape)}, {tuple(t.shape)}"
     assert q.shape[0] > 0, "empty batch"

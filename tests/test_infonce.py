@@ -26,7 +26,8 @@ def make_inputs(B, D, r, dtype=torch.float32, device="cpu", scale=1.0):
     """L2-normalised embeddings (as MoCa feeds the loss), positives correlated with queries."""
     q = F.normalize(torch.randn(B, D, device=device, dtype=torch.float64), dim=-1)
     t = F.normalize(q + 0.5 * torch.randn_like(q), dim=-1)
-    neg = F.normalize(q[:, None] + 0.7 * torch.randn(B, r, D, device=device, dtype=torch.float64), dim=-1) if r else None
+    noise = torch.randn(B, r, D, device=device, dtype=torch.float64)
+    neg = F.normalize(q[:, None] + 0.7 * noise, dim=-1) if r else None
     return [(x * scale).to(dtype) for x in (q, t, neg) if x is not None]
 
 
@@ -59,7 +60,8 @@ def check_against_oracle(inputs, backend, temperature=0.03):
     got = loss_and_grads(ours, inputs, grad_out)
     max_norm = max(x.double().norm(dim=-1).max().item() for x in inputs)
     rounding = 4 * torch.finfo(torch.float32).eps * max_norm**2 / temperature
-    grad_unit = grad_out.item() * max(x.double().abs().max().item() for x in inputs) / (inputs[0].shape[0] * temperature)
+    max_abs = max(x.double().abs().max().item() for x in inputs)
+    grad_unit = grad_out.item() * max_abs / (inputs[0].shape[0] * temperature)
     names = ["loss", "dq", "dt", "dneg"]
     for name, e, r, g in zip(names, [exact[0], *exact[1]], [ref[0], *ref[1]], [got[0], *got[1]]):
         assert g.shape == e.shape, name

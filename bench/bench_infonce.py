@@ -1,0 +1,121 @@
+"""InfoNCE forward + backward: ours against naive torch (matmul + cross-entropy) and Inf-CL.
+
+Rows per (B, D, r): "ours" (Triton on CUDA, the blocked torch path on CPU), "torch_naive"
+(the full (B, B + r) logit matrix; OOM is reported, not fatal), "inf_cl" (its single-GPU
+`cal_flash_loss`, CUDA only, r = 0 only since it has no hard negatives, fp32 inside) and
+"gemm": the time of ONE B x B x D matmul, measured on an 8192^2 block and scaled by the
+number of blocks, the floor against which `x_gemm` = ms / gemm ms is read (the loss must
+do at least 3 such GEMMs for forward + backward; ours does 4). tflops counts those 3.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common import peak_gib, time_ms
+from kernels import infonce
+
+TAU = 0.03
+
+
+def _inputs(B, D, r, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = F.normalize(torch.randn(B, D, device=device, generator=g), dim=-1)
+    t = F.normalize(q + 0.5 * torch.randn(B, D, device=device, generator=g), dim=-1)
+    xs = [q, t]
+    if r:
+        xs.append(F.normalize(torch.randn(B, r, D, device=device, generator=g), dim=-1))
+    return [x.to(dtype).requires_grad_() for x in xs]
+
+
+def _ours(backend):
+    def loss(q, t, neg=None):
+        return infonce(q, t, neg, TAU, backend=backend)
+
+    return loss
+
+
+def _naive(q, t, neg=None):
+    logits = q @ t.T
+    if neg is not None:
+        logits = torch.cat([logits, torch.einsum("bd,brd->br", q, neg)], dim=1)
+    return F.cross_entropy(logits.float() / TAU, torch.arange(q.shape[0], device=q.device))
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_flash_loss
+    except ImportError:
+        return None
+
+    def loss(q, t, neg=None):
+        assert neg is None
+        return cal_flash_loss(q, t, scale=1.0 / TAU).mean()
+
+    return loss
+
+
+def _gemm_ms(B, D, dtype, device):
+    side = min(B, 8192)
+    a, b = (torch.randn(side, D, device=device, dtype=dtype) for _ in range(2))
+    return time_ms(lambda: a @ b.T, device) * (B / side) ** 2
+
+
+def _measure(fn, xs, device):
+    def fwd():
+        with torch.no_grad():
+            fn(*xs)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*xs), xs)
+
+    return time_ms(fwd, device), time_ms(fwd_bwd, device), peak_gib(fwd_bwd, device)
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    if device == "cuda":
+        dtype, D = torch.bfloat16, 2048
+        batches = [4096] if quick else [4096, 32768, 262144]
+        ours = _ours(None)
+    else:
+        dtype, D = torch.float32, 256 if quick else 512
+        batches = [512] if quick else [1024, 4096]
+        ours = _ours("torch")  # the interpreter is for tests, not timings
+    providers = [("ours", ours), ("torch_naive", _naive)]
+    inf_cl = _inf_cl() if device == "cuda" else None
+    if inf_cl is not None:
+        providers.append(("inf_cl", inf_cl))
+
+    rows = []
+    for B in batches:
+        gemm = _gemm_ms(B, D, dtype, device)
+        rows.append(dict(provider="gemm", shape=f"B={B} D={D}", r=None, ms=gemm))
+        for r in (0, 2):
+            xs = _inputs(B, D, r, dtype, device)
+            for name, fn in providers:
+                if name == "inf_cl" and r:
+                    continue
+                row = dict(provider=name, shape=f"B={B} D={D}", r=r, dtype=str(dtype).split(".")[-1])
+                try:
+                    fwd_ms, ms, peak = _measure(fn, xs, device)
+                    tflops = 3 * 2 * B * B * D / ms / 1e9
+                    row.update(fwd_ms=fwd_ms, ms=ms, x_gemm=ms / gemm, tflops=tflops, peak_gib=peak)
+                except torch.OutOfMemoryError:
+                    row.update(note="OOM")
+                rows.append(row)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            del xs
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """ours vs naive time at each (B, r), and ours' time in units of one B^2 D GEMM."""
+    out = {}
+    ours = {(r["shape"], r["r"]): r for r in rows if r["provider"] == "ours" and r.get("ms")}
+    for r in rows:
+        key = (r["shape"], r["r"])
+        if r["provider"] == "torch_naive" and r.get("ms") and key in ours:
+            out[f"infonce naive/ours {r['shape']} r={r['r']}"] = r["ms"] / ours[key]["ms"]
+    for (shape, r), row in ours.items():
+        out[f"infonce ours x_gemm {shape} r={r}"] = row["x_gemm"]
+    return out
