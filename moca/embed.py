@@ -1,15 +1,24 @@
 """Embed texts, images and interleaved inputs: `embed_items` (Python) and `python -m moca.embed` (CLI).
 
-Inputs are processed in chunks; within a chunk they are sorted by cost and packed into
-micro-batches under a token budget by the C++ packer, so nothing is padded and long and
-short inputs never share a padded shape. Vectors come back in input order.
+The high-throughput path, in three stages:
+1. Cost of every input, cheaply: tokenised text length plus the image grids read from the image
+   headers (PIL opens lazily), never the pixels, so a huge data set is never held as patches.
+2. The C++ packer sorts inputs by cost and packs them into micro-batches under a token budget
+   (`host_ops.pack_bins`): nothing is padded and long and short inputs never share a padded shape.
+3. A torch DataLoader whose workers decode, preprocess and pack each micro-batch
+   (`num_workers`; 0 = in this process) while the model runs the previous one; on CUDA the
+   batches arrive in pinned memory, are copied with `non_blocking=True`, and the vectors come
+   back through a pinned buffer one batch late, so the host never waits on the device in the loop.
+Each sample attends only to itself, so vectors equal embedding one input at a time; they come
+back in input order.
 
     python -m moca.embed                                   # built-in examples on the tiny preset
     python -m moca.embed --model CKPT --text "a cat" --image cat.jpg --output out.npy
-    python -m moca.embed --model CKPT --jsonl inputs.jsonl --output vectors.npy
+    python -m moca.embed --model CKPT --jsonl inputs.jsonl --output vectors.npy --num-workers 4
 """
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -17,12 +26,15 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from moca import host_ops
 from moca.batch import Sample
 from moca.checkpoint import load_model
-from moca.processor import IMAGE_MARKER, Processor
+from moca.image import ImageError, image_grid
+from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
 
 log = logging.getLogger("moca")
 
@@ -32,35 +44,129 @@ def sample_cost(sample: Sample) -> int:
     return len(sample) + sample.num_patches
 
 
+def image_size(src) -> tuple[int, int]:
+    """(width, height) of anything `load_image` takes, from the header only (PIL opens lazily)."""
+    if isinstance(src, Image.Image):
+        return src.size
+    name = "<bytes>"
+    if isinstance(src, dict):
+        data, path = src.get("bytes"), src.get("path")
+        if data is None and not path:
+            raise ImageError("image dict has neither 'bytes' nor 'path'")
+        src = data if data is not None else path
+        name = os.fspath(path) if path else name
+    elif isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(bytes(src))) as img:
+                return img.size
+        with Image.open(src) as img:
+            return img.size
+    except FileNotFoundError as e:
+        raise ImageError(f"image file not found: {name}") from e
+    except Exception as e:  # PIL raises many types on a bad header
+        raise ImageError(f"cannot decode image {name}: {e}") from e
+
+
+def item_cost(processor: Processor, item: dict) -> int:
+    """`sample_cost` of `processor.encode(item)` without decoding pixels (an upper bound when
+    `max_length` truncates). Raises the errors `encode` would: a missing image names its path."""
+    text = item.get("text") or ""
+    images = list(item.get("images") or [])
+    if not text and not images:
+        raise ValueError("empty input: no text and no images")
+    text = normalize_markers(text) if text else IMAGE_MARKER * len(images)
+    if text.count(IMAGE_PAD) != len(images):
+        raise ValueError(
+            f"the text names {text.count(IMAGE_PAD)} image(s) with {IMAGE_MARKER!r} but {len(images)} image(s) were given"
+        )
+    merge = processor.config.vision.spatial_merge_size**2
+    tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(images)
+    patches = 0
+    for img in images:
+        t, h, w = image_grid(*image_size(img), processor.image_config)
+        tokens += t * h * w // merge
+        patches += t * h * w
+    if processor.max_length is not None:
+        tokens = min(tokens, processor.max_length)
+    return tokens + patches
+
+
+class PackedBins(Dataset):
+    """Bin b -> (input indices (n,) int64, PackedBatch of those inputs); built in a worker."""
+
+    def __init__(self, processor: Processor, items: list, order: torch.Tensor, offsets: torch.Tensor):
+        self.processor, self.items, self.order, self.offsets = processor, items, order, offsets.tolist()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, b: int):
+        idx = self.order[self.offsets[b] : self.offsets[b + 1]]
+        samples = [self.processor.encode(self.items[i]) for i in idx.tolist()]
+        return idx, self.processor.pack(samples)
+
+
 @torch.no_grad()
 def embed_items(
     model,
     processor: Processor,
     items,
     batch_tokens: int = 16384,
-    chunk_size: int = 1024,
     pooling: str = "mean",
+    num_workers: int = 0,
+    max_items: int = 0,
     progress: bool = False,
 ) -> torch.Tensor:
-    """items: iterable of {"text", "images"} dicts -> (N, hidden) float32 L2-normalised, input order."""
-    device = next(model.parameters()).device
-    out = []
+    """items: iterable of {"text", "images"} dicts -> (N, hidden) float32 L2-normalised, input order.
+
+    batch_tokens: budget of LLM tokens + raw patches per micro-batch (an input over it runs alone);
+    num_workers: DataLoader processes decoding images and packing batches (0 = this process);
+    max_items: most inputs per micro-batch (0 = unlimited).
+    """
     items = list(items)
+    device = next(model.parameters()).device
+    vectors = torch.empty(len(items), model.config.hidden_size, dtype=torch.float32)
+    if not items:
+        return vectors
+    costs = torch.tensor([item_cost(processor, it) for it in items], dtype=torch.int64)
+    order, offsets = host_ops.pack_bins(costs, batch_tokens, max_items)
+    cuda = device.type == "cuda"
+    if num_workers > 0:
+        # the cost pass used the tokenizer's thread pool; forked workers must not inherit it
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = DataLoader(
+        PackedBins(processor, items, order, offsets),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=cuda,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
     bar = tqdm(total=len(items), desc="embed", unit="input", disable=not progress, file=sys.stderr)
-    for start in range(0, len(items), chunk_size):
-        samples = [processor.encode(it) for it in items[start : start + chunk_size]]
-        costs = torch.tensor([sample_cost(s) for s in samples], dtype=torch.int64)
-        order, offsets = host_ops.pack_bins(costs, batch_tokens)
-        vectors = torch.empty(len(samples), model.config.hidden_size, dtype=torch.float32)
-        bounds = offsets.tolist()
-        for b in range(len(bounds) - 1):
-            idx = order[bounds[b] : bounds[b + 1]]
-            batch = processor.pack([samples[i] for i in idx.tolist()]).to(device, non_blocking=True)
-            vectors[idx] = model.embed(batch, pooling=pooling).cpu()
-            bar.update(idx.numel())
-        out.append(vectors)
+    pending = None  # CUDA: (indices, pinned host vectors, event) of the batch before
+    for idx, batch in loader:
+        out = model.embed(batch.to(device, non_blocking=cuda), pooling=pooling)
+        if cuda:
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            if pending is not None:
+                _finish(vectors, *pending)
+            pending = (idx, host, event)
+        else:
+            vectors[idx] = out
+        bar.update(idx.numel())
+    if pending is not None:
+        _finish(vectors, *pending)
     bar.close()
-    return torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
+    return vectors
+
+
+def _finish(vectors: torch.Tensor, idx: torch.Tensor, host: torch.Tensor, event) -> None:
+    event.synchronize()
+    vectors[idx] = host
 
 
 def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
@@ -144,6 +250,7 @@ def main(argv=None) -> torch.Tensor:
     p.add_argument("--image-root", help="folder that relative image paths in --jsonl start from")
     p.add_argument("--output", default=None, help="where to write vectors (.npy, plus .safetensors beside it)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget per micro-batch")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (0 = none)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -168,7 +275,9 @@ def main(argv=None) -> torch.Tensor:
 
     model = load_model(args.model, device=args.device, dtype=dtype)
     processor = Processor.from_pretrained(args.model, max_length=args.max_length)
-    vectors = embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling, progress=True)
+    vectors = embed_items(
+        model, processor, items, args.batch_tokens, pooling=args.pooling, num_workers=args.num_workers, progress=True
+    )
     for path in write_vectors(vectors, output):
         log.info("wrote %s (%d x %d)", path, *vectors.shape)
     if args.show:

@@ -1,0 +1,203 @@
+"""MMEB and ViDoRe v2 evaluation on fixture data sets written here in the public schemas.
+
+Oracles: every input embedded alone through `model.embed(proc([item]))` with the prompt
+rewriting done by hand in the test, and precision@1 / nDCG@5 recomputed with plain loops.
+MMEB rows are built so their hits are known whatever the random weights: a query repeated
+as candidate 0 is right (equal vectors: argmax-first), repeated as candidate 2 is wrong.
+"""
+
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import eval_data
+from engine.evaluate import Embedder, evaluate_mmeb, evaluate_vidore, score_mmeb_subset
+from hf_oracle import random_image
+
+MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+PHI = "<|image_1|>"
+CLS = PHI + "\nRepresent the given image for classification\n"
+
+
+def write_mmeb(root):
+    """Two subsets plus images; returns (data dir, image dir, expected hits per subset)."""
+    data, images = root / "mmeb", root / "images"
+    for i, (w, h) in enumerate([(40, 30), (57, 61), (30, 90), (64, 48), (33, 33)]):
+        (images / "sub").mkdir(parents=True, exist_ok=True)
+        random_image(w, h, seed=10 + i).save(images / "sub" / f"{i}.png")
+    img = [f"sub/{i}.png" for i in range(5)]
+    subsets = {
+        # image query, text labels (ImageNet-style); row 0 and 2 repeat the query as candidate 0
+        "ImageNet-1K": [
+            (CLS, img[0], [CLS, "tench", "goldfish", "shark"], [img[0], "", "", ""], True),
+            (CLS, img[1], ["tench", "goldfish", CLS, "shark"], ["", "", img[1], ""], False),
+            (CLS, img[2], [CLS, "goldfish", "tench"], [img[2], "", ""], True),
+        ],
+        # text query (with a stray Phi marker and no image: removed), image candidates
+        "MSCOCO_t2i": [
+            (PHI + "Find me an everyday image that matches the given caption: a cat.", "",
+             ["<|image_1|>\nRepresent the given image.\n"] * 2 + [PHI + "Find me an everyday image that matches the given caption: a cat."],
+             [img[3], img[4], ""], False),
+            ("a dog", "", ["a dog", "<|image_1|>\nRepresent the given image.\n"], ["", img[3]], True),
+        ],
+    }
+    expected = {}
+    for name, rows in subsets.items():
+        (data / name).mkdir(parents=True)
+        table = pa.table({
+            "qry_text": [r[0] for r in rows],
+            "qry_img_path": [r[1] for r in rows],
+            "tgt_text": [r[2] for r in rows],
+            "tgt_img_path": [r[3] for r in rows],
+        })
+        pq.write_table(table, data / name / "test-00000-of-00001.parquet")
+        expected[name] = [r[4] for r in rows]
+    return data, images, expected
+
+
+def oracle_text(text, has_image):
+    return text.replace(PHI, MARKER) if has_image else text.replace(PHI, "")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    embedder = Embedder("tiny", device="cpu", attn_backend="torch", batch_tokens=400)
+    return embedder, *embedder.load()
+
+
+@torch.no_grad()
+def embed_alone(model, proc, item):
+    return model.embed(proc([item]))[0]
+
+
+def test_mmeb_scores_cache_and_oracle(tiny, tmp_path, monkeypatch, capsys):
+    embedder, model, proc = tiny
+    data, images, expected = write_mmeb(tmp_path)
+    out = tmp_path / "out"
+    scores = evaluate_mmeb(embedder, str(data), str(images), str(out))
+
+    on_disk = json.loads((out / "scores.json").read_text())
+    assert on_disk == json.loads(json.dumps(scores))
+    p_cls, p_t2i = 2 / 3, 1 / 2
+    assert scores["subsets"]["ImageNet-1K"] == {"precision@1": pytest.approx(p_cls), "n": 3}
+    assert scores["subsets"]["MSCOCO_t2i"] == {"precision@1": pytest.approx(p_t2i), "n": 2}
+    assert scores["meta_tasks"]["Classification"] == {"precision@1": pytest.approx(p_cls), "n_subsets": 1}
+    assert scores["meta_tasks"]["Retrieval"] == {"precision@1": pytest.approx(p_t2i), "n_subsets": 1}
+    assert scores["meta_tasks"]["VQA"] == {"precision@1": None, "n_subsets": 0}
+    assert scores["splits"]["IND"]["precision@1"] == pytest.approx((p_cls + p_t2i) / 2)
+    assert scores["overall"] == pytest.approx((p_cls + p_t2i) / 2) and scores["complete"] is False
+    assert "ImageNet-1K" in capsys.readouterr().out
+
+    # the cached vectors are each unique input embedded alone, and rows score as the loop oracle says
+    for name in expected:
+        subset = eval_data.load_mmeb_subset(str(data), name, str(images))
+        (cache,) = (out / "embeddings" / "mmeb").glob(f"{name}-*.safetensors")
+        vectors = load_file(cache)["embeddings"]
+        single = torch.stack([embed_alone(model, proc, it) for it in subset.inputs.items])
+        assert (vectors - single).abs().max().item() <= 1e-5
+        assert score_mmeb_subset(vectors, subset).tolist() == expected[name]
+        table = pq.read_table(data / name / "test-00000-of-00001.parquet").to_pylist()
+        for row, hit in zip(table, expected[name]):
+            q = embed_alone(model, proc, {"text": oracle_text(row["qry_text"], bool(row["qry_img_path"])),
+                                          "images": [str(images / row["qry_img_path"])] if row["qry_img_path"] else []})
+            sims = [float(q @ embed_alone(model, proc, {"text": oracle_text(t, bool(i)), "images": [str(images / i)] if i else []}))
+                    for t, i in zip(row["tgt_text"], row["tgt_img_path"])]
+            assert (max(range(len(sims)), key=lambda j: (sims[j], -j)) == 0) == hit
+
+    # a rerun scores from the cache without loading or running the model
+    fresh = Embedder("tiny", device="cpu", attn_backend="torch")
+    monkeypatch.setattr(Embedder, "load", lambda self: pytest.fail("re-embedded despite the cache"))
+    assert evaluate_mmeb(fresh, str(data), str(images), str(out)) == scores
+    # another model (here: another dtype) does not reuse those vectors
+    other = Embedder("tiny", device="cpu", dtype=torch.float64, attn_backend="torch")
+    with pytest.raises(pytest.fail.Exception, match="re-embedded"):
+        evaluate_mmeb(other, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
+
+
+def test_mmeb_prompt_rewriting_and_dedup(tmp_path):
+    data, images, _ = write_mmeb(tmp_path)
+    t2i = eval_data.load_mmeb_subset(str(data), "MSCOCO_t2i", str(images))
+    cap = "Find me an everyday image that matches the given caption: a cat."
+    # the query (no image) loses its marker, and equals candidate 2 of that row
+    assert t2i.inputs.items[t2i.queries[0]] == {"text": cap, "images": []}
+    assert t2i.candidates[0][2] == t2i.queries[0]
+    assert t2i.inputs.items[t2i.candidates[0][0]] == {
+        "text": MARKER + "\nRepresent the given image.\n", "images": [os.path.join(str(images), "sub/3.png")]}
+    cls = eval_data.load_mmeb_subset(str(data), "ImageNet-1K", str(images))
+    # 3 queries (image + prompt) + tench/goldfish/shark; queries repeated as candidates embed once
+    assert len(cls.inputs.items) == 3 + 3 and cls.candidates[0][0] == cls.queries[0]
+
+
+def test_mmeb_missing_image_is_an_error_naming_the_path(tiny, tmp_path, monkeypatch):
+    embedder = tiny[0]
+    data, images, _ = write_mmeb(tmp_path)
+    os.remove(images / "sub" / "4.png")
+    monkeypatch.setattr(Embedder, "load", lambda self: pytest.fail("embedded before checking the images"))
+    with pytest.raises(eval_data.EvalDataError, match=r"MSCOCO_t2i.*1 image file\(s\) missing.*sub/4\.png \(row 0 candidate 1\)"):
+        evaluate_mmeb(embedder, str(data), str(images), str(tmp_path / "out"), subsets=["MSCOCO_t2i"])
+    assert not (tmp_path / "out" / "scores.json").exists()
+
+
+def write_vidore(root):
+    ds = root / "vidore" / "synthetic_v2"
+    pages = []
+    for i, (w, h) in enumerate([(60, 80), (45, 70), (80, 56), (50, 50), (70, 90)]):
+        path = root / f"page{i}.png"
+        random_image(w, h, seed=40 + i).save(path)
+        pages.append({"bytes": path.read_bytes(), "path": f"page{i}.png"})
+    tables = {
+        "corpus": pa.table({"corpus-id": [10, 11, 12, 13, 14], "image": pages}),
+        "queries": pa.table({"query-id": ["q1", "q2", "q3", "q4"],
+                             "query": ["What was the revenue in 2021?", "board members", "emissions scope 3", "no qrels"]}),
+        # graded; q3 is judged but has nothing relevant; q4 has no qrels at all (not scored)
+        "qrels": pa.table({"query-id": ["q1", "q1", "q1", "q2", "q3"], "corpus-id": [12, 10, 14, 11, 13],
+                           "score": [2, 1, 1, 1, 0]}),
+    }
+    for part, table in tables.items():
+        (ds / part).mkdir(parents=True)
+        pq.write_table(table, ds / part / "test-00000-of-00001.parquet")
+    return root / "vidore", pages
+
+
+def test_vidore_ndcg_against_loop_oracle(tiny, tmp_path):
+    embedder, model, proc = tiny
+    data, pages = write_vidore(tmp_path)
+    scores = evaluate_vidore(embedder, str(data), str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "scores.json").read_text()) == json.loads(json.dumps(scores))
+
+    doc = [embed_alone(model, proc, {"text": MARKER + "\nRepresent the given document image.", "images": [p["bytes"]]})
+           for p in pages]
+    qrels = {"q1": {12: 2, 10: 1, 14: 1}, "q2": {11: 1}, "q3": {13: 0}}
+    texts = {"q1": "What was the revenue in 2021?", "q2": "board members", "q3": "emissions scope 3"}
+    ndcg, recall1 = [], []
+    for qid, rels in qrels.items():
+        q = embed_alone(model, proc, {"text": texts[qid]})
+        sims = [float(q @ d) for d in doc]
+        ranked = [10 + j for j in sorted(range(5), key=lambda j: (-sims[j], j))]
+        dcg = sum(rels.get(c, 0) / math.log2(r + 2) for r, c in enumerate(ranked[:5]))
+        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rels.values(), reverse=True)[:5]))
+        ndcg.append(dcg / idcg if idcg else 0.0)
+        n_rel = sum(1 for g in rels.values() if g > 0)
+        recall1.append((rels.get(ranked[0], 0) > 0) / n_rel if n_rel else 0.0)
+    got = scores["datasets"]["synthetic_v2"]
+    assert got["ndcg@5"] == pytest.approx(sum(ndcg) / 3, abs=1e-5)
+    assert got["recall@1"] == pytest.approx(sum(recall1) / 3, abs=1e-9)
+    assert (got["n_queries"], got["n_pages"], got["unjudged_queries"]) == (3, 5, 1)
+    assert scores["mean_ndcg@5"] == got["ndcg@5"]
+
+
+def test_vidore_layout_errors(tmp_path):
+    data, _ = write_vidore(tmp_path)
+    ds = data / "synthetic_v2"
+    pq.write_table(pa.table({"query-id": ["q1"], "corpus-id": [99], "score": [1]}), ds / "qrels" / "test-00000-of-00001.parquet")
+    with pytest.raises(eval_data.EvalDataError, match="corpus-id 99"):
+        eval_data.load_beir(str(data), "synthetic_v2")
+    os.remove(ds / "qrels" / "test-00000-of-00001.parquet")
+    with pytest.raises(eval_data.EvalDataError, match="no qrels/"):
+        eval_data.load_beir(str(data), "synthetic_v2")
