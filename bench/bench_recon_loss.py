@@ -1,0 +1,146 @@
+"""Masked-reconstruction losses (kernels/recon_loss.py) against their peers, one run.
+
+Masked-LM rows, one per provider x (M, H, V): ms and peak GiB of the training forward and of
+forward + backward, TFLOP/s of forward + backward (6·M·V·H useful flops, our recompute not counted)
+and mem_x = (inputs + peak extra) / (inputs + gradients), the issue's target being <= 1.1.
+Providers: ours; torch naive (bf16 logits + F.cross_entropy); on GPU also torch's own chunked
+F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy and
+cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact") where
+installed. Rows tagged "@all" run what the reference release ran: the loss over ALL T = M / 0.4
+positions with the unmasked 60% labelled -100 (with Liger when installed, else torch's chunked op,
+else naive torch); the summary gives the saving of ours on the masked rows only.
+Masked-patch rows: ours against naive torch (Linear + F.mse_loss).
+
+On CPU only torch paths run (ours = its torch backend): Triton's interpreter is no speed.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from common import peak_gib, time_ms
+from kernels import masked_lm_loss, masked_patch_loss
+
+MASK_RATE = 0.4
+LM_SHAPES = {
+    ("cuda", False): [(4096, 2048, 151936), (16384, 2048, 151936), (16384, 3584, 152064)],
+    ("cuda", True): [(4096, 2048, 151936)],
+    ("cpu", False): [(512, 256, 32000)],
+    ("cpu", True): [(256, 128, 8192)],
+}
+PATCH_SHAPES = {
+    ("cuda", False): [(4096, 2048), (16384, 3584)],
+    ("cuda", True): [(4096, 2048)],
+    ("cpu", False): [(1024, 256)],
+    ("cpu", True): [(128, 128)],
+}
+
+
+def _lm_providers(device: str) -> dict:
+    """name -> loss(hidden (M, H), weight (V, H), labels (M,)) with -100 = ignored."""
+    out = {
+        "ours": masked_lm_loss,
+        "torch-naive": lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t),
+    }
+    if device != "cuda":  # torch's chunked op takes seconds on even the quick CPU shape
+        return out
+    if hasattr(F, "linear_cross_entropy"):
+        opts = torch.nn.LinearCrossEntropyOptions()
+        out["torch-lce"] = lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=-100, options=opts)
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        flce = LigerFusedLinearCrossEntropyLoss()
+        out["liger-flce"] = lambda h, w, t: flce(w, h, t)
+    except ImportError:
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        out["cce"] = lambda h, w, t: linear_cross_entropy(h, w, t)
+        out["cce-exact"] = lambda h, w, t: linear_cross_entropy(h, w, t, filter_eps=None)
+    except ImportError:
+        pass
+    return out
+
+
+def _measure(loss_fn, params, rest, device, repeats):
+    """ms and peak GiB of the forward and of forward + backward of loss_fn(*params, *rest)."""
+    fwd = lambda: loss_fn(*params, *rest)  # noqa: E731
+    fwd_bwd = lambda: torch.autograd.grad(loss_fn(*params, *rest), params)  # noqa: E731
+    return {
+        "ms_fwd": time_ms(fwd, device, warmup=1, repeats=repeats),
+        "ms_fwd_bwd": time_ms(fwd_bwd, device, warmup=1, repeats=repeats),
+        "peak_gib_fwd": peak_gib(fwd, device),
+        "peak_gib_fwd_bwd": peak_gib(fwd_bwd, device),
+    }
+
+
+def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops):
+    row = {"op": op, "provider": provider, "shape": "x".join(map(str, shape))}
+    try:
+        row.update(_measure(loss_fn, params, rest, device, repeats))
+    except torch.OutOfMemoryError as e:
+        row["error"] = f"OOM: {str(e)[:60]}"
+        torch.cuda.empty_cache()
+        return row
+    row["tflops"] = flops / row["ms_fwd_bwd"] / 1e9
+    if row["peak_gib_fwd_bwd"] is not None:
+        sizes = sum(p.numel() * p.element_size() for p in params) / 2**30
+        row["mem_x"] = (sizes + row["peak_gib_fwd_bwd"]) / (2 * sizes)
+    return row
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    repeats = 3 if device == "cpu" else 5
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for M, H, V in LM_SHAPES[(device, quick)]:
+        weight = (torch.randn(V, H, device=device, generator=gen) / math.sqrt(H)).to(dtype).requires_grad_()
+        hidden = torch.randn(M, H, device=device, generator=gen).to(dtype).requires_grad_()
+        targets = torch.randint(0, V, (M,), device=device, generator=gen)
+        providers = _lm_providers(device)
+        for name, fn in providers.items():
+            rows.append(_row("lm", name, (M, H, V), fn, (hidden, weight), (targets,), device, repeats, 6 * M * V * H))
+        # the reference release: every position through the head, the unmasked ones ignored
+        T = round(M / MASK_RATE)
+        hidden_all = torch.randn(T, H, device=device, generator=gen).to(dtype).requires_grad_()
+        labels = torch.full((T,), -100, device=device)
+        labels[torch.randperm(T, device=device, generator=gen)[:M]] = targets
+        release = next(p for p in ("liger-flce", "torch-lce", "torch-naive") if p in providers)
+        rows.append(_row("lm", f"{release}@all", (T, H, V), providers[release], (hidden_all, weight), (labels,),
+                         device, repeats, 6 * M * V * H))
+        del weight, hidden, hidden_all
+    for N, H in PATCH_SHAPES[(device, quick)]:
+        D = 4 * 1176
+        params = (
+            torch.randn(N, H, device=device, generator=gen).to(dtype).requires_grad_(),
+            (torch.randn(D, H, device=device, generator=gen) / math.sqrt(H)).to(dtype).requires_grad_(),
+            torch.zeros(D, device=device, dtype=dtype, requires_grad=True),
+        )
+        targets = torch.randn(N, D, device=device, generator=gen).to(dtype)
+        naive = lambda h, w, b, t: F.mse_loss(F.linear(h, w, b).float(), t.float())  # noqa: E731
+        for name, fn in {"ours": masked_patch_loss, "torch-naive": naive}.items():
+            rows.append(_row("patch", name, (N, H), fn, params, (targets,), device, repeats, 6 * N * D * H))
+    return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per LM shape: fwd+bwd speed of ours against each peer (x > 1: ours faster), the saving against
+    the release's all-positions computation, and ours' peak memory against inputs + gradients."""
+    out = {}
+    by = {(r["op"], r["provider"], r["shape"]): r for r in rows if "ms_fwd_bwd" in r}
+    for (op, prov, shape), r in by.items():
+        if op != "lm" or prov != "ours":
+            continue
+        M = int(shape.split("x")[0])
+        for (op2, peer, shape2), p in by.items():
+            same = shape2 == shape
+            release = peer.endswith("@all") and shape2 == f"{round(M / MASK_RATE)}x{shape.split('x', 1)[1]}"
+            if op2 == "lm" and peer != "ours" and (same or release):
+                out[f"{shape} vs {peer}"] = p["ms_fwd_bwd"] / r["ms_fwd_bwd"]
+        if r.get("mem_x") is not None:
+            out[f"{shape} ours mem_x"] = r["mem_x"]
+    return out
