@@ -1,0 +1,383 @@
+"""Interleaved training data: sources, record validation, cached costs, packed micro-batches.
+
+A source is random-access records `{"text": str with image markers, "images": [...]}`:
+a folder of parquet / arrow files or an HF `save_to_disk` directory (columns `text` and
+`images`, a list of encoded bytes or HF Image structs), JSONL (images as paths relative to the
+file), or the built-in `synthetic` corpus. `path:count` draws `count` records from a source
+(seeded, repeating it when it is smaller).
+
+Design decisions:
+* Every record is validated once, in the cost pass (text present, marker count == image count,
+  every image decodes); a bad record is skipped, counted and logged with its source and index,
+  never a crash and never a silent drop. Costs (text tokens + 4 x image tokens + 2 per image,
+  capped at max_len, MOCA.md §2) are computed by a thread pool with a progress bar and cached on
+  disk per source, keyed by the source's files, the tokenizer and the image settings.
+* The batch plan is a pure function of (seed, epoch): the costs of the shuffled records are
+  packed by the C++ first-fit-decreasing packer into bins of `budget` equivalent tokens (no
+  padding), and the bins are shuffled. Micro-batch k of the run is bin k of that endless
+  sequence, so the data position of a run is just its step, and rank r of W with A accumulation
+  steps takes bins step*W*A + a*W + r: W ranks x A steps see exactly the bins that 1 rank x W*A
+  steps sees.
+"""
+
+import bisect
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import synthetic
+from moca import host_ops
+from moca.batch import Sample
+from moca.image import image_grid, load_image
+from moca.processor import IMAGE_PAD, Processor, normalize_markers
+
+log = logging.getLogger("moca")
+CACHE_VERSION = 1
+
+
+class RecordError(ValueError):
+    """A record that cannot be trained on; the message says why."""
+
+
+# ------------------------------------------------------------------------------------ sources
+class Source:
+    """Random-access records. `fingerprint()` changes whenever the records may have changed."""
+
+    name: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+
+class SyntheticSource(Source):
+    def __init__(self, size: int, seed: int = 0):
+        self.name, self.size, self.seed = f"synthetic:{size}", size, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return synthetic.record(self.seed, i)
+
+    def fingerprint(self):
+        return {"kind": "synthetic", "version": synthetic.VERSION, "seed": self.seed, "size": self.size}
+
+
+def _files_fingerprint(files: list[str]) -> list:
+    return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+class JsonlSource(Source):
+    """One .jsonl file or a folder of them; line offsets are indexed once, records read on demand."""
+
+    def __init__(self, path: str):
+        self.name = path
+        self.files = sorted(glob.glob(os.path.join(path, "*.jsonl"))) if os.path.isdir(path) else [path]
+        self.index: list[tuple[int, int]] = []  # (file, byte offset) per record
+        for fi, f in enumerate(self.files):
+            with open(f, "rb") as fh:
+                offset = 0
+                for line in fh:
+                    if line.strip():
+                        self.index.append((fi, offset))
+                    offset += len(line)
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        fi, offset = self.index[i]
+        with open(self.files[fi], "rb") as fh:
+            fh.seek(offset)
+            line = fh.readline()
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"invalid JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise RecordError(f"a record is a JSON object, got {type(rec).__name__}")
+        base = os.path.dirname(os.path.abspath(self.files[fi]))
+        images = rec.get("images") or []
+        if not isinstance(images, list):
+            raise RecordError("'images' must be a list of paths")
+        rec["images"] = [os.path.join(base, p) if isinstance(p, str) else p for p in images]
+        return rec
+
+    def fingerprint(self):
+        return {"kind": "jsonl", "files": _files_fingerprint(self.files)}
+
+
+class TableSource(Source):
+    """Parquet / Arrow files of a folder, or an HF `save_to_disk` directory (pyarrow needed)."""
+
+    def __init__(self, path: str):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
+        self.name = path
+        self.files = self._list_files(path)
+        if not self.files:
+            raise FileNotFoundError(f"{path}: no .parquet or .arrow files")
+        self.offsets = [0]
+        for f in self.files:
+            self.offsets.append(self.offsets[-1] + self._num_rows(f))
+
+    @staticmethod
+    def _list_files(path: str) -> list[str]:
+        state = os.path.join(path, "state.json")
+        if os.path.exists(state):  # HF Dataset.save_to_disk
+            with open(state) as f:
+                return [os.path.join(path, d["filename"]) for d in json.load(f)["_data_files"]]
+        splits = os.path.join(path, "dataset_dict.json")
+        if os.path.exists(splits):  # HF DatasetDict.save_to_disk: every split
+            with open(splits) as f:
+                names = json.load(f)["splits"]
+            return [f for s in names for f in TableSource._list_files(os.path.join(path, s))]
+        return sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
+                      + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True))
+
+    @staticmethod
+    def _num_rows(f: str) -> int:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(f).metadata.num_rows if f.endswith(".parquet") else _arrow_table(f).num_rows
+
+    @functools.lru_cache(maxsize=4)
+    def _row_group(self, fi: int, rg: int):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["text", "images"])
+
+    def _row(self, fi: int, i: int) -> dict:
+        f = self.files[fi]
+        if f.endswith(".arrow"):
+            return _arrow_table(f).slice(i, 1).to_pylist()[0]
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(f).metadata
+        for rg in range(meta.num_row_groups):
+            n = meta.row_group(rg).num_rows
+            if i < n:
+                return self._row_group(fi, rg).slice(i, 1).to_pylist()[0]
+            i -= n
+        raise IndexError(i)
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, i):
+        fi = bisect.bisect_right(self.offsets, i) - 1
+        row = self._row(fi, i - self.offsets[fi])
+        return {"text": row.get("text"), "images": row.get("images") or []}
+
+    def fingerprint(self):
+        return {"kind": "table", "files": _files_fingerprint(self.files)}
+
+
+@functools.lru_cache(maxsize=16)
+def _arrow_table(path: str):
+    """Memory-mapped Arrow table: HF writes the IPC stream format, others the file format."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path)
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
+
+
+def open_source(path: str, seed: int = 0) -> Source:
+    if path == "synthetic" or path.startswith("synthetic:"):
+        return SyntheticSource(int(path.partition(":")[2] or 2000), seed)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data source {path!r} does not exist")
+    if path.endswith(".jsonl") or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.jsonl"))):
+        return JsonlSource(path)
+    return TableSource(path)
+
+
+def parse_source(spec: str) -> tuple[str, int | None]:
+    """`path` or `path:count` -> (path, count or None). `synthetic:N` is a source name, not a count."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and head and head != "synthetic":
+        return head, int(tail)
+    return spec, None
+
+
+# ------------------------------------------------------------------------------- validation
+def check_record(rec: dict, processor: Processor) -> tuple[str, list[tuple[int, int, int]]]:
+    """-> (text with Qwen markers, image grids); raises RecordError with the reason."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"a record is a dict, got {type(rec).__name__}")
+    text, images = rec.get("text"), rec.get("images") or []
+    if not isinstance(text, str) or not text.strip():
+        raise RecordError("empty text")
+    text = normalize_markers(text)
+    if text.count(IMAGE_PAD) != len(images):
+        raise RecordError(f"{text.count(IMAGE_PAD)} image marker(s) but {len(images)} image(s)")
+    grids = []
+    for k, img in enumerate(images):
+        try:
+            im = load_image(img)
+            grids.append(image_grid(im.width, im.height, processor.image_config))
+        except (ValueError, TypeError, OSError) as e:
+            raise RecordError(f"image {k}: {e}") from e
+    return text, grids
+
+
+def record_cost(rec: dict, processor: Processor, max_len: int) -> int:
+    text, grids = check_record(rec, processor)
+    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 3 * len(grids)
+    merge = processor.config.vision.spatial_merge_size**2
+    return min(max_len, n_text + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids))
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def source_costs(source: Source, processor: Processor, max_len: int, cache_dir: str | None,
+                 workers: int = 8, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+    """-> (costs (N,) int64 with -1 for bad records, {index: reason} of the bad ones), cached on disk."""
+    key = hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "source": source.fingerprint(), "tokenizer": _tokenizer_fingerprint(processor.tokenizer),
+        "image": processor.image_config.to_dict(), "merge": processor.config.vision.spatial_merge_size, "max_len": max_len,
+    }, sort_keys=True).encode()).hexdigest()[:20]
+    cache = None
+    if cache_dir:
+        stem = "".join(c if c.isalnum() else "_" for c in os.path.basename(os.path.normpath(source.name)))[-40:]
+        cache = os.path.join(cache_dir, f"costs-{stem}-{key}.json")
+        if os.path.exists(cache):
+            with open(cache) as f:
+                data = json.load(f)
+            log.info("costs of %s: %d records from cache %s", source.name, len(data["costs"]), cache)
+            return np.asarray(data["costs"], dtype=np.int64), {int(k): v for k, v in data["bad"].items()}
+
+    def one(i: int) -> tuple[int, str | None]:
+        try:
+            return record_cost(source[i], processor, max_len), None
+        except Exception as e:  # whatever a record does wrong, it is reported, never fatal
+            return -1, f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = list(tqdm(pool.map(one, range(len(source)), chunksize=16), total=len(source),
+                            desc=f"costs {source.name}", disable=not progress, mininterval=1.0))
+    costs = np.asarray([c for c, _ in results], dtype=np.int64)
+    bad = {i: why for i, (_, why) in enumerate(results) if why is not None}
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cache}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"source": source.name, "costs": costs.tolist(), "bad": bad}, f)
+        os.replace(tmp, cache)
+    return costs, bad
+
+
+# ------------------------------------------------------------------------------- the mixture
+@dataclass
+class MicroBatch:
+    """Host-side samples of one micro-batch and the items they came from."""
+
+    samples: list[Sample]
+    items: list[int]  # indices into CPTData's item table
+    cost: int
+
+
+class CPTData:
+    """The mixture of sources as one endless, deterministic sequence of packed micro-batches."""
+
+    def __init__(self, specs: list[str], processor: Processor, max_len: int = 1280, budget: int = 12800,
+                 max_items: int = 0, seed: int = 0, cache_dir: str | None = None, workers: int = 8,
+                 progress: bool = True):
+        self.processor, self.max_len, self.budget, self.max_items, self.seed = processor, max_len, budget, max_items, seed
+        self.sources: list[Source] = []
+        items, costs = [], []
+        self.bad: dict[str, dict[int, str]] = {}
+        for si, spec in enumerate(specs):
+            path, count = parse_source(spec)
+            src = open_source(path, seed)
+            c, bad = source_costs(src, processor, max_len, cache_dir, workers, progress)
+            self.sources.append(src)
+            self.bad[src.name] = bad
+            for i, why in sorted(bad.items()):
+                log.warning("bad record: source=%s index=%d reason=%s", src.name, i, why)
+            good = np.flatnonzero(c >= 0)
+            log.info("source %s: %d records, %d good, %d bad%s", src.name, len(c), len(good), len(bad),
+                     f", drawing {count}" if count is not None else "")
+            if count is not None and len(good):
+                rng = np.random.default_rng([seed, si])
+                reps = -(-count // len(good))
+                good = np.concatenate([rng.permutation(good) for _ in range(reps)])[:count]
+            items.append(np.stack([np.full(len(good), si), good], 1))
+            costs.append(c[good])
+        self.items = np.concatenate(items).astype(np.int64)  # (N, 2) [source, record]
+        self.costs = np.concatenate(costs)
+        if not len(self.items):
+            raise ValueError(f"no usable records in {specs}")
+        self._epochs: list[list[np.ndarray]] = []
+        self._starts = [0]  # global bin index at which each planned epoch starts
+        self.runtime_bad = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def epoch_bins(self, epoch: int) -> list[np.ndarray]:
+        """Item indices of every bin of `epoch`, in training order."""
+        while len(self._epochs) <= epoch:
+            e = len(self._epochs)
+            perm = np.random.default_rng([self.seed, e, 0]).permutation(len(self.items))
+            order, offsets = host_ops.pack_bins(torch.from_numpy(self.costs[perm]), self.budget, self.max_items)
+            order, offsets = perm[order.numpy()], offsets.tolist()
+            bins = [order[a:b] for a, b in zip(offsets, offsets[1:])]
+            shuffle = np.random.default_rng([self.seed, e, 1]).permutation(len(bins))
+            self._epochs.append([bins[j] for j in shuffle])
+            self._starts.append(self._starts[-1] + len(bins))
+        return self._epochs[epoch]
+
+    def bin(self, index: int) -> np.ndarray:
+        """Bin number `index` of the endless sequence of epochs."""
+        epoch = 0
+        while True:
+            bins = self.epoch_bins(epoch)
+            if index < self._starts[epoch + 1]:
+                return bins[index - self._starts[epoch]]
+            epoch += 1
+
+    def micro_batch(self, index: int) -> MicroBatch:
+        """Encode bin `index`; a record that fails now is logged and skipped (then the next bin if none is left)."""
+        while True:
+            samples, kept = [], []
+            for item in self.bin(index).tolist():
+                si, ri = self.items[item]
+                src = self.sources[si]
+                try:
+                    sample = self.processor.encode(src[int(ri)])
+                    if len(sample) > self.max_len:
+                        sample = self.processor.truncate(sample, self.max_len)
+                    samples.append(sample)
+                    kept.append(item)
+                except Exception as e:
+                    self.runtime_bad += 1
+                    log.warning("bad record: source=%s index=%d reason=%s (skipped at load time)", src.name, ri, e)
+            if samples:
+                return MicroBatch(samples, kept, int(self.costs[kept].sum()))
+            index += 1

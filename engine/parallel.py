@@ -1,0 +1,170 @@
+"""Everything torch.distributed and everything applied to the model from outside it.
+
+One process = one device, started by `torchrun` (or a single plain process). Data parallelism
+is DDP (with `find_unused_parameters`: a micro-batch without images leaves the vision tower and
+the MAE head out of the graph) or FSDP2 `fully_shard` per decoder layer / vision block / MAE
+layer plus the root, for 3B/7B. Activation checkpointing and torch.compile are applied per
+block by replacing the block's `forward` on the instance, so parameter names (and with them the
+HF checkpoint names) stay as they are. Model code never calls `dist.*`.
+"""
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger("moca")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistContext:
+    """Join the torchrun group when WORLD_SIZE is set (NCCL on GPU, gloo on CPU); else one process."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    return DistContext(rank, world, local, dev)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 CPU tensor over ranks (identity in one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    backend = dist.get_backend()
+    t = values.to("cuda") if backend == "nccl" else values.clone()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+# ------------------------------------------------------------------------- applied from outside
+def blocks_of(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: decoder layers, vision blocks and the MAE head's layer when present."""
+    model = module.model
+    out = [*model.layers, *model.visual.blocks]
+    if getattr(module, "mae_head", None) is not None:
+        out.append(module.mae_head.layer)
+    return out
+
+
+def apply_activation_checkpointing(module: nn.Module) -> None:
+    for block in blocks_of(module):
+        forward = block.forward
+
+        def wrapped(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
+def apply_compile(module: nn.Module) -> None:
+    """Compile each block on its own (dynamic shapes: every packed batch has its own T)."""
+    for block in blocks_of(module):
+        block.forward = torch.compile(block.forward, dynamic=True)
+
+
+def wrap(module: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
+    """mode: "ddp" or "fsdp" (ignored in one process). Returns the module to call."""
+    if ctx.world == 1:
+        return module
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            module, device_ids=None, find_unused_parameters=True  # inputs are already on the device
+        )
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks_of(module):
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    raise ValueError(f"unknown parallel mode {mode!r}; expected 'ddp' or 'fsdp'")
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "no_sync") and hasattr(module, "module") else module
+
+
+def no_grad_sync(module: nn.Module, last: bool):
+    """Skip the gradient reduction on all but the last micro-batch of an accumulation."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(module, "no_sync"):
+        return module.no_sync()
+    if is_fsdp(module):
+        module.set_requires_gradient_sync(False)
+
+        @contextlib.contextmanager
+        def _resync():
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+
+        return _resync()
+    return contextlib.nullcontext()
+
+
+def full_state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Under FSDP: full (unsharded) CPU model and optimizer state dicts (a collective). Otherwise
+    (None, optimizer state): the weights are saved straight from the live model."""
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None, optimizer.state_dict()
+
+
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if is_fsdp(module):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)

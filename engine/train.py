@@ -1,0 +1,196 @@
+"""Training entry point: `python -m engine.train cpt [...]` (stage 1; `cl` joins as a sibling subcommand).
+
+With no arguments, `cpt` trains the `tiny` preset on the built-in synthetic interleaved corpus on
+the CPU in a few minutes and writes its run to runs/cpt-tiny/. With arguments it trains a real
+checkpoint on real data, in one process or under `torchrun` (DDP, or FSDP2 with --parallel fsdp).
+Defaults are MOCA.md §2's; the tiny preset overrides the few that only make sense at scale.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from engine import parallel
+from engine.trainer import METRICS, TrainConfig, Trainer, find_checkpoint, plot_metrics
+
+log = logging.getLogger("moca")
+
+# Embedded-default overrides for the tiny preset: a CPU, a fresh random model, a small corpus.
+PRESET_DEFAULTS = {
+    "tiny": dict(lr=2e-3, warmup_ratio=0.05, grad_accum=1, max_steps=80, max_len=512, budget=1024, log_every=10),
+}
+COMMON_DEFAULTS = dict(lr=2e-6, warmup_ratio=0.1, grad_accum=4, max_steps=1000, max_len=1280, budget=12800, log_every=10)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(rank: int) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s moca[{rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--model", default="tiny", help="preset (tiny, 3b, 7b) or an HF checkpoint directory (default: tiny)")
+    g.add_argument("--data", nargs="+", default=["synthetic:1000"],
+                   help="sources: parquet/arrow folder, HF save_to_disk dir, .jsonl, or synthetic[:N]; 'path:count' "
+                        "draws count records (default: synthetic:1000)")
+    g.add_argument("--output-dir", default=None, help="run directory (default: runs/<stage>-<model name>)")
+    g.add_argument("--max-steps", type=int, default=None, help="total optimizer steps, also across a resume")
+    g.add_argument("--save-every", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoint-<step>/ directories to keep")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--cache-dir", default=os.environ.get("MOCA_CACHE_DIR", os.path.expanduser("~/.cache/moca")),
+                   help="where per-source cost caches live")
+    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    g.add_argument("--log-every", type=int, default=None)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (MOCA.md: 2e-6; tiny: 2e-3)")
+    o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of max-steps (0.1)")
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--grad-clip", type=float, default=5.0)
+    o.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step and rank (4)")
+    o.add_argument("--max-len", type=int, default=None, help="tokens per sample, longer ones truncated (1280)")
+    o.add_argument("--budget", type=int, default=None, help="equivalent tokens per micro-batch (12800)")
+    o.add_argument("--max-items", type=int, default=0, help="most samples per micro-batch (0: no limit)")
+    o.add_argument("--no-bf16", action="store_true", help="fp32 on GPU (bf16 autocast is the default there)")
+    o.add_argument("--activation-checkpointing", action="store_true")
+    o.add_argument("--compile", action="store_true", help="torch.compile every block")
+    o.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP or FSDP2")
+    o.add_argument("--attn-backend", choices=["triton", "torch"], default=None,
+                   help="attention/loss kernels (default: Triton on GPU, torch on CPU)")
+
+
+def add_cpt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cpt objective")
+    g.add_argument("--mlm-prob", type=float, default=0.4, help="share of non-special tokens masked")
+    g.add_argument("--mae-prob", type=float, default=0.5, help="share of image tokens (2x2 patches) masked")
+    g.add_argument("--mae-weight", type=float, default=0.1, help="loss = MLM + w * MAE")
+    g.add_argument("--no-mlm", action="store_true", help="switch the MLM loss off")
+    g.add_argument("--no-mae", action="store_true", help="switch the MAE loss off")
+
+
+def resolve_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    preset = PRESET_DEFAULTS.get(args.model, {}) if not os.path.isdir(args.model) else {}
+    for k, v in {**COMMON_DEFAULTS, **preset}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{stage}-{os.path.basename(os.path.normpath(args.model))}")
+    return args
+
+
+def run_cpt(args: argparse.Namespace) -> list[dict]:
+    from engine.cpt import MAE_HEAD_FILE, CPTTask, MAEHead
+    from engine.data import CPTData
+    from engine.masking import add_mask_token
+    from moca.checkpoint import load_model
+    from moca.processor import Processor
+
+    ctx = parallel.init_distributed(args.device)
+    setup_logging(ctx.rank)
+    args = resolve_defaults(args, "cpt")
+    out = args.output_dir
+    resume_dir = find_checkpoint(out) if args.resume else None
+    if args.resume and resume_dir is None:
+        log.info("--resume: no checkpoint in %s, starting fresh", out)
+    elif not args.resume and ctx.is_main and os.path.exists(os.path.join(out, METRICS)):
+        log.warning("starting a fresh run in %s (pass --resume to continue the previous one)", out)
+        os.remove(os.path.join(out, METRICS))
+    source = resume_dir or args.model
+    log.info("cpt: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
+             args.max_steps, ctx.world, ctx.device)
+
+    processor = Processor.from_pretrained(source)
+    mask_id = add_mask_token(processor.tokenizer)
+    model = load_model(source, device=ctx.device, dtype=torch.float32, seed=args.seed).train()
+    model.attn_backend = args.attn_backend
+    head = MAEHead(model, torch.Generator().manual_seed(args.seed + 1))
+    head_file = os.path.join(source, MAE_HEAD_FILE) if os.path.isdir(source) else None
+    if head_file and os.path.exists(head_file):
+        head.load_state_dict(load_file(head_file, device=str(ctx.device)))
+    log.info("<|mask|> id %d; MAE head from %s", mask_id, head_file if head_file and os.path.exists(head_file)
+             else f"layer {model.config.num_hidden_layers // 2}")
+
+    def build_data():
+        return CPTData(args.data, processor, max_len=args.max_len, budget=args.budget, max_items=args.max_items,
+                       seed=args.seed, cache_dir=args.cache_dir, workers=args.workers,
+                       progress=ctx.is_main and not args.no_progress)
+
+    data = build_data() if ctx.is_main else None  # rank 0 fills the cost cache, the others then read it
+    parallel.barrier()
+    data = data or build_data()
+    task = CPTTask(model, processor, data, head, seed=args.seed, mlm_prob=0.0 if args.no_mlm else args.mlm_prob,
+                   mae_prob=0.0 if args.no_mae else args.mae_prob, mae_weight=args.mae_weight)
+    cfg = TrainConfig(
+        output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
+        log_every=args.log_every, progress=not args.no_progress,
+    )
+    trainer = Trainer(task, cfg, ctx)
+    if resume_dir:
+        trainer.resume(resume_dir)
+    history = trainer.fit()
+    if ctx.is_main:
+        report(out, task.part_names, data)
+    return history
+
+
+def report(out: str, names: tuple[str, ...], data) -> None:
+    metrics = os.path.join(out, METRICS)
+    png = os.path.join(out, "loss_curve.png")
+    plot_metrics(metrics, png, names)
+    with open(metrics) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    k = max(1, min(5, len(rows) // 4))
+    mean = lambda rs, n: sum(r[n] for r in rs) / len(rs)  # noqa: E731
+    bad = sum(len(b) for b in data.bad.values()) + data.runtime_bad
+    print(f"moca cpt: {rows[-1]['step']} steps, {rows[-1]['tokens_total']} tokens, {len(data)} records "
+          f"({bad} bad records skipped, see the log)")
+    for n in names:
+        print(f"  {n:9s} first {k} steps {mean(rows[:k], n):.4f} -> last {k} steps {mean(rows[-k:], n):.4f}")
+    print(f"wrote {os.path.join(out, 'final')}/ (HF checkpoint + tokenizer with <|mask|> + mae_head.safetensors + trainer state)")
+    print(f"wrote {metrics}")
+    print(f"wrote {png}")
+
+
+STAGES = {"cpt": (add_cpt_args, run_cpt)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (add_args, _) in STAGES.items():
+        sp = sub.add_parser(name, help="continual pre-training (MLM + MAE), MOCA.md §2" if name == "cpt" else None)
+        add_common_args(sp)
+        add_args(sp)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return STAGES[args.stage][1](args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

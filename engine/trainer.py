@@ -1,0 +1,320 @@
+"""The training loop shared by the stages: optimiser, schedule, accumulation, logging, checkpoints.
+
+A stage is a `Task` (CPT now, CL later): it owns the module, turns a step into this rank's host
+micro-batches, and computes one micro-batch's loss. The trainer owns everything else.
+
+Design decisions:
+* Exact resume. A step's data and masks are pure functions of (seed, step, rank), so the data
+  position is the step; a checkpoint holds weights (fp32, HF layout, the MAE head in its own
+  file so transformers still loads the directory), optimizer, scheduler and RNG states. Resuming
+  from checkpoint-k and running to the end gives the losses of the uninterrupted run.
+* Host work ahead of the device: the next step's micro-batches (decode, pack, mask) are prepared
+  in a background thread while the current step runs; the loss normalisers are host ints summed
+  over ranks with one tiny all-reduce per step, and the logged values with one more.
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine import parallel
+from engine.parallel import DistContext
+
+log = logging.getLogger("moca")
+STATE_FILE, STATE_JSON, METRICS = "trainer_state.pt", "trainer_state.json", "metrics.jsonl"
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    max_steps: int
+    lr: float = 2e-6
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    grad_accum: int = 4
+    save_every: int = 0  # 0: only final/
+    keep_last: int = 2
+    seed: int = 0
+    bf16: bool = True  # autocast on GPU only
+    activation_checkpointing: bool = False
+    compile: bool = False
+    parallel: str = "ddp"
+    log_every: int = 10
+    progress: bool = True
+
+
+class Task:
+    """What a stage provides. `module` is the unwrapped nn.Module that is trained."""
+
+    module: nn.Module
+    part_names: tuple[str, ...] = ()
+
+    def micro_batches(self, step: int, rank: int, world: int, accum: int) -> list:
+        raise NotImplementedError
+
+    def counts(self, mbs: list) -> torch.Tensor:
+        """(K,) float64 host counts summed over ranks before the step (the loss normalisers)."""
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, mb, totals: torch.Tensor, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (loss to backpropagate, (len(part_names),) detached parts whose sum over the step's
+        micro-batches and ranks is the step's value of each part)."""
+        raise NotImplementedError
+
+    def stats(self, mbs: list) -> dict[str, float]:
+        """Host numbers of this rank's micro-batches, summed over ranks: at least `tokens` and `flops`."""
+        raise NotImplementedError
+
+    def save(self, path: str, model_state: dict | None, extra_files: dict) -> None:
+        raise NotImplementedError
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def find_checkpoint(output_dir: str) -> str | None:
+    """The checkpoint in output_dir with the highest step (final/ included), or None."""
+    best, best_step = None, -1
+    if not os.path.isdir(output_dir):
+        return None
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        state = os.path.join(path, STATE_JSON)
+        if (re.fullmatch(r"checkpoint-\d+", name) or name == "final") and os.path.exists(state):
+            with open(state) as f:
+                step = json.load(f)["step"]
+            if step > best_step:
+                best, best_step = path, step
+    return best
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig, ctx: DistContext):
+        self.task, self.cfg, self.ctx = task, cfg, ctx
+        module = task.module
+        if cfg.activation_checkpointing:
+            parallel.apply_activation_checkpointing(module)
+        if cfg.compile:
+            parallel.apply_compile(module)
+        self.module = parallel.wrap(module, ctx, cfg.parallel)
+        decay, no_decay = [], []
+        for name, p in task.module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not parallel.is_fsdp(self.module)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+        warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, cfg.max_steps))
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.autocast = ctx.device.type == "cuda" and cfg.bf16
+        self.peak_flops = _peak_flops(ctx.device)
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self, path: str) -> None:
+        """Optimizer, scheduler, RNG and position from `path` (the weights were loaded by the task)."""
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        parallel.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0])
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        if self.ctx.is_main:
+            self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self, name: str) -> str:
+        path = os.path.join(self.cfg.output_dir, name)
+        model_state, optim_state = parallel.full_state_dicts(self.module, self.optimizer)
+        rng = [None] * self.ctx.world
+        if self.ctx.world > 1:
+            torch.distributed.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        if self.ctx.is_main:
+            state = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
+                     "step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
+            info = {"step": self.step, "tokens": self.tokens_seen, "world_size": self.ctx.world, "config": asdict(self.cfg)}
+            extra = {
+                STATE_FILE: lambda p: torch.save(state, p),
+                STATE_JSON: lambda p: open(p, "w").write(json.dumps(info, indent=2)),
+            }
+            self.task.save(path, model_state, extra)
+            if name.startswith("checkpoint-"):
+                self._prune()
+            log.info("saved %s", path)
+        parallel.barrier()
+        return path
+
+    def _prune(self) -> None:
+        found = sorted(
+            (int(m.group(1)), n) for n in os.listdir(self.cfg.output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))
+        )
+        for _, name in found[: max(0, len(found) - self.cfg.keep_last)]:
+            shutil.rmtree(os.path.join(self.cfg.output_dir, name), ignore_errors=True)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = os.path.join(self.cfg.output_dir, METRICS)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    # ------------------------------------------------------------------ the loop
+    def _prepare(self, step: int) -> list:
+        mbs = self.task.micro_batches(step, self.ctx.rank, self.ctx.world, self.cfg.grad_accum)
+        if self.ctx.device.type == "cuda":
+            mbs = [mb.pin_memory() for mb in mbs]
+        return mbs
+
+    def train_step(self, mbs: list) -> dict:
+        task, ctx = self.task, self.ctx
+        totals = parallel.all_reduce_sum(task.counts(mbs))
+        parts = 0.0
+        for a, mb in enumerate(mbs):
+            mb = mb.to(ctx.device, non_blocking=True)
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+            with parallel.no_grad_sync(self.module, last=a == len(mbs) - 1), autocast:
+                loss, p = task.loss(self.module, mb, totals, ctx.world)
+                loss.backward()
+            parts = parts + p  # stays on the device: one transfer per step, below
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.task.module.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = task.stats(mbs)
+        parts = parts.double().cpu()
+        reduced = parallel.all_reduce_sum(torch.cat([parts, torch.tensor(list(stats.values()), dtype=torch.float64)]))
+        out = dict(zip(task.part_names, reduced[: len(parts)].tolist()))
+        out.update(zip(stats, reduced[len(parts):].tolist()))
+        out["lr"], out["grad_norm"] = lr, float(grad_norm)
+        return out
+
+    def fit(self) -> list[dict]:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        history = []
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
+                   desc="cpt", dynamic_ncols=True)
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+        with ThreadPoolExecutor(1) as loader:
+            ahead = loader.submit(self._prepare, self.step) if self.step < cfg.max_steps else None
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                mbs = ahead.result()
+                if self.step + 1 < cfg.max_steps:
+                    ahead = loader.submit(self._prepare, self.step + 1)
+                m = self.train_step(mbs)
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize(ctx.device)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens_seen += int(m["tokens"])
+                self.elapsed += dt
+                rec = {"step": self.step, **{k: m[k] for k in self.task.part_names}, "lr": m["lr"],
+                       "grad_norm": m["grad_norm"], "tokens": int(m["tokens"]), "samples": int(m.get("samples", 0)),
+                       "tokens_total": self.tokens_seen, "tokens_per_s": m["tokens"] / dt, "step_s": dt}
+                if self.peak_flops:
+                    rec["mfu"] = m["flops"] / dt / (self.peak_flops * ctx.world)
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                history.append(rec)
+                if ctx.is_main:
+                    with open(os.path.join(cfg.output_dir, METRICS), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix_str(" ".join(
+                        [f"{k}={rec[k]:.3f}" for k in self.task.part_names]
+                        + [f"lr={rec['lr']:.2e}", f"tok/s={rec['tokens_per_s']:.0f}"]))
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        log.info("step %d/%d %s lr=%.3e grad_norm=%.3f tokens=%d tok/s=%.0f%s", self.step, cfg.max_steps,
+                                 " ".join(f"{k}={rec[k]:.4f}" for k in self.task.part_names), rec["lr"],
+                                 rec["grad_norm"], rec["tokens"], rec["tokens_per_s"],
+                                 f" mfu={rec['mfu']:.3f} peak_mem={rec['peak_mem_gib']:.2f}GiB" if "mfu" in rec else "")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save(f"checkpoint-{self.step}")
+        bar.close()
+        self.save("final")
+        return history
+
+
+def plot_metrics(metrics_path: str, png_path: str, names: tuple[str, ...], size=(900, 300)) -> None:
+    """One panel per loss (their scales differ by orders of magnitude), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    names = [n for n in names if rows and n in rows[0]]
+    if not names:
+        return
+    W, H = size
+    img = Image.new("RGB", (W, H * len(names)), "white")  # one panel per row
+    d = ImageDraw.Draw(img)
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for k, name in enumerate(names):
+        x0, y0, x1, y1 = 60, k * H + 30, W - 20, (k + 1) * H - 40
+        steps = [r["step"] for r in rows]
+        vals = [r[name] for r in rows]
+        lo, hi = min(vals), max(vals)
+        hi = hi if hi > lo else lo + 1.0
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+        d.rectangle([x0, y0, x1, y1], outline="black")
+        d.text((x0, y0 - 22), f"{name}  (first {vals[0]:.4g}, last {vals[-1]:.4g})", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            y = y1 - frac * (y1 - y0)
+            d.line([x0 - 4, y, x0, y], fill="black")
+            d.text((4, y - 6), f"{lo + frac * (hi - lo):.3g}", fill="black")
+        d.text((x0, y1 + 8), f"step {s0}", fill="black")
+        d.text((x1 - 70, y1 + 8), f"step {steps[-1]}", fill="black")
+        pts = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in zip(steps, vals)]
+        if len(pts) > 1:
+            d.line(pts, fill=colours[k % len(colours)], width=2)
+        else:
+            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colours[0])
+    img.save(png_path)

@@ -1,0 +1,187 @@
+"""CPT data: sources, validation of bad records, cached costs, packed micro-batches."""
+
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import synthetic
+from engine.data import CPTData, open_source, parse_source, source_costs
+from engine.masking import add_mask_token
+from hf_oracle import random_image
+from moca import Processor
+from moca.image import ImageConfig
+from moca.processor import IMAGE_MARKER
+
+PAD = 151655
+
+
+@pytest.fixture(scope="module")
+def proc():
+    p = Processor.from_pretrained("tiny")
+    add_mask_token(p.tokenizer)
+    return p
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_bad_jsonl(root) -> tuple[str, dict[int, str]]:
+    """12 records: 8 good, 4 bad (corrupt image bytes, missing image, marker mismatch, empty text)."""
+    os.makedirs(root, exist_ok=True)
+    recs, bad = [], {}
+    for i in range(12):
+        name = f"img{i}.png"
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(png(random_image(60 + 13 * i, 90 - 3 * i, seed=i)))
+        recs.append({"text": f"Record {i} shows {IMAGE_MARKER} some noise number {i}.", "images": [name]})
+    with open(os.path.join(root, "img3.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # corrupt bytes behind a PNG signature
+    bad[3] = "cannot decode"
+    recs[5]["images"] = ["does_not_exist.png"]
+    bad[5] = "not found"
+    recs[7]["text"] = "two markers " + IMAGE_MARKER + IMAGE_MARKER + " one image"
+    bad[7] = "marker"
+    recs[10]["text"] = "   "
+    bad[10] = "empty text"
+    recs.append({"text": "plain text record without images", "images": []})
+    path = os.path.join(root, "data.jsonl")
+    with open(path, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    return path, bad
+
+
+def expected_cost(proc, rec, max_len):
+    """Oracle: the encoded sample has text + image tokens + 2 per image; cost adds 3 more per image token."""
+    sample = proc.encode(rec)
+    n_img_tokens = int((sample.input_ids == PAD).sum())
+    return min(max_len, len(sample) + 3 * n_img_tokens)
+
+
+def test_parse_source():
+    assert parse_source("data/x.jsonl:500") == ("data/x.jsonl", 500)
+    assert parse_source("data/x.jsonl") == ("data/x.jsonl", None)
+    assert parse_source("synthetic:300") == ("synthetic:300", None)
+    assert parse_source("synthetic:300:40") == ("synthetic:300", 40)
+
+
+def test_bad_records_are_skipped_counted_and_logged(proc, tmp_path, caplog):
+    path, bad = write_bad_jsonl(tmp_path / "src")
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        data = CPTData([path], proc, max_len=256, budget=600, cache_dir=str(tmp_path / "cache"), progress=False)
+    reasons = data.bad[path]
+    assert sorted(reasons) == sorted(bad)
+    for i, why in bad.items():
+        assert why in reasons[i].lower().replace("_", " ") or why in reasons[i], reasons[i]
+        assert f"source={path} index={i} " in caplog.text
+    src = open_source(path)
+    good = [i for i in range(len(src)) if i not in bad]
+    assert sorted(data.items[:, 1].tolist()) == good
+    for item, (_, ri) in enumerate(data.items):
+        assert data.costs[item] == expected_cost(proc, src[int(ri)], 256)
+
+
+def test_cost_cache_is_reused_and_keyed_by_image_settings(proc, tmp_path, caplog):
+    path, _ = write_bad_jsonl(tmp_path / "src")
+    cache = str(tmp_path / "cache")
+    src = open_source(path)
+    c1, b1 = source_costs(src, proc, 256, cache, progress=False)
+    assert len(os.listdir(cache)) == 1
+    with caplog.at_level(logging.INFO, logger="moca"):
+        c2, b2 = source_costs(src, proc, 256, cache, progress=False)
+    assert "from cache" in caplog.text and np.array_equal(c1, c2) and b1 == b2
+    other = Processor(proc.tokenizer, proc.config, ImageConfig(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28))
+    c3, _ = source_costs(src, other, 256, cache, progress=False)
+    assert len(os.listdir(cache)) == 2 and not np.array_equal(c1, c3)
+    source_costs(src, proc, 128, cache, progress=False)  # max_len is part of the key too
+    assert len(os.listdir(cache)) == 3
+
+
+def test_bins_cover_each_epoch_once_within_budget(proc, tmp_path):
+    data = CPTData(["synthetic:150"], proc, max_len=200, budget=700, cache_dir=str(tmp_path), progress=False)
+    bins = data.epoch_bins(0)
+    flat = np.concatenate(bins)
+    assert sorted(flat.tolist()) == list(range(len(data)))
+    for b in bins:
+        assert data.costs[b].sum() <= 700 or len(b) == 1
+    assert not all(np.array_equal(x, y) for x, y in zip(bins, data.epoch_bins(1)))  # reshuffled per epoch
+    n0 = len(bins)
+    assert np.array_equal(data.bin(n0 + 2), data.epoch_bins(1)[2])  # the endless sequence crosses epochs
+    mb = data.micro_batch(3)
+    assert mb.items == data.bin(3).tolist() and all(len(s) <= 200 for s in mb.samples)
+
+
+def test_truncation_drops_a_cut_image_whole(proc, tmp_path):
+    rec = {"text": "word " * 40 + IMAGE_MARKER + " tail", "images": [png(random_image(112, 112))]}
+    path = tmp_path / "long.jsonl"
+    img = tmp_path / "a.png"
+    img.write_bytes(rec["images"][0])
+    path.write_text(json.dumps({"text": rec["text"], "images": ["a.png"]}) + "\n")
+    full = proc.encode(rec)
+    n_img = int((full.input_ids == PAD).sum())
+    max_len = len(full) - 3  # cuts inside the image's tail: the image must go
+    data = CPTData([str(path)], proc, max_len=max_len, budget=4096, cache_dir=str(tmp_path / "c"), progress=False)
+    (sample,) = data.micro_batch(0).samples
+    assert len(sample) <= max_len and sample.grids == () and sample.patches is None
+    assert not (sample.input_ids == PAD).any() and n_img > 0
+    assert data.costs[0] == max_len  # the cost is capped at max_len
+
+
+def test_mixture_counts_are_drawn_per_source(proc, tmp_path):
+    path, bad = write_bad_jsonl(tmp_path / "src")
+    data = CPTData([f"{path}:20", "synthetic:50:7"], proc, max_len=256, budget=600, seed=3,
+                   cache_dir=str(tmp_path / "cache"), progress=False)
+    src_ids = data.items[:, 0]
+    assert (src_ids == 0).sum() == 20 and (src_ids == 1).sum() == 7
+    drawn = data.items[src_ids == 0, 1]
+    assert not set(drawn.tolist()) & set(bad) and len(set(drawn.tolist())) == 9  # every good record, repeated
+
+
+def _table_records():
+    recs = [synthetic.record(1, i) for i in range(6)]
+    recs[2] = {"text": recs[2]["text"] + IMAGE_MARKER, "images": recs[2]["images"]}  # marker mismatch
+    return recs
+
+
+def test_parquet_folder(proc, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    recs = _table_records()
+    root = tmp_path / "pq"
+    root.mkdir()
+    for k, part in enumerate((recs[:4], recs[4:])):
+        table = pa.table({"text": [r["text"] for r in part], "images": [r["images"] for r in part]})
+        pq.write_table(table, root / f"part-{k}.parquet", row_group_size=2)
+    src = open_source(str(root))
+    assert len(src) == 6 and src[5]["images"] == recs[5]["images"]
+    data = CPTData([str(root)], proc, max_len=512, budget=2000, cache_dir=str(tmp_path / "c"), progress=False)
+    assert list(data.bad[str(root)]) == [2] and len(data) == 5
+
+
+def test_hf_save_to_disk_layout(proc, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+
+    recs = _table_records()
+    root = tmp_path / "hf"
+    root.mkdir()
+    image_type = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # datasets' Image feature
+    table = pa.table({"text": [r["text"] for r in recs],
+                      "images": pa.array([[{"bytes": b, "path": None} for b in r["images"]] for r in recs], image_type)})
+    with pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    data = CPTData([str(root)], proc, max_len=512, budget=2000, cache_dir=str(tmp_path / "c"), progress=False)
+    assert list(data.bad[str(root)]) == [2] and len(data) == 5
+    sample = data.micro_batch(0).samples[0]
+    assert len(sample) > 0
+    img = Image.open(io.BytesIO(open_source(str(root))[0]["images"][0]["bytes"]))
+    assert img.size in synthetic.SIZES

@@ -1,0 +1,168 @@
+"""CPT masking on real tokenizer output, the MAE head's init, and the CPT loss against a float64 oracle."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import synthetic
+from engine.cpt import CPTModule, MAEHead
+from engine.masking import add_mask_token, mask_batch, mask_generator, special_token_ids
+from moca import Processor
+from moca.config import ModelConfig, VisionConfig
+from moca.model import MoCaModel
+
+CHAT = "<|im_start|>user\nDescribe the drawing.<|im_end|>\n<|im_start|>assistant\n{}<|im_end|><|endoftext|>"
+
+
+@pytest.fixture(scope="module")
+def proc():
+    p = Processor.from_pretrained("tiny")
+    add_mask_token(p.tokenizer)
+    return p
+
+
+@pytest.fixture(scope="module")
+def batch(proc):
+    """~60 synthetic records (text, images, chat-template specials) packed into one batch."""
+    items = []
+    for i in range(60):
+        rec = synthetic.record(7, i)
+        if i % 3 == 0:
+            rec = {**rec, "text": CHAT.format(rec["text"])}
+        items.append(rec)
+    return proc(items)
+
+
+def binomial_ok(k: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(k - n * p) <= sigmas * math.sqrt(n * p * (1 - p))
+
+
+def test_mask_token_is_added_once_as_a_special_token(proc):
+    tok = proc.tokenizer
+    assert tok.convert_tokens_to_ids("<|mask|>") == 151669
+    n = len(tok)
+    assert add_mask_token(tok) == 151669 and len(tok) == n
+    assert 151669 in tok.all_special_ids or tok.added_tokens_decoder[151669].special
+    assert tok("a <|mask|> b", add_special_tokens=False)["input_ids"].count(151669) == 1
+
+
+def test_special_ids_cover_the_vision_and_chat_tokens(proc):
+    ids = set(special_token_ids(proc.tokenizer, proc.config).tolist())
+    assert {151643, 151644, 151645, 151652, 151653, 151655, 151669} <= ids
+    # every id the tokenizer calls special, and no ordinary word
+    assert set(proc.tokenizer.all_special_ids) <= ids
+    assert not ids & set(proc.tokenizer("the red circle", add_special_tokens=False)["input_ids"])
+
+
+def test_mlm_rate_and_exclusions(proc, batch):
+    special = special_token_ids(proc.tokenizer, proc.config)
+    mb = mask_batch(batch, special, 151669, mask_generator(0, 3, 1), mlm_prob=0.4, mae_prob=0.5)
+    ids, new = batch.input_ids, mb.batch.input_ids
+    is_special = torch.isin(ids, special)
+    assert is_special.sum() > 500  # image pads, vision start/end, chat tokens really are in the batch
+    chosen = torch.zeros_like(is_special)
+    chosen[mb.mlm_positions] = True
+    assert not (chosen & is_special).any()
+    assert torch.equal(new[is_special], ids[is_special])
+    assert torch.equal(new[~chosen], ids[~chosen]) and (new[chosen] == 151669).all()
+    assert torch.equal(mb.mlm_targets, ids[mb.mlm_positions])
+    eligible = int((~is_special).sum())
+    assert eligible > 1500 and binomial_ok(mb.num_mlm, eligible, 0.4)
+
+
+def test_mae_rate_noise_and_target_layout(proc, batch):
+    special = special_token_ids(proc.tokenizer, proc.config)
+    mb = mask_batch(batch, special, 151669, mask_generator(1, 0, 0), mlm_prob=0.4, mae_prob=0.5)
+    n_img = batch.image_token_index.numel()
+    assert n_img > 500 and binomial_ok(mb.num_mae, n_img, 0.5)
+    groups = torch.searchsorted(batch.image_token_index, mb.mae_positions)  # merge group of each masked token
+    assert torch.equal(batch.image_token_index[groups], mb.mae_positions)
+    assert (batch.input_ids[mb.mae_positions] == 151655).all()
+    old, new = batch.patches, mb.batch.patches
+    masked_rows = torch.zeros(old.shape[0], dtype=torch.bool)
+    for g in groups.tolist():
+        masked_rows[4 * g : 4 * g + 4] = True
+    assert torch.equal(new[~masked_rows], old[~masked_rows])
+    noise = new[masked_rows]
+    assert (noise == noise[0]).all()  # one Gaussian draw for every masked patch of the batch
+    assert abs(float(noise[0].mean())) < 5 / math.sqrt(1176) and abs(float(noise[0].std()) - 1) < 0.15
+    # target[n, d*4 + p] = value d of raw patch p of the n-th masked merge group (MOCA.md §2)
+    for n in torch.randint(0, mb.num_mae, (5,)).tolist():
+        g = int(groups[n])
+        for d, p in [(0, 0), (1175, 3), (17, 2), (600, 1)]:
+            assert mb.mae_targets[n, d * 4 + p] == old[4 * g + p, d]
+
+
+def test_masks_are_a_function_of_seed_step_slot(proc, batch):
+    special = special_token_ids(proc.tokenizer, proc.config)
+    a = mask_batch(batch, special, 151669, mask_generator(5, 10, 2))
+    b = mask_batch(batch, special, 151669, mask_generator(5, 10, 2))
+    assert torch.equal(a.mlm_positions, b.mlm_positions) and torch.equal(a.batch.patches, b.batch.patches)
+    for other in (mask_generator(5, 11, 2), mask_generator(5, 10, 3), mask_generator(6, 10, 2)):
+        c = mask_batch(batch, special, 151669, other)
+        assert not torch.equal(a.mlm_positions, c.mlm_positions)
+
+
+def test_switched_off_parts_have_no_targets(proc, batch):
+    special = special_token_ids(proc.tokenizer, proc.config)
+    mb = mask_batch(batch, special, 151669, mask_generator(0, 0, 0), mlm_prob=0.0, mae_prob=0.0)
+    assert mb.num_mlm == 0 and mb.num_mae == 0
+    assert torch.equal(mb.batch.input_ids, batch.input_ids) and torch.equal(mb.batch.patches, batch.patches)
+
+
+def small_model(seed=0) -> MoCaModel:
+    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+                      num_key_value_heads=1, mrope_section=(4, 6, 6),
+                      vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                          out_hidden_size=64, fullatt_block_indexes=(0,)))
+    model = MoCaModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    model.attn_backend = "torch"
+    return model
+
+
+def test_mae_head_init():
+    model = small_model()
+    head = MAEHead(model, torch.Generator().manual_seed(3))
+    mid = model.layers[1].state_dict()  # L // 2 with L = 3
+    for k, v in head.layer.state_dict().items():
+        assert torch.equal(v, mid[k]) and v.data_ptr() != mid[k].data_ptr()
+    assert head.proj.weight.shape == (4 * 1176, 64) and (head.proj.bias == 0).all()
+    w = head.proj.weight.detach()
+    assert abs(float(w.std()) - 0.02) < 0.001 and abs(float(w.mean())) < 0.001
+
+
+def test_cpt_loss_matches_float64_oracle(proc):
+    """Loss and gradients of CPTModule (masked-only heads) against full logits / full MSE in float64."""
+    batch = proc([synthetic.record(11, i) for i in range(3)])
+    model = small_model()
+    head = MAEHead(model, torch.Generator().manual_seed(3))
+    with torch.no_grad():  # a non-trivial head layer and bias so the oracle checks them
+        head.proj.bias.normal_()
+        for p in head.layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    module = CPTModule(model, head, mae_weight=0.1)
+    special = special_token_ids(proc.tokenizer, proc.config)
+    mb = mask_batch(batch, special, 151669, mask_generator(2, 0, 0))
+    loss, mlm, mae = module(mb, 0.7, 1.3)
+    grads = torch.autograd.grad(loss, [model.embed_tokens.weight, head.proj.weight])
+
+    from moca.layers import mrope_cos_sin
+
+    b = mb.batch
+    hidden = model(b)
+    logits = hidden[mb.mlm_positions].double() @ model.lm_head.weight.double().T  # (M, V), what the kernel avoids
+    ref_mlm = F.cross_entropy(logits, mb.mlm_targets)
+    cos, sin = mrope_cos_sin(b.position_ids, model.inv_freq, model.config.mrope_section, hidden.dtype)
+    dec = head.layer(hidden, cos, sin, b.cu_seqlens, b.max_seqlen, "torch")
+    pred = dec.double() @ head.proj.weight.double().T + head.proj.bias.double()  # (T, 4704)
+    ref_mae = ((pred[mb.mae_positions] - mb.mae_targets.double()) ** 2).mean()
+    ref = 0.7 * ref_mlm + 0.1 * 1.3 * ref_mae
+    ref_grads = torch.autograd.grad(ref, [model.embed_tokens.weight, head.proj.weight])
+    torch.testing.assert_close(mlm.double(), ref_mlm, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mae.double(), ref_mae, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)

@@ -1,0 +1,165 @@
+"""`python -m engine.train cpt` end to end on a small model: exact resume, two gloo ranks against one
+process, a source with bad records, and the final checkpoint in moca and in transformers."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from engine import synthetic
+from engine.cpt import MAE_HEAD_FILE, MAEHead
+from engine.train import main
+from hf_oracle import hf_hidden
+from moca import Processor
+from moca.checkpoint import load_model, save_model
+from moca.config import ModelConfig, VisionConfig
+from moca.model import MoCaModel
+from test_cpt_data import write_bad_jsonl
+
+PARTS = ("loss", "mlm_loss", "mae_loss", "lr", "grad_norm", "tokens", "samples")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A small random checkpoint (real vocabulary, tiny image settings) and a shared cost cache."""
+    root = tmp_path_factory.mktemp("cpt")
+    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, mrope_section=(4, 6, 6),
+                      vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                          out_hidden_size=64, fullatt_block_indexes=(0,)))
+    model = MoCaModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_model(model, str(root / "init"), processor=Processor.from_pretrained("tiny"))
+    return root
+
+
+def args(workdir, out, steps, *extra):
+    return ["cpt", "--model", str(workdir / "init"), "--data", "synthetic:48", "--output-dir", str(out),
+            "--max-steps", str(steps), "--max-len", "256", "--budget", "600", "--lr", "1e-3", "--warmup-ratio", "0.25",
+            "--grad-accum", "1", "--attn-backend", "torch", "--cache-dir", str(workdir / "cache"), "--no-progress",
+            "--workers", "2", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path):
+    return {**load_file(os.path.join(path, "model.safetensors")),
+            **{"mae." + k: v for k, v in load_file(os.path.join(path, MAE_HEAD_FILE)).items()}}
+
+
+@pytest.fixture(scope="module")
+def full_run(workdir):
+    out = workdir / "full"
+    main(args(workdir, out, 4, "--save-every", "2"))
+    return out
+
+
+def test_run_writes_metrics_checkpoints_and_plot(full_run):
+    rows = metrics(full_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert set(PARTS) <= set(r) and r["tokens"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+        assert abs(r["loss"] - (r["mlm_loss"] + 0.1 * r["mae_loss"])) < 1e-4 * r["loss"]
+    assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"]
+    assert sorted(os.listdir(full_run)) == ["checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
+    from PIL import Image
+
+    assert Image.open(full_run / "loss_curve.png").size[1] == 3 * 300
+
+
+def test_resume_reproduces_the_uninterrupted_run(workdir, full_run):
+    """The state a run killed after step 2 leaves behind is checkpoint-2: resume from it alone."""
+    out = workdir / "resumed"
+    os.makedirs(out)
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    main(args(workdir, out, 4, "--save-every", "2", "--resume"))
+    ref, got = metrics(full_run)[2:], metrics(out)
+    assert [r["step"] for r in got] == [3, 4]
+    for a, b in zip(ref, got):
+        assert {k: a[k] for k in PARTS} == {k: b[k] for k in PARTS}
+    wa, wb = weights(full_run / "final"), weights(out / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    w2 = weights(full_run / "checkpoint-2")
+    assert not all(torch.equal(wa[k], w2[k]) for k in wa)  # steps 3-4 did change the weights
+
+
+def test_final_checkpoint_loads_in_moca_and_transformers(workdir, full_run):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    final = str(full_run / "final")
+    model = load_model(final)
+    model.attn_backend = "torch"
+    init = load_model(str(workdir / "init"))
+    assert not torch.equal(model.layers[0].mlp.down_proj.weight, init.layers[0].mlp.down_proj.weight)
+    proc = Processor.from_pretrained(final)
+    assert proc.tokenizer.convert_tokens_to_ids("<|mask|>") == 151669
+    assert os.path.exists(os.path.join(final, "preprocessor_config.json"))
+    head = MAEHead(model)
+    head.load_state_dict(load_file(os.path.join(final, MAE_HEAD_FILE)))  # strict: every head tensor is there
+
+    hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(final, output_loading_info=True,
+                                                                   attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    sample = proc.encode({"text": "a <|mask|> " + synthetic.record(0, 1)["text"],
+                          "images": synthetic.record(0, 1)["images"]})
+    ours = model(proc.pack([sample]))
+    theirs = hf_hidden(hf.eval(), sample)
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-4, atol=1e-4)
+
+
+def _rank(rank, world, port, argv):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    main(argv)
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir):
+    out = workdir / "one"
+    main(args(workdir, out, 2, "--grad-accum", "2"))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(workdir, one_process, mode):
+    """2 ranks x 1 micro-batch and 1 process x 2 micro-batches see the same bins and masks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = workdir / mode
+    mp.spawn(_rank, args=(2, port, args(workdir, out, 2, "--grad-accum", "1", "--parallel", mode)), nprocs=2, join=True)
+    a, b = metrics(out), metrics(one_process)
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["tokens"] == rb["tokens"] and ra["samples"] == rb["samples"]
+        for k, rtol in (("loss", 1e-5), ("mlm_loss", 1e-5), ("mae_loss", 1e-5), ("grad_norm", 1e-4)):
+            # the norm is summed in fp32 over parameters (FSDP: over shards, then ranks): its order differs
+            assert abs(ra[k] - rb[k]) <= rtol * abs(rb[k]), (k, ra[k], rb[k])
+    wa, wb = weights(out / "final"), weights(one_process / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-6)
+    init = load_file(str(workdir / "init" / "model.safetensors"))
+    assert max(float((wa[k] - init[k]).abs().max()) for k in init) > 1e-4  # a real update (lr 1e-3)
+
+
+def test_bad_records_train_on_the_good_ones(workdir, capsys, caplog):
+    path, bad = write_bad_jsonl(workdir / "badsrc")
+    out = workdir / "bad"
+    argv = args(workdir, out, 2)
+    argv[argv.index("--data") + 1] = path
+    main(argv)
+    printed = capsys.readouterr().out
+    assert f"({len(bad)} bad records skipped" in printed
+    rows = metrics(out)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert os.path.isdir(out / "final")
