@@ -170,14 +170,109 @@ def report(out: str, names: tuple[str, ...], data) -> None:
     print(f"wrote {png}")
 
 
-STAGES = {"cpt": (add_cpt_args, run_cpt)}
+# Stage 2 (MOCA.md §3): release hyper-parameters, and the embedded default's (tiny model, CPU, synthetic pairs).
+CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_steps=1000, max_len=1280, log_every=10)
+CL_EMBEDDED = dict(lr=1e-3, warmup_ratio=0.1, grad_accum=1, max_steps=400, max_len=512, log_every=25)
+
+
+def add_cl_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(model=None, data=["synthetic:2000"])
+    g = p.add_argument_group("cl objective")
+    g.add_argument("--batch-size", type=int, default=None, help="queries per device and micro-batch (24; tiny: 16)")
+    g.add_argument("--negative-ratio", type=int, default=2, help="hard negatives per query")
+    g.add_argument("--temperature", type=float, default=0.03)
+    g.add_argument("--grad-cache-chunk", type=int, default=0, help="GradCache chunk in samples (0: off)")
+    g.add_argument("--image-root", default=None, help="root of relative image paths (default: each subset's folder)")
+
+
+def newest_cpt_run(root: str = "runs") -> str | None:
+    """final/ of the newest embedded-default CPT run under root (runs/cpt-tiny*), or None."""
+    import glob
+
+    finals = [f for f in glob.glob(os.path.join(root, "cpt-tiny*", "final")) if os.path.isfile(os.path.join(f, "config.json"))]
+    return max(finals, key=os.path.getmtime) if finals else None
+
+
+def run_cl(args: argparse.Namespace) -> list[dict]:
+    from engine import cl_synthetic
+    from engine.cl import CLTask
+    from engine.cl_data import CLData
+    from moca.checkpoint import load_model
+    from moca.processor import Processor
+
+    ctx = parallel.init_distributed(args.device)
+    setup_logging(ctx.rank)
+    embedded = args.model is None
+    if embedded:
+        args.model = newest_cpt_run() or "tiny"
+    for k, v in (CL_EMBEDDED if embedded or args.model in PRESET_DEFAULTS else CL_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.batch_size = args.batch_size or (16 if embedded else 24)
+    out = args.output_dir or os.path.join("runs", "cl-tiny" if embedded else f"cl-{os.path.basename(os.path.normpath(args.model))}")
+    resume_dir = find_checkpoint(out) if args.resume else None
+    if not args.resume and ctx.is_main and os.path.exists(os.path.join(out, METRICS)):
+        log.warning("starting a fresh run in %s (pass --resume to continue the previous one)", out)
+        os.remove(os.path.join(out, METRICS))
+    source = resume_dir or args.model
+    log.info("cl: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
+             args.max_steps, ctx.world, ctx.device)
+    processor = Processor.from_pretrained(source)
+    model = load_model(source, device=ctx.device, dtype=torch.float32, seed=args.seed).train()
+    model.attn_backend = args.attn_backend
+    data = CLData(args.data, processor, global_batch=args.batch_size * ctx.world, negative_ratio=args.negative_ratio,
+                  image_root=args.image_root, max_len=args.max_len, seed=args.seed)
+    synthetic = all(d.startswith("synthetic") for d in args.data)
+    evals = {}
+
+    def evaluate(when):
+        if ctx.is_main and synthetic:
+            subsets, images = cl_synthetic.eval_set()
+            evals[when] = cl_synthetic.evaluate(model.eval(), processor, subsets, images)
+            model.train()
+            log.info("synthetic eval %s: mean precision@1 %.3f %s", when, evals[when]["mean_precision@1"],
+                     " ".join(f"{t}={v:.2f}" for t, v in evals[when]["tasks"].items()))
+        parallel.barrier()
+
+    if not resume_dir:
+        evaluate("before")
+    task = CLTask(model, processor, data, chunk=args.grad_cache_chunk, temperature=args.temperature)
+    cfg = TrainConfig(
+        output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
+        log_every=args.log_every, progress=not args.no_progress,
+    )
+    trainer = Trainer(task, cfg, ctx)
+    if resume_dir:
+        trainer.resume(resume_dir)
+    history = trainer.fit()
+    evaluate("after")
+    if ctx.is_main:
+        plot_metrics(os.path.join(out, METRICS), os.path.join(out, "loss_curve.png"), task.part_names)
+        print(f"moca cl: {trainer.step} steps from {args.model}; {data.num_bad} bad records skipped (see the log)")
+        if evals:
+            with open(os.path.join(out, "eval.json"), "w") as f:
+                json.dump(evals, f, indent=2)
+            print(f"{'task':8s} " + " ".join(f"{w:>8s}" for w in evals))
+            for t in cl_synthetic.TASKS:
+                print(f"{t:8s} " + " ".join(f"{e['tasks'][t]:8.3f}" for e in evals.values()))
+            print(f"{'mean':8s} " + " ".join(f"{e['mean_precision@1']:8.3f}" for e in evals.values()))
+            print(f"wrote {os.path.join(out, 'eval.json')}")
+        print(f"wrote {os.path.join(out, 'final')}/ (HF embedding checkpoint + tokenizer + trainer state)")
+    return history
+
+
+STAGES = {"cpt": (add_cpt_args, run_cpt), "cl": (add_cl_args, run_cl)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (add_args, _) in STAGES.items():
-        sp = sub.add_parser(name, help="continual pre-training (MLM + MAE), MOCA.md §2" if name == "cpt" else None)
+        sp = sub.add_parser(name, help={"cpt": "continual pre-training (MLM + MAE), MOCA.md §2",
+                                         "cl": "contrastive fine-tuning (InfoNCE), MOCA.md §3"}[name])
         add_common_args(sp)
         add_args(sp)
     return p

@@ -76,6 +76,13 @@ class Task:
         micro-batches and ranks is the step's value of each part)."""
         raise NotImplementedError
 
+    def backward(self, module: nn.Module, mb, totals: torch.Tensor, world: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch -> its parts (see `loss`). A stage that runs its
+        own passes (CL's GradCache) overrides this instead of `loss`."""
+        loss, parts = self.loss(module, mb, totals, world)
+        loss.backward()
+        return parts
+
     def stats(self, mbs: list) -> dict[str, float]:
         """Host numbers of this rank's micro-batches, summed over ranks: at least `tokens` and `flops`."""
         raise NotImplementedError
@@ -217,8 +224,7 @@ class Trainer:
             mb = mb.to(ctx.device, non_blocking=True)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
             with parallel.no_grad_sync(self.module, last=a == len(mbs) - 1), autocast:
-                loss, p = task.loss(self.module, mb, totals, ctx.world)
-                loss.backward()
+                p = task.backward(self.module, mb, totals, ctx.world)
             parts = parts + p  # stays on the device: one transfer per step, below
         grad_norm = torch.nn.utils.clip_grad_norm_(self.task.module.parameters(), self.cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
@@ -241,7 +247,7 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
         history = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
-                   desc="cpt", dynamic_ncols=True)
+                   desc=getattr(self.task, "name", "cpt"), dynamic_ncols=True)
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
         with ThreadPoolExecutor(1) as loader:

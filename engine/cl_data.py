@@ -1,0 +1,355 @@
+"""Contrastive training data: MMEB-train-style subsets -> task-homogeneous global batches.
+
+A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
+`neg_text`, `neg_image_path` (the last two lists, or strings) from a .jsonl file, a folder of
+parquet / arrow files (pyarrow), or the built-in `synthetic` tasks; image paths are relative to
+an image root (default: the subset's folder); in-memory images (bytes, HF dicts) pass through.
+`path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller).
+
+Design decisions:
+* Every record is validated once, when its subset is opened (query and positive not empty,
+  marker/image agreement, image files present, negative lists aligned). A bad record is
+  skipped, counted and logged with subset and index, never a crash, never a silent drop; one
+  that still fails when it is encoded (an undecodable image) is logged the same way and
+  replaced by the next record of its subset, so every rank keeps an equal slice.
+* Phi-3-V `<|image_N|>` (and `<image>`) markers become the Qwen marker when the side has an
+  image and are removed when it has none (MOCA.md §4).
+* Task-homogeneous batches (MOCA.md §3): the plan of an epoch is a pure function of (seed,
+  epoch): each subset's draw is shuffled and cut into full GLOBAL batches of `global_batch`
+  records, and the batches of all subsets are shuffled together. Global batch k is one
+  subset's; rank r of W takes its r-th slice. The data position of a run is therefore the
+  global-batch index (exact resume), and W ranks see exactly what one process sees.
+* `negative_ratio` hard negatives per query, the query's own: empty ones skipped, the last
+  repeated when fewer. A subset none of whose records has a negative trains without hard
+  negatives; in a subset that has them, a record without any is reported as bad.
+"""
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import cl_synthetic
+from moca.batch import Sample
+from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
+
+log = logging.getLogger("moca")
+FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
+_ANY_MARKER = re.compile(r"<image>|<\|image_\d+\|>|" + re.escape(IMAGE_MARKER))
+
+
+class RecordError(ValueError):
+    """A record that cannot be trained on; the message says why."""
+
+
+# ---------------------------------------------------------------------------------- subsets
+class Subset:
+    """Random-access raw records of one task. `image_root` resolves relative image paths."""
+
+    name: str
+    image_root: str | None = None
+    trusted = False  # records built in code skip the validation pass
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        raise NotImplementedError
+
+
+class JsonlSubset(Subset):
+    def __init__(self, path: str, image_root: str | None = None):
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+        with open(path, "rb") as f:
+            self.lines = [line for line in f if line.strip()]
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        try:
+            rec = json.loads(self.lines[i])
+        except json.JSONDecodeError as e:
+            raise RecordError(f"invalid JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise RecordError(f"a record is a JSON object, got {type(rec).__name__}")
+        return rec
+
+
+class TableSubset(Subset):
+    """Parquet / Arrow files of a folder (or one file); the record columns are held in memory."""
+
+    def __init__(self, path: str, image_root: str | None = None):
+        try:
+            import pyarrow.parquet as pq
+            import pyarrow as pa
+        except ImportError as e:
+            raise RuntimeError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
+        self.name = os.path.basename(os.path.normpath(path))
+        self.image_root = image_root or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        files = [path] if os.path.isfile(path) else sorted(
+            glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
+            + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .parquet or .arrow files")
+        self.columns = {c: [] for c in FIELDS}
+        for f in files:
+            if f.endswith(".parquet"):
+                table = pq.read_table(f)
+            else:
+                with pa.memory_map(f) as src:
+                    try:
+                        table = pa.ipc.open_file(src).read_all()
+                    except pa.ArrowInvalid:
+                        src.seek(0)
+                        table = pa.ipc.open_stream(src).read_all()
+            n = table.num_rows
+            for c in FIELDS:
+                self.columns[c].extend(table.column(c).to_pylist() if c in table.column_names else [None] * n)
+
+    def __len__(self):
+        return len(self.columns["qry"])
+
+    def __getitem__(self, i):
+        return {c: v[i] for c, v in self.columns.items()}
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """`path` or `path:count` -> (path, count or None)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return spec, None
+
+
+def open_subsets(spec: str, image_root: str | None = None, seed: int = 0) -> list[tuple[Subset, int | None]]:
+    """One spec -> [(subset, count)]. `synthetic[:N]` is the four built-in tasks (N records each,
+    default 2000); `synthetic/<task>[:N]` one of them."""
+    path, count = parse_spec(spec)
+    if path == "synthetic" or path.startswith("synthetic/"):
+        tasks = cl_synthetic.TASKS if path == "synthetic" else (path.partition("/")[2],)
+        return [(cl_synthetic.SyntheticSubset(t, count or 2000, seed), None) for t in tasks]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data source {path!r} does not exist")
+    if path.endswith(".jsonl"):
+        return [(JsonlSubset(path, image_root), count)]
+    return [(TableSubset(path, image_root), count)]
+
+
+# ------------------------------------------------------------------------------- validation
+def make_input(text, image, image_root: str | None) -> dict | None:
+    """One side of a record -> {"text", "images"} for Processor.encode, or None when empty.
+
+    image: "" / None (no image), a path (relative to image_root), or bytes / dict / PIL image.
+    """
+    if text is not None and not isinstance(text, str):
+        raise RecordError(f"text must be a string, got {type(text).__name__}")
+    text = text or ""
+    if image is None or (isinstance(image, str) and not image.strip()):
+        text = _ANY_MARKER.sub("", text)  # a marker without an image is removed (MOCA.md §4)
+        return {"text": text, "images": []} if text.strip() else None
+    if isinstance(image, str):
+        image = image if os.path.isabs(image) or image_root is None else os.path.join(image_root, image)
+        if not os.path.isfile(image):
+            raise RecordError(f"image file not found: {image}")
+    text = normalize_markers(text)
+    n = text.count(IMAGE_PAD)
+    if n != 1 and (n or text.strip()):
+        raise RecordError(f"one image but {n} image marker(s) in {text[:60]!r}")
+    return {"text": text, "images": [image]}
+
+
+def _as_list(v) -> list:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return []
+    if isinstance(v, (str, bytes, dict)):
+        return [v]
+    return list(v)
+
+
+@dataclass
+class Example:
+    query: dict
+    positive: dict
+    negatives: list[dict]  # the record's non-empty hard negatives, in order
+
+
+def check_record(rec: dict, image_root: str | None) -> Example:
+    """Raw record -> Example; raises RecordError with the reason."""
+    if not isinstance(rec, dict):
+        raise RecordError(f"a record is a dict, got {type(rec).__name__}")
+    query = make_input(rec.get("qry"), rec.get("qry_image_path"), image_root)
+    if query is None:
+        raise RecordError("empty query (no text, no image)")
+    positive = make_input(rec.get("pos_text"), rec.get("pos_image_path"), image_root)
+    if positive is None:
+        raise RecordError("empty positive (no text, no image)")
+    texts, images = _as_list(rec.get("neg_text")), _as_list(rec.get("neg_image_path"))
+    if texts and images and len(texts) != len(images):
+        raise RecordError(f"{len(texts)} neg_text but {len(images)} neg_image_path")
+    n = max(len(texts), len(images))
+    texts, images = texts or [None] * n, images or [None] * n
+    negatives = []
+    for k, (t, img) in enumerate(zip(texts, images)):
+        try:
+            neg = make_input(t, img, image_root)
+        except RecordError as e:
+            raise RecordError(f"negative {k}: {e}") from e
+        if neg is not None:
+            negatives.append(neg)
+    return Example(query, positive, negatives)
+
+
+def pick_negatives(negatives: list, ratio: int) -> list:
+    """The first `ratio` negatives, the last one repeated when there are fewer."""
+    if ratio == 0:
+        return []
+    if not negatives:
+        raise RecordError("no hard negative")
+    return (negatives + [negatives[-1]] * ratio)[:ratio]
+
+
+# ------------------------------------------------------------------------------- the mixture
+@dataclass
+class RankBatch:
+    """This rank's slice of one global batch, encoded: b queries, b positives, b x r negatives."""
+
+    subset: str
+    indices: list[int]  # record indices in the subset (after any runtime replacement)
+    queries: list[Sample]
+    positives: list[Sample]
+    negatives: list[list[Sample]]  # (b, r)
+
+    @property
+    def num_negatives(self) -> int:
+        return len(self.negatives[0]) if self.negatives else 0
+
+
+class CLData:
+    """The subsets as one endless, deterministic sequence of task-homogeneous global batches."""
+
+    def __init__(self, specs: list[str], processor: Processor, global_batch: int, negative_ratio: int = 2,
+                 image_root: str | None = None, max_len: int = 1280, seed: int = 0):
+        if global_batch < 1:
+            raise ValueError("global_batch must be >= 1")
+        self.processor, self.global_batch, self.max_len, self.seed = processor, global_batch, max_len, seed
+        self.subsets: list[Subset] = []
+        self.good: list[np.ndarray] = []  # per subset: indices of valid records
+        self.counts: list[int] = []  # per subset: records drawn per epoch
+        self.ratios: list[int] = []  # per subset: hard negatives per query
+        self.bad: dict[str, dict[int, str]] = {}
+        self.runtime_bad = 0
+        self._broken: set[tuple[int, int]] = set()
+        for spec in specs:
+            for sub, count in open_subsets(spec, image_root, seed):
+                self._add(sub, count, negative_ratio)
+        if not any(c >= global_batch for c in self.counts):
+            raise ValueError(f"no subset of {specs} has {global_batch} usable records for one global batch")
+        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def _add(self, sub: Subset, count: int | None, negative_ratio: int) -> None:
+        bad: dict[int, str] = {}
+        n_negs = np.zeros(len(sub), dtype=np.int64)
+        if sub.trusted:
+            n_negs[:] = negative_ratio
+        else:
+            for i in range(len(sub)):
+                try:
+                    n_negs[i] = len(check_record(sub[i], sub.image_root).negatives)
+                except Exception as e:  # whatever a record does wrong, it is reported, never fatal
+                    bad[i] = f"{type(e).__name__}: {e}"
+        ok = np.asarray([i not in bad for i in range(len(sub))])
+        ratio = negative_ratio if (n_negs[ok] > 0).any() else 0
+        if ratio:
+            for i in np.flatnonzero(ok & (n_negs == 0)).tolist():
+                bad[i] = "RecordError: no hard negative, though other records of the subset have them"
+        for i, why in sorted(bad.items()):
+            log.warning("bad record: subset=%s index=%d reason=%s", sub.name, i, why)
+        good = np.asarray([i for i in range(len(sub)) if i not in bad], dtype=np.int64)
+        count = len(good) if count is None or not len(good) else count
+        log.info("subset %s: %d records, %d good, %d bad; drawing %d per epoch (%d global batches), %d hard negatives",
+                 sub.name, len(sub), len(good), len(bad), count, count // self.global_batch, ratio)
+        if count < self.global_batch:
+            log.warning("subset %s: %d records are fewer than one global batch (%d): not used",
+                        sub.name, count, self.global_batch)
+        self.subsets.append(sub)
+        self.good.append(good)
+        self.counts.append(count)
+        self.ratios.append(ratio)
+        self.bad[sub.name] = bad
+
+    @property
+    def num_bad(self) -> int:
+        return sum(len(b) for b in self.bad.values()) + self.runtime_bad
+
+    def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
+        """[(subset, (global_batch,) record indices)] of epoch e, in training order."""
+        if e not in self._epochs:
+            batches = []
+            for si, (good, count) in enumerate(zip(self.good, self.counts)):
+                if count < self.global_batch:
+                    continue
+                rng = np.random.default_rng([self.seed, e, si])
+                draw = np.concatenate([rng.permutation(good) for _ in range(-(-count // len(good)))])[:count]
+                batches += [(si, draw[k : k + self.global_batch])
+                            for k in range(0, count - self.global_batch + 1, self.global_batch)]
+            order = np.random.default_rng([self.seed, e, len(self.good)]).permutation(len(batches))
+            self._epochs[e] = [batches[j] for j in order]
+        return self._epochs[e]
+
+    def global_batch_at(self, index: int) -> tuple[int, np.ndarray]:
+        """Global batch number `index` of the endless sequence of epochs."""
+        e = 0
+        while index >= len(self.epoch(e)):
+            index -= len(self.epoch(e))
+            e += 1
+        return self.epoch(e)[index]
+
+    def _encode(self, item: dict) -> Sample:
+        sample = self.processor.encode(item)
+        return self.processor.truncate(sample, self.max_len) if len(sample) > self.max_len else sample
+
+    def _example(self, si: int, i: int) -> tuple[Sample, Sample, list[Sample]]:
+        sub = self.subsets[si]
+        ex = check_record(sub[i], sub.image_root)
+        negs = pick_negatives(ex.negatives, self.ratios[si])
+        encoded: dict[int, Sample] = {}  # a repeated negative is encoded once
+        for n in negs:
+            if id(n) not in encoded:
+                encoded[id(n)] = self._encode(n)
+        return self._encode(ex.query), self._encode(ex.positive), [encoded[id(n)] for n in negs]
+
+    def rank_batch(self, index: int, rank: int = 0, world: int = 1) -> RankBatch:
+        """Rank `rank`'s slice of global batch `index`, encoded."""
+        if self.global_batch % world:
+            raise ValueError(f"global batch {self.global_batch} is not divisible by {world} ranks")
+        si, idx = self.global_batch_at(index)
+        b = self.global_batch // world
+        good = self.good[si]
+        out = RankBatch(self.subsets[si].name, [], [], [], [])
+        for i in idx[rank * b : (rank + 1) * b].tolist():
+            pos = int(np.searchsorted(good, i))
+            for k in range(len(good)):
+                j = int(good[(pos + k) % len(good)])
+                if (si, j) in self._broken:
+                    continue
+                try:
+                    q, p, n = self._example(si, j)
+                    break
+                except Exception as e:  # reported, replaced by the subset's next record
+                    self._broken.add((si, j))
+                    self.runtime_bad += 1
+                    log.warning("bad record: subset=%s index=%d reason=%s: %s (skipped at load time, replaced)",
+                                self.subsets[si].name, j, type(e).__name__, e)
+            else:
+                raise RuntimeError(f"subset {self.subsets[si].name}: no record can be encoded")
+            out.indices.append(j)
+            out.queries.append(q)
+            out.positives.append(p)
+            out.negatives.append(n)
+        return out

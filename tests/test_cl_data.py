@@ -1,0 +1,139 @@
+"""CL data: marker rules, bad-record reporting, task-homogeneous global batches split over ranks,
+the query's own hard negatives (skip empty, repeat the last), runtime failures replaced."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from engine.cl_data import CLData, RecordError, check_record, make_input, pick_negatives
+from moca.processor import IMAGE_MARKER, Processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return Processor.from_pretrained("tiny")
+
+
+def _write(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def _rec(sub, i, n_neg, image=""):
+    return {"qry": f"query {sub} {i}", "qry_image_path": image, "pos_text": f"positive {sub} {i}",
+            "pos_image_path": "", "neg_text": [f"negative {sub} {i} {k}" for k in range(n_neg)],
+            "neg_image_path": [""] * n_neg}
+
+
+@pytest.fixture()
+def subsets(tmp_path):
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    a = [_rec("alpha", i, 1 + i % 3) for i in range(13)]
+    a[2]["qry_image_path"] = "ok.png"
+    a[2]["qry"] = "<|image_1|>\nquery alpha 2"
+    a[4] = {**a[4], "qry": "", "qry_image_path": ""}  # empty query
+    a[5] = {**a[5], "qry": "<|image_1|> query alpha 5", "qry_image_path": "missing.png"}  # no such file
+    a[6] = {**a[6], "neg_image_path": ["", "", "", ""]}  # 2 neg_text vs 4 neg_image_path
+    a[7]["neg_text"] = ["", f"negative alpha 7 1", ""]  # empty negatives are skipped
+    a[7]["neg_image_path"] = ["", "", ""]
+    a[8] = {**a[8], "qry": "<|image_1|> query alpha 8", "qry_image_path": "broken.png"}  # fails when decoded
+    a[9] = {**a[9], "neg_text": [], "neg_image_path": []}  # no negative in a subset that has them
+    b = [_rec("beta", i, 0) for i in range(9)]  # no hard negatives anywhere
+    _write(tmp_path / "alpha.jsonl", a[:3] + ["{not json"] + a[3:])
+    _write(tmp_path / "beta.jsonl", b)
+    return tmp_path
+
+
+def _text(processor, sample):
+    return processor.tokenizer.decode(sample.input_ids)
+
+
+def test_make_input_markers():
+    img = b"png"
+    assert make_input("<|image_1|>\nRepresent it.", img, None) == {"text": IMAGE_MARKER + "\nRepresent it.", "images": [img]}
+    assert make_input("<image> a", img, None)["text"] == IMAGE_MARKER + " a"
+    assert make_input("<|image_1|>\nRepresent it.", "", None) == {"text": "\nRepresent it.", "images": []}
+    assert make_input(IMAGE_MARKER + "x", None, None) == {"text": "x", "images": []}
+    assert make_input("<|image_1|>", "", None) is None  # nothing left: an empty side
+    assert make_input("", img, None) == {"text": "", "images": [img]}
+    with pytest.raises(RecordError, match="2 image marker"):
+        make_input("<|image_1|> and <|image_2|>", img, None)
+    with pytest.raises(RecordError, match="0 image marker"):
+        make_input("text without a marker", img, None)
+
+
+def test_pick_negatives():
+    assert pick_negatives(["a", "b", "c"], 2) == ["a", "b"]
+    assert pick_negatives(["a"], 3) == ["a", "a", "a"]
+    assert pick_negatives(["a", "b"], 0) == []
+    with pytest.raises(RecordError):
+        pick_negatives([], 2)
+    ex = check_record({"qry": "q", "pos_text": "p", "neg_text": ["", "n1", "", "n3"], "neg_image_path": ""}, None)
+    assert [n["text"] for n in ex.negatives] == ["n1", "n3"]
+
+
+def test_bad_records_reported(subsets, processor, caplog):
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        data = CLData([str(subsets / "alpha.jsonl"), str(subsets / "beta.jsonl")], processor, global_batch=4)
+    # alpha's line 3 is the broken JSON, so record k >= 3 of the list above is index k + 1
+    bad = data.bad["alpha"]
+    assert sorted(bad) == [3, 5, 6, 7, 10]
+    assert "invalid JSON" in bad[3] and "empty query" in bad[5] and "image file not found" in bad[6]
+    assert "neg_text" in bad[7] and "no hard negative" in bad[10]
+    assert data.bad["beta"] == {} and data.ratios == [2, 0]
+    for i in bad:
+        assert f"subset=alpha index={i} " in caplog.text
+    assert data.num_bad == 5
+    assert len(data.good[0]) == 14 - 5 and len(data.good[1]) == 9
+
+
+def _decode_batch(processor, rb):
+    return ([_text(processor, s) for s in rb.queries], [_text(processor, s) for s in rb.positives],
+            [[_text(processor, s) for s in negs] for negs in rb.negatives])
+
+
+def test_global_batches_one_subset_own_negatives_rank_slices(subsets, processor):
+    specs = [str(subsets / "alpha.jsonl"), str(subsets / "beta.jsonl") + ":17"]
+    data = CLData(specs, processor, global_batch=4, negative_ratio=2, seed=3)
+    epoch = data.epoch(0)
+    # per-subset counts: alpha all 9 good -> 2 batches, beta 17 drawn -> 4 batches
+    assert sorted(si for si, _ in epoch) == [0, 0, 1, 1, 1, 1]
+    seen_subsets = set()
+    for k in range(len(epoch) + 3):  # into the next epoch too
+        full = data.rank_batch(k, 0, 1)
+        halves = [data.rank_batch(k, r, 2) for r in range(2)]
+        assert full.indices == halves[0].indices + halves[1].indices
+        q, p, n = _decode_batch(processor, full)
+        for h in halves:
+            assert h.subset == full.subset
+        assert _decode_batch(processor, halves[0])[0] + _decode_batch(processor, halves[1])[0] == q
+        sub = full.subset
+        seen_subsets.add(sub)
+        for i, (qt, pt, nts) in enumerate(zip(q, p, n)):
+            j = full.indices[i] - (1 if sub == "alpha" and full.indices[i] > 3 else 0)  # position in the list
+            assert qt.endswith(f"query {sub} {j}") and pt == f"positive {sub} {j}"
+            if sub == "beta":
+                assert nts == []
+            elif j == 7:  # negatives "", "... 1", "": the empty ones skipped, the one left repeated
+                assert nts == ["negative alpha 7 1"] * 2
+            else:  # 1 + j % 3 negatives: the first two, or the only one repeated
+                assert nts == [f"negative alpha {j} {k}" for k in ((0, 0) if j % 3 == 0 else (0, 1))]
+    assert seen_subsets == {"alpha", "beta"}
+    again = CLData(specs, processor, global_batch=4, negative_ratio=2, seed=3)
+    assert [again.global_batch_at(k)[1].tolist() for k in range(8)] == [data.global_batch_at(k)[1].tolist() for k in range(8)]
+
+
+def test_runtime_failure_replaced(subsets, processor, caplog):
+    data = CLData([str(subsets / "alpha.jsonl")], processor, global_batch=9, negative_ratio=1)
+    assert 9 in data.good[0].tolist()  # broken.png exists: it passes validation, fails when decoded
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        rb = data.rank_batch(0)
+    assert len(rb.queries) == 9 and 9 not in rb.indices
+    assert data.runtime_bad == 1 and data.num_bad == len(data.bad["alpha"]) + 1
+    assert "subset=alpha index=9 " in caplog.text and "replaced" in caplog.text
+    img = rb.queries[rb.indices.index(2)]  # the record with a real image: marker rewritten, patches there
+    assert img.grids and (img.input_ids == processor.image_token_id).sum() == img.num_patches // 4
