@@ -1,5 +1,5 @@
 # Two jobs, each reusing what the last run built:
-#   make demo   set up .venv, build moca._C, run the main job on the embedded default
+#   make demo   set up .venv, build moca._C, run the embedded pipeline: CPT, then CL, then the eval table
 #   make test   set up .venv, build moca._C, run the test suite (CPU; Triton via its interpreter)
 PY ?= .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
@@ -17,7 +17,8 @@ setup: .venv/.built
 	touch $@
 
 demo: .venv/.built
-	$(PY) -m moca.embed
+	$(PY) -m engine.train cpt
+	$(PY) -m engine.train cl
 
 test: .venv/.built
 	$(PY) -m pytest -q tests

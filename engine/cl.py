@@ -24,7 +24,7 @@ from torch import nn
 from engine import parallel
 from engine.cl_data import CLData, RankBatch
 from engine.gradcache import grad_cache_step
-from engine.trainer import Task
+from engine.trainer import Task, full_model_from_state
 from kernels.infonce import gathered_infonce
 from moca.batch import PackedBatch
 from moca.checkpoint import save_model
@@ -144,9 +144,5 @@ class CLTask(Task):
     def save(self, path, model_state, extra_files):
         model = self.module.model
         if model_state is not None:  # sharded run: a full CPU copy from the gathered state
-            with torch.device("meta"):
-                model = MoCaModel(model.config)
-            model = model.to_empty(device="cpu")
-            model.tie_weights()
-            model.load_state_dict({k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")})
+            model = full_model_from_state(model.config, model_state)
         save_model(model, path, processor=self.processor, extra_files=extra_files)

@@ -18,7 +18,7 @@ from torch import nn
 
 from engine.data import CPTData
 from engine.masking import MASK_TOKEN, MaskedBatch, add_mask_token, mask_batch, mask_generator, special_token_ids
-from engine.trainer import Task
+from engine.trainer import Task, full_model_from_state
 from kernels import masked_lm_loss, masked_patch_loss
 from moca.checkpoint import save_model
 from moca.layers import DecoderLayer, mrope_cos_sin
@@ -138,11 +138,7 @@ class CPTTask(Task):
     def save(self, path, model_state, extra_files):
         model, head = self.module.model, self.module.mae_head
         if model_state is not None:  # sharded run: rebuild full CPU copies from the gathered state
-            with torch.device("meta"):
-                model = MoCaModel(model.config)
-            model = model.to_empty(device="cpu")
-            model.tie_weights()
-            model.load_state_dict({k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")})
+            model = full_model_from_state(model.config, model_state)
             head = {k[len("mae_head."):]: v for k, v in model_state.items() if k.startswith("mae_head.")}
         head_state = head if isinstance(head, dict) else head.state_dict()
         files = {MAE_HEAD_FILE: lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in head_state.items()}, p)}

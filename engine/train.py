@@ -94,6 +94,17 @@ def resolve_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace
     return args
 
 
+def train_config(args: argparse.Namespace, out: str) -> TrainConfig:
+    """The loop settings both stages share, from their common flags."""
+    return TrainConfig(
+        output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
+        activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
+        log_every=args.log_every, progress=not args.no_progress,
+    )
+
+
 def run_cpt(args: argparse.Namespace) -> list[dict]:
     from engine.cpt import MAE_HEAD_FILE, CPTTask, MAEHead
     from engine.data import CPTData
@@ -136,14 +147,7 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     data = data or build_data()
     task = CPTTask(model, processor, data, head, seed=args.seed, mlm_prob=0.0 if args.no_mlm else args.mlm_prob,
                    mae_prob=0.0 if args.no_mae else args.mae_prob, mae_weight=args.mae_weight)
-    cfg = TrainConfig(
-        output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
-        activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
-        log_every=args.log_every, progress=not args.no_progress,
-    )
-    trainer = Trainer(task, cfg, ctx)
+    trainer = Trainer(task, train_config(args, out), ctx)
     if resume_dir:
         trainer.resume(resume_dir)
     history = trainer.fit()
@@ -237,14 +241,7 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     if not resume_dir:
         evaluate("before")
     task = CLTask(model, processor, data, chunk=args.grad_cache_chunk, temperature=args.temperature)
-    cfg = TrainConfig(
-        output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
-        activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
-        log_every=args.log_every, progress=not args.no_progress,
-    )
-    trainer = Trainer(task, cfg, ctx)
+    trainer = Trainer(task, train_config(args, out), ctx)
     if resume_dir:
         trainer.resume(resume_dir)
     history = trainer.fit()

@@ -100,6 +100,18 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def full_model_from_state(config, state: dict) -> nn.Module:
+    """A full CPU MoCaModel from a gathered (FSDP) state dict whose model keys start with "model."."""
+    from moca.model import MoCaModel
+
+    with torch.device("meta"):
+        model = MoCaModel(config)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    return model
+
+
 def find_checkpoint(output_dir: str) -> str | None:
     """The checkpoint in output_dir with the highest step (final/ included), or None."""
     best, best_step = None, -1
