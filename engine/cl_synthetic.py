@@ -1,12 +1,7 @@
 """Built-in synthetic contrastive pairs and eval set: the `cl` embedded default's data, drawn in code.
 
-The world is small and its signals are clear on purpose, so that the `tiny` preset learns it on a
-CPU in minutes: a 112x112 image (the tiny preset's 16 LLM tokens) shows 1-4 identical shapes
-(6 colours x 5 shapes), each filling one quadrant (2x2 merged tokens), on one of 4 background
-colours. Mean pooling averages over all tokens, so every token carries signal: the background
-colour is in all 16, colour and shape in each object's 4, and the count is how many there are.
-Renders are jittered (size, offset, which quadrants, shades), so no two images repeat.
-480 scenes; captions name all four attributes.
+The world (scenes, drawings, captions) is `engine.synthetic`'s, the one the CPT corpus is drawn
+from: 480 scenes of (colour, shape, count, background), captions naming all four attributes.
 
 Training records use the MMEB-train layout (`qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
 `neg_text`, `neg_image_path`; image "paths" are PNG bytes; Phi-3-V `<|image_1|>` markers) in four
@@ -19,20 +14,10 @@ lists, the right candidate first) with its own seed: 100 distinct candidates per
 = 0.01), images named by relative paths into an in-memory image table.
 """
 
-import io
 import random
 
-from PIL import Image, ImageDraw
+from engine.synthetic import BACKGROUNDS, SIZES, Scene, answer, caption, change_one, label, random_scene, render
 
-VERSION = 1
-SIZE = 112
-COLOURS = {
-    "red": (225, 30, 30), "green": (30, 170, 40), "blue": (35, 60, 230),
-    "yellow": (240, 215, 30), "purple": (150, 40, 190), "cyan": (30, 205, 215),
-}
-SHAPES = ("circle", "square", "triangle", "cross", "ring")
-COUNTS = ("one", "two", "three", "four")
-BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (15, 15, 15), "brown": (125, 80, 40)}
 TASKS = ("t2i", "i2t", "vqa", "cls")
 # attributes a task's target names: a hard negative changes one of them
 TASK_ATTRS = {"t2i": (0, 1, 2, 3), "i2t": (0, 1, 2, 3), "vqa": (0, 1, 2), "cls": (0, 1, 3)}
@@ -43,75 +28,6 @@ IMAGE_TARGET = "<|image_1|>\nRepresent the given image.\n"
 I2T_QUERY = "<|image_1|>\nFind an image caption describing the given everyday image.\n"
 VQA_QUERY = "<|image_1|>\nRepresent the given image with the following question: What is on the {} background?\n"
 CLS_QUERY = "<|image_1|>\nRepresent the given image for classification\n"
-
-Scene = tuple[int, int, int, int]  # (colour, shape, count - 1, background) indices
-
-
-def _shapes(sh: int, n: int) -> str:
-    name = SHAPES[sh]
-    return name if n == 0 else name + ("es" if name.endswith("s") else "s")
-
-
-def caption(s: Scene) -> str:
-    c, sh, n, bg = s
-    return f"{COUNTS[n]} {list(COLOURS)[c]} {_shapes(sh, n)} on a {list(BACKGROUNDS)[bg]} background"
-
-
-def answer(s: Scene) -> str:  # vqa: the background is named in the question
-    c, sh, n, _ = s
-    return f"{COUNTS[n]} {list(COLOURS)[c]} {_shapes(sh, n)}"
-
-
-def label(s: Scene) -> str:  # cls: the class ignores the count
-    c, sh, _, bg = s
-    return f"{list(COLOURS)[c]} {SHAPES[sh]} on {list(BACKGROUNDS)[bg]}"
-
-
-SIZES = (len(COLOURS), len(SHAPES), len(COUNTS), len(BACKGROUNDS))
-
-
-def random_scene(rng: random.Random) -> Scene:
-    return tuple(rng.randrange(n) for n in SIZES)
-
-
-def change_one(s: Scene, attr: int, rng: random.Random) -> Scene:
-    out = list(s)
-    out[attr] = rng.choice([v for v in range(SIZES[attr]) if v != s[attr]])
-    return tuple(out)
-
-
-def _shade(rgb, rng, spread=12):
-    return tuple(max(0, min(255, v + rng.randint(-spread, spread))) for v in rgb)
-
-
-def render(s: Scene, rng: random.Random) -> bytes:
-    """PNG bytes of one jittered drawing of scene s."""
-    c, sh, n, bg = s
-    img = Image.new("RGB", (SIZE, SIZE), _shade(BACKGROUNDS[list(BACKGROUNDS)[bg]], rng, 8))
-    d = ImageDraw.Draw(img)
-    fill = _shade(COLOURS[list(COLOURS)[c]], rng)
-    half = SIZE // 2
-    for quad in rng.sample(range(4), n + 1):
-        r = rng.uniform(19.0, 25.0)
-        x = (quad % 2) * half + half / 2 + rng.uniform(-2.5, 2.5)
-        y = (quad // 2) * half + half / 2 + rng.uniform(-2.5, 2.5)
-        shape = SHAPES[sh]
-        if shape == "circle":
-            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-        elif shape == "ring":
-            d.ellipse([x - r, y - r, x + r, y + r], outline=fill, width=6)
-        elif shape == "square":
-            a = 0.85 * r
-            d.rectangle([x - a, y - a, x + a, y + a], fill=fill)
-        elif shape == "triangle":
-            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-        else:  # cross
-            w = 0.35 * r
-            d.rectangle([x - r, y - w, x + r, y + w], fill=fill)
-            d.rectangle([x - w, y - r, x + w, y + r], fill=fill)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 def _side(task: str, s: Scene, rng: random.Random, query: bool) -> tuple[str, bytes | str]:

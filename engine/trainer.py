@@ -91,6 +91,22 @@ class Task:
         raise NotImplementedError
 
 
+def freeze(model: nn.Module, prefixes: list[str] | tuple[str, ...]) -> int:
+    """Stop training every parameter whose name starts with one of `prefixes` -> how many tensors.
+
+    A prefix that names no parameter is an error (a typo must not train the whole model).
+    """
+    named = dict(model.named_parameters())
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in named):
+            roots = sorted({n.split(".")[0] for n in named})
+            raise ValueError(f"--freeze {prefix!r} matches no parameter (top-level modules: {', '.join(roots)})")
+    hit = [p for n, p in named.items() if n.startswith(tuple(prefixes))]
+    for p in hit:
+        p.requires_grad_(False)
+    return len(hit)
+
+
 def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:

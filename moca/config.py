@@ -199,7 +199,7 @@ def _tiny() -> ModelConfig:
         mrope_section=(4, 6, 6),
         tie_word_embeddings=True,
         vision=VisionConfig(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, fullatt_block_indexes=(1,)
+            depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128, fullatt_block_indexes=(1,)
         ),
     )
 

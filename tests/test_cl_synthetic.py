@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from engine import cl_synthetic as S
+from engine import synthetic as W
+from moca.processor import IMAGE_MARKER
 
-COLOUR_NAMES, BG_NAMES = list(S.COLOURS), list(S.BACKGROUNDS)
+COLOUR_NAMES, BG_NAMES = list(W.COLOURS), list(W.BACKGROUNDS)
 
 
 def parse(text: str) -> dict:
@@ -20,13 +22,13 @@ def parse(text: str) -> dict:
     words = re.findall(r"[a-z]+", text)
     out = {}
     for w in words:
-        if w in S.COUNTS:
-            out["count"] = S.COUNTS.index(w)
+        if w in W.COUNTS:
+            out["count"] = W.COUNTS.index(w)
         if w in COLOUR_NAMES and "colour" not in out:
             out["colour"] = COLOUR_NAMES.index(w)
-        stem = w[:-2] if w.endswith("sses") else w.rstrip("s") if w not in S.SHAPES else w
-        if stem in S.SHAPES or w in S.SHAPES:
-            out["shape"] = S.SHAPES.index(w if w in S.SHAPES else stem)
+        stem = w[:-2] if w.endswith("sses") else w.rstrip("s") if w not in W.SHAPES else w
+        if stem in W.SHAPES or w in W.SHAPES:
+            out["shape"] = W.SHAPES.index(w if w in W.SHAPES else stem)
     for i, w in enumerate(words):
         if w in BG_NAMES and (i == len(words) - 1 or words[i + 1] == "background"):
             out["background"] = BG_NAMES.index(w)
@@ -41,14 +43,14 @@ def pixels(png: bytes) -> np.ndarray:
 def test_drawing_matches_scene(seed):
     rng = random.Random(seed)
     for _ in range(20):
-        s = S.random_scene(rng)
-        img = pixels(S.render(s, rng))
-        assert img.shape == (S.SIZE, S.SIZE, 3)
-        colour = np.asarray(S.COLOURS[COLOUR_NAMES[s[0]]])
-        background = np.asarray(S.BACKGROUNDS[BG_NAMES[s[3]]])
+        s = W.random_scene(rng)
+        img = pixels(W.render(s, rng))
+        assert img.shape == (W.SIZE, W.SIZE, 3)
+        colour = np.asarray(W.COLOURS[COLOUR_NAMES[s[0]]])
+        background = np.asarray(W.BACKGROUNDS[BG_NAMES[s[3]]])
         near = lambda ref: (np.abs(img - ref).max(-1) <= 16)  # noqa: E731
         assert near(background).mean() > 0.3  # the background colour dominates the free space
-        half = S.SIZE // 2
+        half = W.SIZE // 2
         filled = [near(colour)[y : y + half, x : x + half].mean() > 0.05 for y in (0, half) for x in (0, half)]
         assert sum(filled) == s[2] + 1  # one shape per filled quadrant: the count
 
@@ -85,7 +87,7 @@ def test_eval_set_layout():
                 q = parse(r["qry_text"])  # the query is an image: the right caption is candidate 0
                 assert r["qry_img_path"] in images and not q
             if task == "vqa":  # the background the question names is the query image's
-                asked = np.asarray(S.BACKGROUNDS[BG_NAMES[parse(r["qry_text"])["background"]]])
+                asked = np.asarray(W.BACKGROUNDS[BG_NAMES[parse(r["qry_text"])["background"]]])
                 assert (np.abs(pixels(images[r["qry_img_path"]]) - asked).max(-1) <= 16).mean() > 0.3
     again, _ = S.eval_set(queries=100)
     assert again == subsets
@@ -93,10 +95,32 @@ def test_eval_set_layout():
     assert other != subsets
     # the t2i right image shows the caption's scene: count its filled quadrants on the pixels
     for r in subsets["t2i"][:10]:
-        want = parse(r["qry_text"])
-        img = pixels(images[r["tgt_img_path"][0]])
-        colour = np.asarray(S.COLOURS[COLOUR_NAMES[want["colour"]]])
-        half = S.SIZE // 2
-        filled = [(np.abs(img[y : y + half, x : x + half] - colour).max(-1) <= 16).mean() > 0.05
-                  for y in (0, half) for x in (0, half)]
-        assert sum(filled) == want["count"] + 1
+        assert filled_quadrants(images[r["tgt_img_path"][0]], parse(r["qry_text"])["colour"]) == \
+            parse(r["qry_text"])["count"] + 1
+
+
+def filled_quadrants(png: bytes, colour: int) -> int:
+    img = pixels(png)
+    ref = np.asarray(W.COLOURS[COLOUR_NAMES[colour]])
+    half = W.SIZE // 2
+    return sum((np.abs(img[y : y + half, x : x + half] - ref).max(-1) <= 16).mean() > 0.05
+               for y in (0, half) for x in (0, half))
+
+
+def test_cpt_corpus_names_what_is_drawn():
+    """The CPT corpus is drawn from the same world: the words after each image name its scene."""
+    kinds = set()
+    for i in range(60):
+        rec = W.record(3, i)
+        assert rec == W.record(3, i)
+        segments = rec["text"].split(IMAGE_MARKER)
+        assert len(segments) - 1 == len(rec["images"])
+        kinds.add(len(rec["images"]))
+        for png, words in zip(rec["images"], segments[1:]):
+            want = parse(words.split("\n")[0])
+            assert "colour" in want and "shape" in want
+            if "count" in want:
+                assert filled_quadrants(png, want["colour"]) == want["count"] + 1
+            else:  # a class name: the count is left out, the colour still shows
+                assert filled_quadrants(png, want["colour"]) >= 1
+    assert kinds == {0, 1, 2}  # text-only, one image, two-image stories

@@ -1,9 +1,10 @@
 """`python -m engine.train cl`: exact resume (checkpoint-k, then on to the end, gives the losses of the
-uninterrupted run), metrics.jsonl fields, HF-layout embedding checkpoint, eval.json before/after."""
+uninterrupted run), metrics.jsonl fields, HF-layout embedding checkpoint, eval.json before/after; --freeze."""
 
 import json
 import shutil
 
+import pytest
 import torch
 
 from engine.train import main
@@ -33,3 +34,15 @@ def test_exact_resume(tmp_path):
     again = load_model(str(out / "final"))
     for (name, a), b in zip(final.named_parameters(), again.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_freeze_keeps_the_named_parameters(tmp_path):
+    out = tmp_path / "frozen"
+    main(["cl", "--model", "tiny", "--data", "synthetic:16", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-3",
+          "--no-progress", "--attn-backend", "torch", "--output-dir", str(out), "--freeze", "embed_tokens", "visual.blocks.0."])
+    start, end = load_model("tiny", seed=0), load_model(str(out / "final"))
+    for (name, a), b in zip(start.named_parameters(), end.parameters()):
+        frozen = name.startswith(("embed_tokens", "visual.blocks.0."))
+        assert torch.equal(a, b) == frozen, name
+    with pytest.raises(ValueError, match="embed_token_typo"):
+        main(ARGS + ["--output-dir", str(tmp_path / "typo"), "--freeze", "embed_token_typo"])

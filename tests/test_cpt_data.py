@@ -184,4 +184,4 @@ def test_hf_save_to_disk_layout(proc, tmp_path):
     sample = data.micro_batch(0).samples[0]
     assert len(sample) > 0
     img = Image.open(io.BytesIO(open_source(str(root))[0]["images"][0]["bytes"]))
-    assert img.size in synthetic.SIZES
+    assert img.size == (synthetic.SIZE, synthetic.SIZE)

@@ -147,7 +147,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(workdir, one_p
     wa, wb = weights(out / "final"), weights(one_process / "final")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-6)
+        # a key bias has an exactly zero gradient (softmax is shift invariant): Adam scales its rounding
+        # noise (~1e-10) by lr / eps, so only there the two runs may differ by more than rounding
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=2e-5 if k.endswith("k_proj.bias") else 2e-6, msg=k)
     init = load_file(str(workdir / "init" / "model.safetensors"))
     assert max(float((wa[k] - init[k]).abs().max()) for k in init) > 1e-4  # a real update (lr 1e-3)
 
