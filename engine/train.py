@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engine import parallel
-from engine.trainer import METRICS, TrainConfig, Trainer, find_checkpoint, freeze, plot_metrics
+from engine.trainer import METRICS, PRECISIONS, TrainConfig, Trainer, find_checkpoint, freeze, plot_metrics
 
 log = logging.getLogger("moca")
 
@@ -70,7 +70,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--max-len", type=int, default=None, help="tokens per sample, longer ones truncated (1280)")
     o.add_argument("--budget", type=int, default=None, help="equivalent tokens per micro-batch (12800)")
     o.add_argument("--max-items", type=int, default=0, help="most samples per micro-batch (0: no limit)")
-    o.add_argument("--no-bf16", action="store_true", help="fp32 on GPU (bf16 autocast is the default there)")
+    o.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device; fp32")
     o.add_argument("--activation-checkpointing", action="store_true")
     o.add_argument("--compile", action="store_true", help="torch.compile every block")
     o.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP or FSDP2")
@@ -104,7 +105,7 @@ def train_config(args: argparse.Namespace, out: str) -> TrainConfig:
     return TrainConfig(
         output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, bf16=not args.no_bf16,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, precision=args.precision,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
         log_every=args.log_every, progress=not args.no_progress,
     )

@@ -38,6 +38,9 @@ STATE_FILE, STATE_JSON, METRICS = "trainer_state.pt", "trainer_state.json", "met
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     output_dir: str
@@ -50,7 +53,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only final/
     keep_last: int = 2
     seed: int = 0
-    bf16: bool = True  # autocast on GPU only
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16": autocast on any device; "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
     parallel: str = "ddp"
@@ -183,7 +186,11 @@ class Trainer:
         warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, cfg.max_steps))
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
-        self.autocast = ctx.device.type == "cuda" and cfg.bf16
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+        # bf16 autocast on CPU is the GPU's dtype regime under the interpreter (the dtype-flow tests).
+        self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and ctx.device.type == "cuda")
+        self.pin_memory = ctx.device.type == "cuda"
         self.peak_flops = _peak_flops(ctx.device)
 
     # ------------------------------------------------------------------ checkpoints
@@ -240,7 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _prepare(self, step: int) -> list:
         mbs = self.task.micro_batches(step, self.ctx.rank, self.ctx.world, self.cfg.grad_accum)
-        if self.ctx.device.type == "cuda":
+        if self.pin_memory:
             mbs = [mb.pin_memory() for mb in mbs]
         return mbs
 
@@ -250,7 +257,7 @@ class Trainer:
         parts = 0.0
         for a, mb in enumerate(mbs):
             mb = mb.to(ctx.device, non_blocking=True)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+            autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
             with parallel.no_grad_sync(self.module, last=a == len(mbs) - 1), autocast:
                 p = task.backward(self.module, mb, totals, ctx.world)
             parts = parts + p  # stays on the device: one transfer per step, below

@@ -469,12 +469,18 @@ def _meta(dtype, q, k, max_seqlen):
 
 
 def _check(q, k, v, cu_seqlens):
-    assert q.dim() == 3 and k.dim() == 3 and k.shape == v.shape, "q: (T, Hq, D), k/v: (T, Hkv, D)"
-    assert k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
-    assert q.shape[1] % k.shape[1] == 0, "Hq must be a multiple of Hkv"
-    assert q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype, "q, k, v: one of fp16/bf16/fp32"
-    assert q.shape[2] <= 256, "head_dim <= 256"
-    assert cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device
+    def need(ok, msg):
+        if not ok:
+            raise (TypeError if "dtype" in msg else ValueError)(msg)
+
+    need(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape, "q: (T, Hq, D), k/v: (T, Hkv, D)")
+    need(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    need(q.shape[1] % k.shape[1] == 0, "Hq must be a multiple of Hkv")
+    need(q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
+         f"q, k, v dtype: one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    need(q.shape[2] <= 256, "head_dim <= 256")
+    need(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
+         "cu_seqlens: (B+1,) int32 on q's device")
 
 
 def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -551,8 +557,24 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _autocast_inputs(q, k, v):
+    """Under autocast, attention runs in the autocast dtype, as SDPA does (rotary products promote
+    q and k to fp32 there while v stays bf16); otherwise q, k and v must already agree."""
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype (or run under autocast), got {q.dtype}, {k.dtype}, {v.dtype}")
+    return q, k, v
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
-    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32, max_seqlen: int -> (T, Hq, D)."""
+    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32, max_seqlen: int -> (T, Hq, D).
+
+    Under torch.autocast the inputs are cast to the autocast dtype first. Raises TypeError for
+    mismatched dtypes outside autocast, ValueError for bad shapes."""
+    q, k, v = _autocast_inputs(q, k, v)
     if resolve(backend, q) == "torch":
         return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

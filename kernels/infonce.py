@@ -27,6 +27,9 @@ import triton.language as tl
 from kernels._backend import interpreter_enabled, resolve
 
 LOG2E = 1.4426950408889634
+# Jitted code may read a module global only if it is a tl.constexpr: the sm_90 compiler refuses a
+# plain float global (the interpreter accepts one, so only the compile gate sees this).
+_LOG2E_JIT = tl.constexpr(LOG2E)
 # Side of the score blocks the backward materialises (elements: CHUNK^2, bounded in B).
 _CHUNK = 8192
 
@@ -114,7 +117,7 @@ def _infonce_dscores_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _score_tile(Q, T, rows, cols, C, N, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-    lse2 = tl.load(LSE + rows, mask=rows < C, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + rows, mask=rows < C, other=0.0) * _LOG2E_JIT
     p = tl.exp2(acc * qk_scale - lse2[:, None])
     p = tl.where(rows[:, None] + diag_offset == cols[None, :], p - 1.0, p)
     mask = (rows[:, None] < C) & (cols[None, :] < N)
