@@ -93,3 +93,45 @@ def _image(seed=0):
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray((torch.rand(56, 84, 3, generator=g) * 255).to(torch.uint8).numpy())
 
+
+
+def test_pinned_batches_keep_every_tensor(monkeypatch):
+    """The trainer pins micro-batches on CUDA. CPU-only torch has no pinned allocator, so pinning is a
+    tracked copy here: every tensor of a CPT and a CL micro-batch must go through it and come back equal."""
+    from dataclasses import fields, is_dataclass
+
+    from engine import synthetic
+    from engine.cl import CLMicroBatch, pack_micro_batch
+    from engine.cl_data import RankBatch
+    from engine.masking import add_mask_token, mask_batch, mask_generator, special_token_ids
+
+    pinned = set()
+
+    def fake_pin(t):
+        out = t.clone()
+        pinned.add(id(out))
+        return out
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, list):
+            for v in x:
+                yield from tensors(v)
+        elif is_dataclass(x):
+            for f in fields(x):
+                yield from tensors(getattr(x, f.name))
+
+    proc = Processor.from_pretrained("tiny")
+    model_cfg = load_model("tiny").config
+    samples = [proc.encode(synthetic.record(0, i)) for i in range(3)]
+    cpt = mask_batch(proc.pack(samples), special_token_ids(proc.tokenizer, model_cfg), add_mask_token(proc.tokenizer),
+                     mask_generator(0, 0, 0))
+    cl = pack_micro_batch(RankBatch("s", [0], samples[:1], samples[1:2], [samples[2:]]), proc, chunk=2)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    for mb in (cpt, cl):
+        before, after = list(tensors(mb)), list(tensors(mb.pin_memory()))
+        assert len(before) == len(after) >= 5
+        assert all(id(t) in pinned for t in after)
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert isinstance(cl.pin_memory(), CLMicroBatch)
