@@ -13,8 +13,8 @@ which transformers 4.x and 5.x both read.
 import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 
 import torch
 from safetensors import safe_open
@@ -174,7 +174,9 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
         load_weights(model, name_or_path)
         log.info("loaded %s (%s)", name_or_path, dtype)
     else:
-        model.init_weights(torch.Generator().manual_seed(seed))
+        # CUDA presets draw on the device: a 3B model's host-side init and copy would take ~20 s
+        gen_device = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        model.init_weights(torch.Generator(gen_device).manual_seed(seed))
     return model.eval()
 
 
@@ -206,6 +208,27 @@ def _split_sizes(cfg: ModelConfig, ours: str) -> list[int]:
     return [inter, inter]
 
 
+def _make_temp_dir(parent: str, prefix: str) -> str:
+    """A new, uniquely named folder with the umask's permissions (tempfile.mkdtemp makes it 0700)."""
+    while True:
+        tmp = os.path.join(parent, f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _follow_umask(folder: str) -> None:
+    """Give the files in `folder` the permissions a plain open() would (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        f = os.path.join(folder, name)
+        if os.path.isfile(f):
+            os.chmod(f, 0o666 & ~umask)
+
+
 def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype | None = None, extra_files=None) -> None:
     """Write an HF-layout checkpoint atomically: a temp dir beside `path`, renamed into place.
 
@@ -215,7 +238,7 @@ def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype |
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    tmp = _make_temp_dir(parent, ".tmp-" + os.path.basename(path))
     try:
         tensors = {
             k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in state_dict_hf(model).items()
@@ -229,6 +252,7 @@ def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype |
             processor.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(os.path.join(tmp, name))
+        _follow_umask(tmp)
         if os.path.exists(path):
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)

@@ -81,11 +81,13 @@ class MoCaModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        """Random init for presets: N(0, std) weights, zero biases, unit norms."""
+        """Random init for presets: N(0, std) weights, zero biases, unit norms. The draws happen on the
+        generator's device (a CUDA generator initialises a 3B model in a second, a CPU one in ~15 s)."""
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 1:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+                device = generator.device if generator is not None else p.device
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32, device=device).to(p.dtype) * std)
