@@ -8,10 +8,14 @@ file), or the built-in `synthetic` corpus. `path:count` draws `count` records fr
 
 Design decisions:
 * Every record is validated once, in the cost pass (text present, marker count == image count,
-  every image decodes); a bad record is skipped, counted and logged with its source and index,
-  never a crash and never a silent drop. Costs (text tokens + 4 x image tokens + 2 per image,
-  capped at max_len, MOCA.md §2) are computed by a thread pool with a progress bar and cached on
-  disk per source, keyed by the source's files, the tokenizer and the image settings.
+  every image decodes); a bad record is skipped, counted and logged with where it is
+  (`FILE:LINE` for JSONL, 1-based physical lines), never a crash and never a silent drop. Costs
+  (text tokens + 4 x image tokens + 2 per image, capped at max_len, MOCA.md §2) are computed by
+  a thread pool with a progress bar and cached on disk per source, keyed by the source's files,
+  the tokenizer and the image settings; the cache also lists the image files the records name
+  (size, mtime) and is recomputed when any of them changed. A record that still fails when a
+  micro-batch is encoded is logged and counted once and skipped from then on; a source none of
+  whose records loads any more is a `DataError`, not an endless search for a good bin.
 * The batch plan is a pure function of (seed, epoch): the costs of the shuffled records are
   packed by the C++ first-fit-decreasing packer into bins of `budget` equivalent tokens (no
   padding), and the bins are shuffled. Micro-batch k of the run is bin k of that endless
@@ -41,11 +45,15 @@ from moca.image import image_grid, load_image
 from moca.processor import IMAGE_PAD, Processor, normalize_markers
 
 log = logging.getLogger("moca")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class RecordError(ValueError):
     """A record that cannot be trained on; the message says why."""
+
+
+class DataError(RuntimeError):
+    """A source that can no longer feed training: every record it had fails to load."""
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -63,6 +71,10 @@ class Source:
     def fingerprint(self) -> dict:
         raise NotImplementedError
 
+    def where(self, i: int) -> str:
+        """Where record i is, for messages."""
+        return f"{self.name} record {i}"
+
 
 class SyntheticSource(Source):
     def __init__(self, size: int, seed: int = 0):
@@ -78,8 +90,18 @@ class SyntheticSource(Source):
         return {"kind": "synthetic", "version": synthetic.VERSION, "seed": self.seed, "size": self.size}
 
 
+def _file_stat(path: str) -> list:
+    """[absolute path, size, mtime_ns], size and mtime -1 when the file is missing."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, -1, -1]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
 def _files_fingerprint(files: list[str]) -> list:
-    return [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+    return [_file_stat(f) for f in files]
 
 
 class JsonlSource(Source):
@@ -88,20 +110,20 @@ class JsonlSource(Source):
     def __init__(self, path: str):
         self.name = path
         self.files = sorted(glob.glob(os.path.join(path, "*.jsonl"))) if os.path.isdir(path) else [path]
-        self.index: list[tuple[int, int]] = []  # (file, byte offset) per record
+        self.index: list[tuple[int, int, int]] = []  # (file, byte offset, 1-based line) per record
         for fi, f in enumerate(self.files):
             with open(f, "rb") as fh:
                 offset = 0
-                for line in fh:
+                for line_no, line in enumerate(fh, 1):
                     if line.strip():
-                        self.index.append((fi, offset))
+                        self.index.append((fi, offset, line_no))
                     offset += len(line)
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, i):
-        fi, offset = self.index[i]
+        fi, offset, _ = self.index[i]
         with open(self.files[fi], "rb") as fh:
             fh.seek(offset)
             line = fh.readline()
@@ -120,6 +142,10 @@ class JsonlSource(Source):
 
     def fingerprint(self):
         return {"kind": "jsonl", "files": _files_fingerprint(self.files)}
+
+    def where(self, i):
+        fi, _, line = self.index[i]
+        return f"{self.files[fi]}:{line}"
 
 
 class TableSource(Source):
@@ -189,6 +215,10 @@ class TableSource(Source):
     def fingerprint(self):
         return {"kind": "table", "files": _files_fingerprint(self.files)}
 
+    def where(self, i):
+        fi = bisect.bisect_right(self.offsets, i) - 1
+        return f"{self.files[fi]} row {i - self.offsets[fi]}"
+
 
 @functools.lru_cache(maxsize=16)
 def _arrow_table(path: str):
@@ -255,9 +285,18 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _image_files(rec) -> list[str]:
+    """The image paths a raw record names (in-memory images have no file)."""
+    images = rec.get("images") if isinstance(rec, dict) else None
+    return [p for p in images if isinstance(p, str)] if isinstance(images, list) else []
+
+
 def source_costs(source: Source, processor: Processor, max_len: int, cache_dir: str | None,
                  workers: int = 8, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
-    """-> (costs (N,) int64 with -1 for bad records, {index: reason} of the bad ones), cached on disk."""
+    """-> (costs (N,) int64 with -1 for bad records, {index: reason} of the bad ones), cached on disk.
+
+    The cache file is named by the source's files, tokenizer, image settings and max_len, and holds
+    the (path, size, mtime) of every image file the records name: a change to any recomputes."""
     key = hashlib.sha256(json.dumps({
         "version": CACHE_VERSION, "source": source.fingerprint(), "tokenizer": _tokenizer_fingerprint(processor.tokenizer),
         "image": processor.image_config.to_dict(), "merge": processor.config.vision.spatial_merge_size, "max_len": max_len,
@@ -269,25 +308,32 @@ def source_costs(source: Source, processor: Processor, max_len: int, cache_dir: 
         if os.path.exists(cache):
             with open(cache) as f:
                 data = json.load(f)
-            log.info("costs of %s: %d records from cache %s", source.name, len(data["costs"]), cache)
-            return np.asarray(data["costs"], dtype=np.int64), {int(k): v for k, v in data["bad"].items()}
+            changed = next((p for p, *st in data["images"] if _file_stat(p) != [p, *st]), None)
+            if changed is None:
+                log.info("costs of %s: %d records from cache %s", source.name, len(data["costs"]), cache)
+                return np.asarray(data["costs"], dtype=np.int64), {int(k): v for k, v in data["bad"].items()}
+            log.info("cost cache %s is stale (%s changed since): recomputing", cache, changed)
 
-    def one(i: int) -> tuple[int, str | None]:
+    def one(i: int) -> tuple[int, str | None, list]:
+        files = []
         try:
-            return record_cost(source[i], processor, max_len), None
+            rec = source[i]
+            files = [_file_stat(p) for p in _image_files(rec)]  # before reading them: a later change shows
+            return record_cost(rec, processor, max_len), None, files
         except Exception as e:  # whatever a record does wrong, it is reported, never fatal
-            return -1, f"{type(e).__name__}: {e}"
+            return -1, f"{type(e).__name__}: {e}", files
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(tqdm(pool.map(one, range(len(source)), chunksize=16), total=len(source),
                             desc=f"costs {source.name}", disable=not progress, mininterval=1.0))
-    costs = np.asarray([c for c, _ in results], dtype=np.int64)
-    bad = {i: why for i, (_, why) in enumerate(results) if why is not None}
+    costs = np.asarray([c for c, _, _ in results], dtype=np.int64)
+    bad = {i: why for i, (_, why, _) in enumerate(results) if why is not None}
     if cache:
+        images = sorted({tuple(st) for _, _, files in results for st in files})
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{cache}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"source": source.name, "costs": costs.tolist(), "bad": bad}, f)
+            json.dump({"source": source.name, "costs": costs.tolist(), "bad": bad, "images": images}, f)
         os.replace(tmp, cache)
     return costs, bad
 
@@ -312,6 +358,7 @@ class CPTData:
         self.sources: list[Source] = []
         items, costs = [], []
         self.bad: dict[str, dict[int, str]] = {}
+        self._usable: list[int] = []  # per source: distinct records drawn
         for si, spec in enumerate(specs):
             path, count = parse_source(spec)
             src = open_source(path, seed)
@@ -319,23 +366,28 @@ class CPTData:
             self.sources.append(src)
             self.bad[src.name] = bad
             for i, why in sorted(bad.items()):
-                log.warning("bad record: source=%s index=%d reason=%s", src.name, i, why)
+                log.warning("bad record: %s: %s", src.where(i), why)
             good = np.flatnonzero(c >= 0)
             log.info("source %s: %d records, %d good, %d bad%s", src.name, len(c), len(good), len(bad),
                      f", drawing {count}" if count is not None else "")
-            if count is not None and len(good):
+            if not len(good):
+                raise DataError(f"source {src.name}: none of its {len(c)} records is usable (see the warnings above)")
+            if count is not None:
                 rng = np.random.default_rng([seed, si])
                 reps = -(-count // len(good))
                 good = np.concatenate([rng.permutation(good) for _ in range(reps)])[:count]
             items.append(np.stack([np.full(len(good), si), good], 1))
             costs.append(c[good])
+            self._usable.append(len(np.unique(good)))
         self.items = np.concatenate(items).astype(np.int64)  # (N, 2) [source, record]
         self.costs = np.concatenate(costs)
         if not len(self.items):
             raise ValueError(f"no usable records in {specs}")
         self._epochs: list[list[np.ndarray]] = []
         self._starts = [0]  # global bin index at which each planned epoch starts
-        self.runtime_bad = 0
+        self.runtime_bad = 0  # records that failed when encoded, each counted once
+        self._broken: set[tuple[int, int]] = set()  # (source, record) of those
+        self._broken_per_source = [0] * len(self.sources)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -363,21 +415,30 @@ class CPTData:
             epoch += 1
 
     def micro_batch(self, index: int) -> MicroBatch:
-        """Encode bin `index`; a record that fails now is logged and skipped (then the next bin if none is left)."""
+        """Encode bin `index`; a record that fails now is logged and skipped, now and in every later
+        bin (then the next bin if none is left); DataError once a source has no record left."""
         while True:
             samples, kept = [], []
             for item in self.bin(index).tolist():
-                si, ri = self.items[item]
+                si, ri = (int(x) for x in self.items[item])
+                if (si, ri) in self._broken:
+                    continue
                 src = self.sources[si]
                 try:
-                    sample = self.processor.encode(src[int(ri)])
+                    sample = self.processor.encode(src[ri])
                     if len(sample) > self.max_len:
                         sample = self.processor.truncate(sample, self.max_len)
                     samples.append(sample)
                     kept.append(item)
                 except Exception as e:
+                    self._broken.add((si, ri))
+                    self._broken_per_source[si] += 1
                     self.runtime_bad += 1
-                    log.warning("bad record: source=%s index=%d reason=%s (skipped at load time)", src.name, ri, e)
+                    log.warning("bad record: %s: %s: %s (skipped at load time)", src.where(ri), type(e).__name__, e)
+                    if self._broken_per_source[si] == self._usable[si]:
+                        raise DataError(f"source {src.name}: none of its {self._usable[si]} records loads any more "
+                                        f"(the last, {src.where(ri)}: {type(e).__name__}: {e}); did its files change "
+                                        "after the cost pass?") from e
             if samples:
                 return MicroBatch(samples, kept, int(self.costs[kept].sum()))
             index += 1

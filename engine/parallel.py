@@ -67,12 +67,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src)
-    return box[0]
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """(...) CPU tensor of the same shape on every rank -> (world, ...) in rank order (no pickle,
+    unlike all_gather_object)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t[None]
+    x = t.to("cuda") if dist.get_backend() == "nccl" else t.contiguous()
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return torch.stack(out).cpu()
 
 
 # ------------------------------------------------------------------------- applied from outside

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engine import parallel
-from engine.trainer import METRICS, PRECISIONS, TrainConfig, Trainer, find_checkpoint, freeze, plot_metrics
+from engine.trainer import METRICS, PRECISIONS, RunDirError, TrainConfig, Trainer, freeze, plot_metrics, prepare_run_dir
 
 log = logging.getLogger("moca")
 
@@ -55,6 +55,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=2, help="checkpoint-<step>/ directories to keep")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds a run, deleting its checkpoints and metrics")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--cache-dir", default=os.environ.get("MOCA_CACHE_DIR", os.path.expanduser("~/.cache/moca")),
                    help="where per-source cost caches live")
@@ -111,6 +113,14 @@ def train_config(args: argparse.Namespace, out: str) -> TrainConfig:
     )
 
 
+def start_point(args: argparse.Namespace, out: str, ctx) -> str | None:
+    """The checkpoint to resume from (--resume), or None: see `prepare_run_dir`."""
+    resume_dir = prepare_run_dir(out, args.resume, args.overwrite, ctx)
+    if args.resume and resume_dir is None:
+        log.info("--resume: no checkpoint in %s, starting fresh", out)
+    return resume_dir
+
+
 def run_cpt(args: argparse.Namespace) -> list[dict]:
     from engine.cpt import MAE_HEAD_FILE, CPTTask, MAEHead
     from engine.data import CPTData
@@ -122,12 +132,7 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     setup_logging(ctx.rank)
     args = resolve_defaults(args, "cpt")
     out = args.output_dir
-    resume_dir = find_checkpoint(out) if args.resume else None
-    if args.resume and resume_dir is None:
-        log.info("--resume: no checkpoint in %s, starting fresh", out)
-    elif not args.resume and ctx.is_main and os.path.exists(os.path.join(out, METRICS)):
-        log.warning("starting a fresh run in %s (pass --resume to continue the previous one)", out)
-        os.remove(os.path.join(out, METRICS))
+    resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
     log.info("cpt: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
              args.max_steps, ctx.world, ctx.device)
@@ -224,10 +229,7 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
             setattr(args, k, v)
     args.batch_size = args.batch_size or (16 if embedded else 24)
     out = args.output_dir or os.path.join("runs", "cl-tiny" if embedded else f"cl-{os.path.basename(os.path.normpath(args.model))}")
-    resume_dir = find_checkpoint(out) if args.resume else None
-    if not args.resume and ctx.is_main and os.path.exists(os.path.join(out, METRICS)):
-        log.warning("starting a fresh run in %s (pass --resume to continue the previous one)", out)
-        os.remove(os.path.join(out, METRICS))
+    resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
     log.info("cl: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
              args.max_steps, ctx.world, ctx.device)
@@ -297,4 +299,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RunDirError as e:
+        sys.exit(f"moca: {e}")

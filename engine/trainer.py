@@ -6,8 +6,17 @@ micro-batches, and computes one micro-batch's loss. The trainer owns everything 
 Design decisions:
 * Exact resume. A step's data and masks are pure functions of (seed, step, rank), so the data
   position is the step; a checkpoint holds weights (fp32, HF layout, the MAE head in its own
-  file so transformers still loads the directory), optimizer, scheduler and RNG states. Resuming
-  from checkpoint-k and running to the end gives the losses of the uninterrupted run.
+  file so transformers still loads the directory), optimizer, scheduler and per-rank torch RNG
+  states. Resuming from checkpoint-k and running to the end gives the losses of the
+  uninterrupted run.
+* No pickle: the trainer state is tensors in `trainer_state.safetensors` plus everything else in
+  `trainer_state.json`, whose nested dicts/lists/tuples point at the tensors by name. That JSON is
+  written last and lists every file of the checkpoint with its size: a folder counts as a
+  checkpoint only when all of them are there, so a half-written or half-deleted one never does.
+* One run per folder. A fresh run refuses a folder that holds a run (unless `overwrite`); a
+  resumed one first removes what a killed run left (`.tmp-*`, `.trash-*`, `*.old`, incomplete
+  checkpoints) and cuts metrics.jsonl back to the step it resumes from. Pruning renames a
+  checkpoint to `.trash-*` before deleting it and never touches the one just saved.
 * Host work ahead of the device: the next step's micro-batches (decode, pack, mask) are prepared
   in a background thread while the current step runs; the loss normalisers are host ints summed
   over ranks with one tiny all-reduce per step, and the logged values with one more.
@@ -17,7 +26,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -25,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -34,7 +42,10 @@ from engine import parallel
 from engine.parallel import DistContext
 
 log = logging.getLogger("moca")
-STATE_FILE, STATE_JSON, METRICS = "trainer_state.pt", "trainer_state.json", "metrics.jsonl"
+STATE_TENSORS, STATE_JSON, METRICS = "trainer_state.safetensors", "trainer_state.json", "metrics.jsonl"
+LEGACY_STATE = "trainer_state.pt"  # a pickle written by earlier versions: recognised, never loaded
+STATE_FORMAT = 2
+_CHECKPOINT = re.compile(r"checkpoint-\d+|final")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -131,33 +142,167 @@ def full_model_from_state(config, state: dict) -> nn.Module:
     return model
 
 
-def find_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint in output_dir with the highest step (final/ included), or None."""
-    best, best_step = None, -1
-    if not os.path.isdir(output_dir):
-        return None
-    for name in os.listdir(output_dir):
+class RunDirError(RuntimeError):
+    """The output folder does not fit the request (a fresh run into a folder holding a run, a
+    resume from a checkpoint that cannot be loaded)."""
+
+
+# ------------------------------------------------------------------ state as safetensors + JSON
+def encode_state(obj, prefix: str, tensors: dict[str, torch.Tensor]):
+    """Nested dicts / lists / tuples of tensors and scalars -> a JSON-able skeleton; each tensor
+    goes into `tensors` under its path and the skeleton holds {"tensor": path} in its place."""
+    if isinstance(obj, torch.Tensor):
+        if prefix in tensors:
+            raise ValueError(f"two tensors of the trainer state share the name {prefix!r}")
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"tensor": prefix}
+    sub = lambda k: f"{prefix}/{k}" if prefix else str(k)  # noqa: E731
+    if isinstance(obj, dict):  # keys kept with their type (the optimizer's param ids are ints)
+        return {"dict": [[k, encode_state(v, sub(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [encode_state(v, sub(i), tensors) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{prefix}: a {type(obj).__name__} cannot be stored in a checkpoint (tensors and scalars only)")
+
+
+def decode_state(skel, tensors: dict[str, torch.Tensor]):
+    """Inverse of `encode_state`."""
+    if not isinstance(skel, dict):
+        return skel
+    (kind, v), = skel.items()
+    if kind == "tensor":
+        return tensors[v]
+    if kind == "dict":
+        return {k: decode_state(x, tensors) for k, x in v}
+    items = [decode_state(x, tensors) for x in v]
+    return tuple(items) if kind == "tuple" else items
+
+
+def checkpoint_info(path: str) -> dict:
+    """The trainer_state.json of a complete checkpoint; RunDirError says what is wrong otherwise."""
+    state = os.path.join(path, STATE_JSON)
+    if os.path.exists(os.path.join(path, LEGACY_STATE)) and not os.path.exists(os.path.join(path, STATE_TENSORS)):
+        raise RunDirError(f"{path} holds a {LEGACY_STATE} (a pickle, written by an older version): it is never loaded")
+    try:
+        with open(state) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path}: incomplete checkpoint ({STATE_JSON}: {e})") from e
+    if info.get("format") != STATE_FORMAT:
+        raise RunDirError(f"{path}: {STATE_JSON} format {info.get('format')}, expected {STATE_FORMAT}")
+    for name, size in info["files"].items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f) or os.path.getsize(f) != size:
+            raise RunDirError(f"{path}: incomplete checkpoint ({name} missing or not {size} bytes)")
+    return info
+
+
+def _checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], dict[str, str]]:
+    """-> ([(step, path)] of the complete checkpoints sorted by step, {path: why} of the others)."""
+    good, bad = [], {}
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    for name in names:
         path = os.path.join(output_dir, name)
-        state = os.path.join(path, STATE_JSON)
-        if (re.fullmatch(r"checkpoint-\d+", name) or name == "final") and os.path.exists(state):
-            with open(state) as f:
-                step = json.load(f)["step"]
-            if step > best_step:
-                best, best_step = path, step
-    return best
+        if _CHECKPOINT.fullmatch(name) and os.path.isdir(path):
+            try:
+                good.append((checkpoint_info(path)["step"], path))
+            except RunDirError as e:
+                bad[path] = str(e)
+    return sorted(good), bad
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+def find_checkpoint(output_dir: str) -> str | None:
+    """The complete checkpoint in output_dir with the highest step (final/ included), or None.
+
+    Incomplete ones are skipped; a legacy pickle checkpoint is an error (resuming from an older
+    checkpoint instead would silently lose its steps)."""
+    good, bad = _checkpoints(output_dir)
+    for path, why in bad.items():
+        if LEGACY_STATE in why:
+            raise RunDirError(f"--resume: {why}; move it away (or start afresh with --overwrite)")
+        log.warning("--resume: skipping %s", why)
+    return good[-1][1] if good else None
 
 
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def _remove(path: str) -> None:
+    """Rename to a .trash-* name, then delete: a kill halfway leaves a name nothing reads."""
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}")
+    os.rename(path, trash)
+    _delete(trash)
+
+
+def _delete(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _leftovers(output_dir: str) -> list[str]:
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if n.startswith((".tmp-", ".trash-")) or n.endswith(".old"))
+
+
+def run_artifacts(output_dir: str) -> list[str]:
+    """Names in output_dir that a training run writes and reads back: checkpoints, metrics, leftovers."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(n for n in names if _CHECKPOINT.fullmatch(n) or n == METRICS) + _leftovers(output_dir)
+
+
+def clean_run_dir(output_dir: str) -> None:
+    """Remove what a killed run left: temp and trash folders, incomplete checkpoints, `X.old` (put
+    back as X when X is gone: a save was killed between its two renames)."""
+    for name in _leftovers(output_dir):
+        path = os.path.join(output_dir, name)
+        live = path[: -len(".old")] if name.endswith(".old") else None
+        if live and not os.path.exists(live):
+            os.rename(path, live)
+        else:
+            _delete(path)
+        log.info("removed leftover %s", path)
+    for path, why in _checkpoints(output_dir)[1].items():
+        if LEGACY_STATE not in why:
+            log.warning("removing %s", why)
+            _remove(path)
+
+
+def prepare_run_dir(output_dir: str, resume: bool, overwrite: bool, ctx: DistContext) -> str | None:
+    """-> the checkpoint to resume from, or None for a fresh start.
+
+    A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run);
+    a resumed one cleans the leftovers of a killed run first."""
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    held = run_artifacts(output_dir)
+    if held and not (resume or overwrite):
+        raise RunDirError(f"{output_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
+                          "pass --resume to continue it or --overwrite to delete it and start afresh")
+    if ctx.is_main:
+        if overwrite:
+            for name in held:
+                _remove(os.path.join(output_dir, name))
+            if held:
+                log.warning("--overwrite: deleted the previous run in %s (%s)", output_dir, ", ".join(held))
+        elif resume:
+            clean_run_dir(output_dir)
+    parallel.barrier()
+    return find_checkpoint(output_dir) if resume else None
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """This rank's torch generators (the only global RNGs the loop draws from: data and masks use
+    their own seeded generators)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())  # (devices, bytes)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
 def _peak_flops(device: torch.device) -> float | None:
@@ -196,46 +341,49 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def resume(self, path: str) -> None:
         """Optimizer, scheduler, RNG and position from `path` (the weights were loaded by the task)."""
-        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        info = checkpoint_info(path)
+        state = decode_state(info["state"], load_file(os.path.join(path, STATE_TENSORS)))
         parallel.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"][self.ctx.rank] if self.ctx.rank < len(state["rng"]) else state["rng"][0])
-        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        if self.ctx.is_main:
-            self._truncate_metrics(self.step)
+        rank = self.ctx.rank if self.ctx.rank < info["world_size"] else 0
+        _set_rng_state({k: v[rank] for k, v in state["rng"].items()})
+        self.step, self.tokens_seen, self.elapsed = info["step"], info["tokens"], info["elapsed"]
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self, name: str) -> str:
         path = os.path.join(self.cfg.output_dir, name)
         model_state, optim_state = parallel.full_state_dicts(self.module, self.optimizer)
-        rng = [None] * self.ctx.world
-        if self.ctx.world > 1:
-            torch.distributed.all_gather_object(rng, _rng_state())
-        else:
-            rng = [_rng_state()]
+        rng = {k: parallel.all_gather(v) for k, v in _rng_state().items()}  # (world, ...) each
         if self.ctx.is_main:
-            state = {"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng,
-                     "step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed}
-            info = {"step": self.step, "tokens": self.tokens_seen, "world_size": self.ctx.world, "config": asdict(self.cfg)}
-            extra = {
-                STATE_FILE: lambda p: torch.save(state, p),
-                STATE_JSON: lambda p: open(p, "w").write(json.dumps(info, indent=2)),
-            }
+            tensors: dict[str, torch.Tensor] = {}
+            skel = encode_state({"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rng},
+                                "", tensors)
+            info = {"format": STATE_FORMAT, "step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed,
+                    "world_size": self.ctx.world, "config": asdict(self.cfg), "state": skel}
+
+            def write_info(p: str) -> None:  # last file written: it lists the others, so it marks completion
+                folder = os.path.dirname(p)
+                info["files"] = {n: os.path.getsize(os.path.join(folder, n)) for n in sorted(os.listdir(folder))}
+                with open(p, "w") as f:
+                    json.dump(info, f, indent=1)
+
+            extra = {STATE_TENSORS: lambda p: save_file(tensors, p), STATE_JSON: write_info}
             self.task.save(path, model_state, extra)
             if name.startswith("checkpoint-"):
-                self._prune()
+                self._prune(keep=path)
             log.info("saved %s", path)
         parallel.barrier()
         return path
 
-    def _prune(self) -> None:
-        found = sorted(
-            (int(m.group(1)), n) for n in os.listdir(self.cfg.output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", n))
-        )
-        for _, name in found[: max(0, len(found) - self.cfg.keep_last)]:
-            shutil.rmtree(os.path.join(self.cfg.output_dir, name), ignore_errors=True)
+    def _prune(self, keep: str) -> None:
+        """Delete the oldest checkpoint-<step>/ beyond keep_last, never `keep` (the one just saved)."""
+        found = [p for _, p in _checkpoints(self.cfg.output_dir)[0] if os.path.basename(p).startswith("checkpoint-")]
+        for path in found[: max(0, len(found) - self.cfg.keep_last)]:
+            if path != keep:
+                _remove(path)
 
     def _truncate_metrics(self, step: int) -> None:
+        """metrics.jsonl keeps the rows of steps <= `step` (none for a fresh start)."""
         path = os.path.join(self.cfg.output_dir, METRICS)
         if not os.path.exists(path):
             return
@@ -280,6 +428,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            self._truncate_metrics(self.step)  # the rows of the steps this run is about to (re)do go
         history = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and ctx.is_main),
                    desc=getattr(self.task, "name", "cpt"), dynamic_ncols=True)

@@ -219,14 +219,14 @@ def _make_temp_dir(parent: str, prefix: str) -> str:
             continue
 
 
-def _follow_umask(folder: str) -> None:
-    """Give the files in `folder` the permissions a plain open() would (safetensors writes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+def _follow_umask(folder: str, like: str) -> None:
+    """Give every file in `folder` the mode of `like`, written by a plain open(): the umask's
+    (safetensors writes 0600)."""
+    mode = os.stat(like).st_mode & 0o777
     for name in os.listdir(folder):
         f = os.path.join(folder, name)
         if os.path.isfile(f):
-            os.chmod(f, 0o666 & ~umask)
+            os.chmod(f, mode)
 
 
 def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype | None = None, extra_files=None) -> None:
@@ -252,7 +252,7 @@ def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype |
             processor.save_pretrained(tmp)
         for name, write in (extra_files or {}).items():
             write(os.path.join(tmp, name))
-        _follow_umask(tmp)
+        _follow_umask(tmp, like=os.path.join(tmp, "config.json"))
         if os.path.exists(path):
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)

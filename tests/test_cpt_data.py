@@ -81,7 +81,7 @@ def test_bad_records_are_skipped_counted_and_logged(proc, tmp_path, caplog):
     assert sorted(reasons) == sorted(bad)
     for i, why in bad.items():
         assert why in reasons[i].lower().replace("_", " ") or why in reasons[i], reasons[i]
-        assert f"source={path} index={i} " in caplog.text
+        assert f"bad record: {path}:{i + 1}: " in caplog.text  # one record per line, no blank lines
     src = open_source(path)
     good = [i for i in range(len(src)) if i not in bad]
     assert sorted(data.items[:, 1].tolist()) == good
