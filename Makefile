@@ -1,10 +1,12 @@
 # Two jobs, each reusing what the last run built:
 #   make demo   set up .venv, build moca._C, run the embedded pipeline: CPT, then CL, then the eval table
 #   make test   set up .venv, build moca._C, run the test suite (CPU; Triton via its interpreter)
+# On a GPU machine (its own python with CUDA torch, no .venv; wheels from `make gpu-wheels` in .whl/):
+#   make gpu-check   GPU tests, the embedded pipeline on CUDA, every benchmark -> bench/results/<device>-<date>.*
 PY ?= .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: demo test bench setup
+.PHONY: demo test bench setup gpu-check gpu-wheels
 setup: .venv/.built
 
 .venv/.installed: requirements.txt
@@ -25,3 +27,9 @@ test: .venv/.built
 
 bench: .venv/.built
 	$(PY) bench/throughput.py --quick
+
+gpu-check:
+	python3 bench/gpu_check.py
+
+gpu-wheels: .venv/.installed
+	bash bench/gpu_wheels.sh

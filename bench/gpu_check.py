@@ -1,0 +1,226 @@
+"""`make gpu-check`: everything only a GPU shows, in one command, on one H100/H200 in at most ~9 minutes.
+
+1. setup: the wheels carried in .whl/ (`bench/gpu_wheels.sh` fetches them on a machine with a package
+   index) are installed to /tmp/moca-site and put on PYTHONPATH; moca._C is built in place.
+2. at once, since neither times anything: the GPU tests (`pytest -m gpu`, in parallel processes) and the
+   embedded pipeline on CUDA (CPT, then CL with its before/after precision@1 table, then `python -m moca.embed`).
+3. every sub-benchmark of bench/throughput.py at full shapes, one at a time, each under its own cap.
+Every step runs under a cap and a global deadline, so the command always ends with a report: a step out of
+time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md (also
+copied, with the full log, to $OUT when set: the device tool brings back what is there) and prints a
+short summary last.
+
+    python3 bench/gpu_check.py [--deadline 540] [--skip-tests] [--bench NAME ...]
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITE = "/tmp/moca-site"
+# seconds; what each step may take at most (measured cost on an H200 is well below each)
+CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "attention": 75, "recon_loss": 75, "infonce": 60, "embed": 90,
+        "cpt": 45, "cl": 90, "serve": 45}
+LOG_LOCK = threading.Lock()
+
+
+class Run:
+    """The log and the deadline shared by every step."""
+
+    def __init__(self, deadline_s: float, log_path: str):
+        self.t0, self.deadline = time.monotonic(), time.monotonic() + deadline_s
+        self.log = open(log_path, "w")
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
+
+    def say(self, msg: str) -> None:
+        line = f"[gpu-check {time.monotonic() - self.t0:6.1f}s] {msg}"
+        with LOG_LOCK:
+            print(line, flush=True)
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def sh(self, name: str, cmd: list[str], cap: float) -> dict:
+        """Run cmd under min(cap, time left); its output goes to the log -> {status, seconds, tail}."""
+        left = self.deadline - time.monotonic()
+        limit = min(cap, left)
+        if left < min(cap, 10):
+            self.say(f"{name}: skipped, out of time")
+            return {"status": "skipped (out of time)", "seconds": 0.0, "tail": ""}
+        self.say(f"{name}: {' '.join(cmd)} (cap {limit:.0f} s)")
+        t = time.monotonic()
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, timeout=limit)
+            out, status = p.stdout, "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            status = f"timed out after {limit:.0f} s"
+        secs = time.monotonic() - t
+        with LOG_LOCK:
+            self.log.write(f"----- {name} output -----\n{out}\n----- end {name} ({status}, {secs:.1f} s) -----\n")
+            self.log.flush()
+        self.say(f"{name}: {status} in {secs:.1f} s")
+        return {"status": status, "seconds": round(secs, 1), "tail": out[-3000:]}
+
+
+def setup(run: Run) -> dict:
+    wheels = sorted(glob.glob(os.path.join(ROOT, ".whl", "*.whl")))
+    if wheels:
+        res = run.sh("wheels", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], CAPS["setup"])
+        if res["status"] != "ok":
+            return res
+        run.env["PYTHONPATH"] = os.pathsep.join(filter(None, [SITE, run.env.get("PYTHONPATH")]))
+    run.env["MOCA_SKIP_CUDA"] = "1"  # the C++ host ops only: csrc/ has no CUDA sources yet
+    return run.sh("build", [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+                  CAPS["setup"])
+
+
+def pipeline(run: Run, result: dict) -> None:
+    """The embedded default on CUDA: CPT, then CL from it (its eval table), then the embed CLI."""
+    for stage in ("cpt", "cl"):
+        shutil.rmtree(os.path.join(ROOT, "runs", f"{stage}-tiny"), ignore_errors=True)
+    t = time.monotonic()
+    steps = {}
+    for name, cmd in (("cpt", [sys.executable, "-m", "engine.train", "cpt", "--no-progress"]),
+                      ("cl", [sys.executable, "-m", "engine.train", "cl", "--no-progress"]),
+                      ("embed_cli", [sys.executable, "-m", "moca.embed"])):
+        steps[name] = run.sh(f"pipeline {name}", cmd, CAPS["pipeline"] - (time.monotonic() - t))
+        if steps[name]["status"] != "ok":
+            break
+    eval_path = os.path.join(ROOT, "runs", "cl-tiny", "eval.json")
+    if os.path.exists(eval_path):
+        with open(eval_path) as f:
+            steps["eval"] = json.load(f)
+    result.update(steps)
+
+
+def tests(run: Run, result: dict) -> None:
+    res = run.sh("tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-n", "4", "--timeout", "200",
+                           "-p", "no:cacheprovider", "tests"], CAPS["tests"])
+    m = re.findall(r"(\d+) (passed|failed|skipped|error|errors)", res["tail"].splitlines()[-1] if res["tail"] else "")
+    res["counts"] = {k: int(n) for n, k in m}
+    result.update(res)
+
+
+def benchmarks(run: Run, names: list[str], tmp: str) -> dict:
+    out = {}
+    for name in names:
+        path = os.path.join(tmp, f"bench-{name}.json")
+        res = run.sh(f"bench {name}", [sys.executable, "bench/throughput.py", name, "--json", path], CAPS.get(name, 60))
+        if os.path.exists(path):
+            with open(path) as f:
+                payload = json.load(f)
+            res["rows"], res["summary"] = payload["results"].get(name, []), payload.get("summary", {})
+        out[name] = res
+    return out
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# gpu-check on {env.get('device')}, {report['date']}, commit {env.get('commit')}", "",
+             ", ".join(f"{k}={v}" for k, v in env.items()), ""]
+    t = report["tests"]
+    lines += [f"GPU tests: {t.get('status')}, {t.get('counts')} in {t.get('seconds')} s", ""]
+    p = report["pipeline"]
+    lines += ["Embedded pipeline on CUDA: " + ", ".join(f"{k} {p[k]['status']} ({p[k]['seconds']} s)"
+                                                     for k in ("cpt", "cl", "embed_cli") if k in p), ""]
+    if "eval" in p:
+        tasks = list(p["eval"]["after"]["tasks"])
+        lines += ["| precision@1 | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+        for when, e in p["eval"].items():
+            lines.append(f"| {when} | " + " | ".join(f"{e['tasks'][k]:.2f}" for k in tasks)
+                         + f" | {e['mean_precision@1']:.3f} |")
+        lines.append("")
+    for name, b in report["benchmarks"].items():
+        lines += [f"## {name}: {b['status']} ({b['seconds']} s)", ""]
+        rows = b.get("rows") or []
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            lines += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+            lines.append("")
+        if b.get("summary"):
+            lines += ["summary: " + ", ".join(f"{k}={_fmt(v)}" for k, v in b["summary"].items()), ""]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole check")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--bench", nargs="*", default=None, help="sub-benchmarks (default: all)")
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import torch
+    from common import environment
+    from throughput import available
+
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
+    date = datetime.date.today().isoformat()
+    results_dir = os.path.join(ROOT, "bench", "results")
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, f"{device}-{date}")
+    run = Run(args.deadline, stem + ".log")
+    report = {"date": date, "environment": environment("cuda"), "tests": {}, "pipeline": {}, "benchmarks": {}}
+    report["setup"] = setup(run)
+    if report["setup"]["status"] == "ok":
+        workers = [threading.Thread(target=pipeline, args=(run, report["pipeline"]))]
+        if not args.skip_tests:
+            workers.append(threading.Thread(target=tests, args=(run, report["tests"])))
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        report["benchmarks"] = benchmarks(run, args.bench or available(), os.path.dirname(stem))
+    for b in report["benchmarks"].values():
+        if b["status"] == "ok":  # the rows say it all; the log keeps the output
+            del b["tail"]
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    run.log.close()
+    if os.environ.get("OUT"):
+        for ext in (".json", ".md", ".log"):
+            shutil.copy(stem + ext, os.environ["OUT"])
+
+    print("\n===== gpu-check summary =====")
+    t = report["tests"]
+    print(f"tests: {t.get('status', 'not run')} {t.get('counts', '')}")
+    p = report["pipeline"]
+    if "eval" in p:
+        print(f"embedded CL mean precision@1: before {p['eval']['before']['mean_precision@1']:.3f}, "
+              f"after {p['eval']['after']['mean_precision@1']:.3f}")
+    for k in ("cpt", "cl", "embed_cli"):
+        if k in p:
+            print(f"pipeline {k}: {p[k]['status']} ({p[k]['seconds']} s)")
+    for name, b in report["benchmarks"].items():
+        print(f"bench {name}: {b['status']} ({b['seconds']} s) {b.get('summary', '')}")
+    print(f"wrote {stem}.json, .md, .log")
+    ok = t.get("status", "ok") == "ok" and all(p.get(k, {}).get("status") == "ok" for k in ("cpt", "cl", "embed_cli"))
+    return 0 if ok and all(b["status"] == "ok" for b in report["benchmarks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
