@@ -1,0 +1,480 @@
+"""Serve embeddings over HTTP: `python -m moca.serve` (FastAPI + uvicorn).
+
+    python -m moca.serve                                   # tiny preset on 127.0.0.1:8080
+    python -m moca.serve --model CKPT --host 0.0.0.0 --port 8080 --dtype bfloat16
+
+Endpoints: OpenAI-compatible `POST /v1/embeddings`, TEI-compatible `POST /embed`, `GET /health`
+(200 once warm, 503 before) and `GET /metrics` (Prometheus). An input is a string or an object
+`{"text": ..., "image": <base64 or data URL>}` (or `"images": [...]`); a text that names no image
+with a marker gets one marker per image in front of it, as in MoCa's prompts.
+
+Design decisions a reader must know:
+* One dedicated device thread owns the model. Requests are decoded (base64, image decode,
+  resize, tokenise) in a thread pool off the event loop, then their samples wait in a queue;
+  each round the device thread takes everything waiting, packs it under the token budget with
+  the packer `embed_items` uses (`host_ops.pack_bins`, then `Processor.pack`: no padding) and
+  runs one forward per bin. Each sample attends only to itself, so a vector does not depend on
+  what it was batched with: it equals `model.embed` of that input alone.
+* Back-pressure: at most `--max-queue` requests are admitted at once (then 503 + Retry-After);
+  a request over `--max-request-tokens` is refused with 413; a malformed request gets 400 naming
+  the field and index. A client that disconnects cancels its inputs; the batch goes on.
+* Warm start: before /health reports ready the device thread embeds a few representative inputs
+  (texts, an image, interleaved) alone and together, so the first request pays no compile or
+  autotune stall.
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from moca import host_ops
+from moca.batch import Sample
+from moca.embed import demo_items, item_cost, sample_cost
+from moca.image import ImageError, load_image
+from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
+
+log = logging.getLogger("moca")
+
+
+class RequestError(ValueError):
+    """A request the server refuses: HTTP status, a message that names the field at fault."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its vectors were ready; its inputs were cancelled."""
+
+
+# ------------------------------------------------------------------------------- request parsing
+def parse_json(body: bytes) -> dict:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def parse_inputs(value, field: str) -> list[tuple[str, str, list]]:
+    """The `input`/`inputs` value -> [(field name, text, [(image field name, encoded image), ...])]."""
+    if value is None:
+        raise RequestError(400, f"{field}: required")
+    single = not isinstance(value, list)
+    values = [value] if single else value
+    if not values:
+        raise RequestError(400, f"{field}: must not be empty")
+    out = []
+    for i, v in enumerate(values):
+        name = field if single else f"{field}[{i}]"
+        if isinstance(v, str):
+            out.append((name, v, []))
+            continue
+        if not isinstance(v, dict) or not ({"text", "image", "images"} & v.keys()):
+            raise RequestError(400, f"{name}: expected a string or an object with 'text' and/or 'image', "
+                                    f"got {type(v).__name__}")
+        text = v.get("text") or ""
+        if not isinstance(text, str):
+            raise RequestError(400, f"{name}.text: expected a string, got {type(text).__name__}")
+        if "image" in v and "images" in v:
+            raise RequestError(400, f"{name}: give 'image' or 'images', not both")
+        if "images" in v:
+            if not isinstance(v["images"], list):
+                raise RequestError(400, f"{name}.images: expected a list, got {type(v['images']).__name__}")
+            images = [(f"{name}.images[{k}]", img) for k, img in enumerate(v["images"])]
+        else:
+            images = [(f"{name}.image", v["image"])] if v.get("image") is not None else []
+        out.append((name, text, images))
+    return out
+
+
+def decode_image(value, field: str):
+    """Base64 or a `data:<type>;base64,` URL -> decoded RGB PIL image; RequestError(400) naming `field`."""
+    if not isinstance(value, str):
+        raise RequestError(400, f"{field}: expected a base64 string or data URL, got {type(value).__name__}")
+    data = value
+    if value.startswith("data:"):
+        head, sep, data = value.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise RequestError(400, f"{field}: a data URL must look like 'data:image/png;base64,<data>'")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{field}: not valid base64 ({e})") from None
+    try:
+        return load_image(raw)
+    except ImageError as e:
+        raise RequestError(400, f"{field}: {e}") from None
+
+
+# ------------------------------------------------------------------------------- metrics
+class Metrics:
+    """Prometheus metrics in a registry of their own (several servers may live in one process)."""
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("moca_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.inputs = Counter("moca_inputs", "inputs embedded", registry=r)
+        self.tokens = Counter("moca_tokens", "LLM tokens embedded (image tokens included)", registry=r)
+        self.queue_depth = Gauge("moca_queue_depth", "requests admitted and not yet answered", registry=r)
+        self.batch_inputs = Histogram("moca_batch_inputs", "inputs per forward", registry=r,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.batch_tokens = Histogram("moca_batch_tokens", "LLM tokens plus image patches per forward", registry=r,
+                                      buckets=tuple(2**k for k in range(6, 18)))
+        self.forward_seconds = Histogram("moca_forward_seconds", "time of one forward (pack, copy, model, copy back)", registry=r,
+                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.latency = Histogram("moca_request_latency_seconds", "request latency", ["endpoint"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+# ------------------------------------------------------------------------------- device worker
+@dataclass
+class _Job:
+    sample: Sample
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # cancelled: the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class DeviceWorker:
+    """The one thread that runs the model: take everything waiting, pack it, one forward per bin.
+
+    `lock` is held for each forward; whoever else touches the model holds it too (and holding it
+    stalls the worker, which is how the tests fill the queue deterministically).
+    """
+
+    def __init__(self, model, processor: Processor, metrics: Metrics, batch_tokens: int, max_items: int = 0,
+                 pooling: str = "mean", warmup: bool = True):
+        self.model, self.processor, self.metrics = model, processor, metrics
+        self.batch_tokens, self.max_items, self.pooling, self.warmup = batch_tokens, max_items, pooling, warmup
+        self.device = next(model.parameters()).device
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="moca-device", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, samples: list[Sample], loop: asyncio.AbstractEventLoop) -> list[asyncio.Future]:
+        futures = [loop.create_future() for _ in samples]
+        for s, f in zip(samples, futures):
+            self._jobs.put(_Job(s, f, loop))
+        return futures
+
+    @torch.inference_mode()
+    def forward(self, samples: list[Sample]) -> torch.Tensor:
+        """One packed forward -> (len(samples), hidden) float32 on the host."""
+        batch = self.processor.pack(samples).to(self.device)
+        with self.lock:
+            return self.model.embed(batch, pooling=self.pooling).cpu()
+
+    def _warm_up(self) -> None:
+        items, _ = demo_items()
+        samples = [self.processor.encode(it) for it in items]
+        t0 = time.perf_counter()
+        for s in samples:
+            self.forward([s])
+        self.forward(samples)
+        log.info("warm-up: %d inputs alone and together in %.2f s", len(samples), time.perf_counter() - t0)
+
+    def _run(self) -> None:
+        if self.warmup:
+            self._warm_up()
+        self.ready.set()
+        while True:
+            jobs = [self._jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(self._jobs.get_nowait())
+            stop = None in jobs
+            jobs = [j for j in jobs if j is not None and not j.future.cancelled()]
+            if jobs:
+                self._round(jobs)
+            if stop:
+                return
+
+    def _round(self, jobs: list[_Job]) -> None:
+        costs = torch.tensor([sample_cost(j.sample) for j in jobs], dtype=torch.int64)
+        order, offsets = host_ops.pack_bins(costs, self.batch_tokens, self.max_items)
+        offsets = offsets.tolist()
+        for b in range(len(offsets) - 1):
+            members = [jobs[i] for i in order[offsets[b] : offsets[b + 1]].tolist()]
+            members = [j for j in members if not j.future.cancelled()]
+            if not members:
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = self.forward([j.sample for j in members])
+            except Exception as e:  # the worker outlives any one batch; its requests get a 500
+                log.exception("forward of %d inputs failed", len(members))
+                for j in members:
+                    j.loop.call_soon_threadsafe(_settle, j.future, None, e)
+                continue
+            self.metrics.forward_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_inputs.observe(len(members))
+            self.metrics.batch_tokens.observe(sum(sample_cost(j.sample) for j in members))
+            for j, vec in zip(members, out):
+                j.loop.call_soon_threadsafe(_settle, j.future, vec)
+
+
+# ------------------------------------------------------------------------------- the server
+class EmbeddingServer:
+    """Admission, decoding and answering; the device work is the DeviceWorker's."""
+
+    def __init__(self, model, processor: Processor, model_name: str = "tiny", batch_tokens: int = 16384,
+                 max_items: int = 0, max_queue: int = 256, max_request_tokens: int | None = None,
+                 pooling: str = "mean", warmup: bool = True, decode_threads: int | None = None):
+        self.processor, self.model_name, self.max_queue = processor, model_name, max_queue
+        self.max_request_tokens = max_request_tokens or 4 * batch_tokens
+        self.hidden_size = model.config.hidden_size
+        self.metrics = Metrics()
+        self.worker = DeviceWorker(model, processor, self.metrics, batch_tokens, max_items, pooling, warmup)
+        self.decoders = ThreadPoolExecutor(decode_threads or min(8, os.cpu_count() or 1), thread_name_prefix="moca-decode")
+        self.in_flight = 0  # touched only on the event loop
+
+    def encode(self, inputs: list[tuple[str, str, list]]) -> list[Sample]:
+        """Parsed inputs -> Samples (runs in the decode pool): images decoded once, each error names its field."""
+        items, total = [], 0
+        for name, text, images in inputs:
+            pictures = [decode_image(v, f) for f, v in images]
+            if pictures and normalize_markers(text).count(IMAGE_PAD) == 0:
+                text = IMAGE_MARKER * len(pictures) + text
+            item = {"text": text, "images": pictures}
+            try:
+                total += item_cost(self.processor, item)
+            except ValueError as e:  # marker count, empty input, an image too elongated
+                raise RequestError(400, f"{name}: {e}") from None
+            items.append(item)
+        if total > self.max_request_tokens:
+            raise RequestError(413, f"the request brings {total} tokens + image patches, more than the limit of "
+                                    f"{self.max_request_tokens} (--max-request-tokens)")
+        return [self.processor.encode(it) for it in items]
+
+    async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
+        """Admit, parse (`check(payload)` vets the endpoint's options), decode, queue and wait
+        -> (payload, (N, hidden) float32 vectors, LLM tokens)."""
+        if self.in_flight >= self.max_queue:
+            raise RequestError(503, f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+                               headers={"Retry-After": "1"})
+        self.in_flight += 1
+        self.metrics.queue_depth.set(self.in_flight)
+        try:
+            payload = parse_json(await request.body())
+            check(payload)
+            inputs = parse_inputs(payload.get(field), field)
+            loop = asyncio.get_running_loop()
+            samples = await loop.run_in_executor(self.decoders, self.encode, inputs)
+            vectors = await _wait_unless_gone(request, self.worker.submit(samples, loop))
+        finally:
+            self.in_flight -= 1
+            self.metrics.queue_depth.set(self.in_flight)
+        tokens = sum(len(s) for s in samples)
+        self.metrics.inputs.inc(len(samples))
+        self.metrics.tokens.inc(tokens)
+        return payload, torch.stack(vectors), tokens
+
+
+async def _wait_unless_gone(request: Request, futures: list[asyncio.Future]) -> list[torch.Tensor]:
+    """Wait for the vectors; if the client disconnects first, cancel its inputs and raise ClientGone."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    results = asyncio.gather(*futures)
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({results, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if results not in done:
+        results.cancel()
+        raise ClientGone
+    return results.result()
+
+
+def create_app(model, processor: Processor, **options) -> FastAPI:
+    """The ASGI app; `options` go to EmbeddingServer. The device thread starts and stops with the app."""
+    server = EmbeddingServer(model, processor, **options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        try:
+            yield
+        finally:
+            server.worker.stop()
+            server.decoders.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="moca embeddings", lifespan=lifespan)
+    app.state.server = server
+
+    async def handle(request: Request, endpoint: str, field: str, check, answer, error_body) -> Response:
+        t0 = time.perf_counter()
+        try:
+            payload, vectors, tokens = await server.embed(request, field, check)
+            response = answer(payload, vectors, tokens)
+        except RequestError as e:
+            response = JSONResponse(error_body(e.status, str(e)), e.status, headers=e.headers)
+        except ClientGone:
+            response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except Exception as e:  # a failed forward: answer 500, keep serving
+            log.exception("request failed")
+            response = JSONResponse(error_body(500, f"internal error: {e}"), 500)
+        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        server.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    def openai_check(payload: dict) -> None:
+        if payload.get("encoding_format", "float") not in ("float", "base64"):
+            raise RequestError(400, f"encoding_format: 'float' or 'base64', got {payload['encoding_format']!r}")
+        dims = payload.get("dimensions")
+        if dims is not None and dims != server.hidden_size:
+            raise RequestError(400, f"dimensions: this model returns {server.hidden_size}, got {dims!r}")
+
+    def openai_answer(payload: dict, vectors: torch.Tensor, tokens: int) -> Response:
+        if payload.get("encoding_format", "float") == "base64":  # little-endian float32, as OpenAI's
+            data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = vectors.tolist()
+        return JSONResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "model": payload.get("model") or server.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
+
+    def openai_error(status: int, message: str) -> dict:
+        kind = {400: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
+        return {"error": {"message": message, "type": kind.get(status, "server_error"), "code": status}}
+
+    def tei_answer(payload: dict, vectors: torch.Tensor, tokens: int) -> Response:
+        return JSONResponse(vectors.tolist())
+
+    def tei_error(status: int, message: str) -> dict:
+        return {"error": message, "error_type": {413: "Validation", 503: "Overloaded"}.get(status, "Validation" if status == 400 else "Backend")}
+
+    def tei_check(payload: dict) -> None:
+        if payload.get("normalize", True) is not True:
+            raise RequestError(400, "normalize: this server returns L2-normalised vectors only")
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        return await handle(request, "/v1/embeddings", "input", openai_check, openai_answer, openai_error)
+
+    @app.post("/embed")
+    async def tei_embed(request: Request) -> Response:
+        return await handle(request, "/embed", "inputs", tei_check, tei_answer, tei_error)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if server.worker.ready.is_set() and server.worker.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "warming up" if server.worker.alive else "device worker stopped"}, 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ------------------------------------------------------------------------------- running it
+@dataclass
+class RunningServer:
+    """A uvicorn server on its own thread (tests, benchmarks): `url`, `app`, `stop()`."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    app: FastAPI
+    url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> RunningServer:
+    """Bind host:port (0 = a free port), serve `app` from a thread, return once it accepts connections."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="moca-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.01)
+    return RunningServer(server, thread, app, f"http://{host}:{sock.getsockname()[1]}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m moca.serve", description="Serve embeddings over HTTP (OpenAI and TEI APIs).")
+    p.add_argument("--model", default="tiny", help="a preset (tiny, 3b, 7b) or an HF checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="token budget (LLM tokens + image patches) per forward")
+    p.add_argument("--max-items", type=int, default=0, help="most inputs per forward (0 = unlimited)")
+    p.add_argument("--max-queue", type=int, default=256, help="most requests admitted at once; more get 503")
+    p.add_argument("--max-request-tokens", type=int, default=None, help="most tokens + patches per request (413 over it; default 4 x --batch-tokens)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from moca.checkpoint import load_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    processor = Processor.from_pretrained(args.model, max_length=args.max_length)
+    app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
+                     max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
+                     warmup=args.warmup)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
