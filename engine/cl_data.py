@@ -9,9 +9,10 @@ an image root (default: the subset's folder); in-memory images (bytes, HF dicts)
 Design decisions:
 * Every record is validated once, when its subset is opened (query and positive not empty,
   marker/image agreement, image files present, negative lists aligned). A bad record is
-  skipped, counted and logged with subset and index, never a crash, never a silent drop; one
-  that still fails when it is encoded (an undecodable image) is logged the same way and
-  replaced by the next record of its subset, so every rank keeps an equal slice.
+  skipped, counted and logged with where it is (`FILE:LINE` for JSONL, 1-based physical lines),
+  never a crash, never a silent drop; one that still fails when it is encoded (an undecodable
+  image) is logged the same way, once, and replaced by the next record of its subset, so every
+  rank keeps an equal slice.
 * Phi-3-V `<|image_N|>` (and `<image>`) markers become the Qwen marker when the side has an
   image and are removed when it has none (MOCA.md §4).
 * Task-homogeneous batches (MOCA.md §3): the plan of an epoch is a pure function of (seed,
@@ -24,6 +25,7 @@ Design decisions:
   negatives; in a subset that has them, a record without any is reported as bad.
 """
 
+import bisect
 import glob
 import json
 import logging
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import cl_synthetic
+from engine.data import DataError
 from moca.batch import Sample
 from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
 
@@ -60,13 +63,22 @@ class Subset:
     def __getitem__(self, i: int) -> dict:
         raise NotImplementedError
 
+    def where(self, i: int) -> str:
+        """Where record i is, for messages."""
+        return f"subset {self.name} record {i}"
+
 
 class JsonlSubset(Subset):
     def __init__(self, path: str, image_root: str | None = None):
-        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.name, self.path = os.path.splitext(os.path.basename(path))[0], path
         self.image_root = image_root or os.path.dirname(os.path.abspath(path))
         with open(path, "rb") as f:
-            self.lines = [line for line in f if line.strip()]
+            numbered = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        self.line_numbers = [n for n, _ in numbered]  # 1-based physical lines, blank ones counted
+        self.lines = [line for _, line in numbered]
+
+    def where(self, i):
+        return f"{self.path}:{self.line_numbers[i]}"
 
     def __len__(self):
         return len(self.lines)
@@ -98,6 +110,7 @@ class TableSubset(Subset):
         if not files:
             raise FileNotFoundError(f"{path}: no .parquet or .arrow files")
         self.columns = {c: [] for c in FIELDS}
+        self.files, self.offsets = files, [0]
         for f in files:
             if f.endswith(".parquet"):
                 table = pq.read_table(f)
@@ -109,6 +122,7 @@ class TableSubset(Subset):
                         src.seek(0)
                         table = pa.ipc.open_stream(src).read_all()
             n = table.num_rows
+            self.offsets.append(self.offsets[-1] + n)
             for c in FIELDS:
                 self.columns[c].extend(table.column(c).to_pylist() if c in table.column_names else [None] * n)
 
@@ -117,6 +131,10 @@ class TableSubset(Subset):
 
     def __getitem__(self, i):
         return {c: v[i] for c, v in self.columns.items()}
+
+    def where(self, i):
+        fi = bisect.bisect_right(self.offsets, i) - 1
+        return f"{self.files[fi]} row {i - self.offsets[fi]}"
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -269,7 +287,7 @@ class CLData:
             for i in np.flatnonzero(ok & (n_negs == 0)).tolist():
                 bad[i] = "RecordError: no hard negative, though other records of the subset have them"
         for i, why in sorted(bad.items()):
-            log.warning("bad record: subset=%s index=%d reason=%s", sub.name, i, why)
+            log.warning("bad record: %s: %s", sub.where(i), why)
         good = np.asarray([i for i in range(len(sub)) if i not in bad], dtype=np.int64)
         count = len(good) if count is None or not len(good) else count
         log.info("subset %s: %d records, %d good, %d bad; drawing %d per epoch (%d global batches), %d hard negatives",
@@ -344,10 +362,10 @@ class CLData:
                 except Exception as e:  # reported, replaced by the subset's next record
                     self._broken.add((si, j))
                     self.runtime_bad += 1
-                    log.warning("bad record: subset=%s index=%d reason=%s: %s (skipped at load time, replaced)",
-                                self.subsets[si].name, j, type(e).__name__, e)
+                    log.warning("bad record: %s: %s: %s (skipped at load time, replaced)",
+                                self.subsets[si].where(j), type(e).__name__, e)
             else:
-                raise RuntimeError(f"subset {self.subsets[si].name}: no record can be encoded")
+                raise DataError(f"subset {self.subsets[si].name}: none of its {len(good)} records can be encoded any more")
             out.indices.append(j)
             out.queries.append(q)
             out.positives.append(p)

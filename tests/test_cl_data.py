@@ -43,7 +43,7 @@ def subsets(tmp_path):
     a[8] = {**a[8], "qry": "<|image_1|> query alpha 8", "qry_image_path": "broken.png"}  # fails when decoded
     a[9] = {**a[9], "neg_text": [], "neg_image_path": []}  # no negative in a subset that has them
     b = [_rec("beta", i, 0) for i in range(9)]  # no hard negatives anywhere
-    _write(tmp_path / "alpha.jsonl", a[:3] + ["{not json"] + a[3:])
+    _write(tmp_path / "alpha.jsonl", a[:3] + ["", "{not json"] + a[3:])  # a blank line 4: skipped, still a line
     _write(tmp_path / "beta.jsonl", b)
     return tmp_path
 
@@ -85,8 +85,9 @@ def test_bad_records_reported(subsets, processor, caplog):
     assert "invalid JSON" in bad[3] and "empty query" in bad[5] and "image file not found" in bad[6]
     assert "neg_text" in bad[7] and "no hard negative" in bad[10]
     assert data.bad["beta"] == {} and data.ratios == [2, 0]
-    for i in bad:
-        assert f"subset=alpha index={i} " in caplog.text
+    alpha = subsets / "alpha.jsonl"
+    for i, line in zip([3, 5, 6, 7, 10], [5, 7, 8, 9, 12]):  # record i >= 3 is on line i + 2 (blank line 4)
+        assert f"bad record: {alpha}:{line}: " in caplog.text
     assert data.num_bad == 5
     assert len(data.good[0]) == 14 - 5 and len(data.good[1]) == 9
 
@@ -134,6 +135,6 @@ def test_runtime_failure_replaced(subsets, processor, caplog):
         rb = data.rank_batch(0)
     assert len(rb.queries) == 9 and 9 not in rb.indices
     assert data.runtime_bad == 1 and data.num_bad == len(data.bad["alpha"]) + 1
-    assert "subset=alpha index=9 " in caplog.text and "replaced" in caplog.text
+    assert f"bad record: {subsets / 'alpha.jsonl'}:11: " in caplog.text and "replaced" in caplog.text
     img = rb.queries[rb.indices.index(2)]  # the record with a real image: marker rewritten, patches there
     assert img.grids and (img.input_ids == processor.image_token_id).sum() == img.num_patches // 4

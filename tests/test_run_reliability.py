@@ -1,0 +1,310 @@
+"""Training runs that a user interrupts, repeats or feeds changing data (issue #13, items 1-7): no pickle
+in the trainer state, one run per output folder, metrics that match the checkpoint resumed from,
+half-written / half-deleted checkpoints that never count, a cost cache that notices its images
+changed, checkpoint permissions that follow the umask, and bad records reported as FILE:LINE."""
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from engine.data import CPTData, DataError, open_source, source_costs
+from engine.masking import add_mask_token
+from engine.train import main
+from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, RunDirError, checkpoint_info, clean_run_dir,
+                            decode_state, encode_state, find_checkpoint)
+from moca import Processor
+from moca.checkpoint import save_model
+from moca.processor import IMAGE_MARKER
+from test_cpt_data import write_bad_jsonl
+from test_cpt_train import args, full_run, metrics, weights, workdir  # noqa: F401 (fixtures)
+
+PARTS = ("loss", "mlm_loss", "mae_loss", "lr", "grad_norm", "tokens", "samples")
+
+
+class Payload:
+    """Unpickling this touches a file: the stand-in for arbitrary code in a planted trainer_state.pt."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.Path(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+def plant_pickle(folder, marker):
+    torch.save({"optimizer": Payload(marker)}, os.path.join(folder, LEGACY_STATE))
+
+
+def is_pickle(path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"  # a raw pickle, or torch.save's zip of one
+
+
+# ---------------------------------------------------------------------------------- item 1
+def test_checkpoints_hold_no_pickle(full_run):  # noqa: F811
+    for ckpt in ("checkpoint-2", "final"):
+        folder = full_run / ckpt
+        names = sorted(os.listdir(folder))
+        assert STATE_TENSORS in names and STATE_JSON in names and LEGACY_STATE not in names
+        assert not [n for n in names if is_pickle(folder / n)]
+        info = json.loads((folder / STATE_JSON).read_text())
+        assert info["step"] == (2 if ckpt == "checkpoint-2" else 4)
+        assert sorted(info["files"]) == sorted(set(names) - {STATE_JSON})  # the marker lists every other file
+
+
+def test_resume_ignores_a_planted_pickle_and_reproduces_the_run(workdir, full_run, tmp_path):  # noqa: F811
+    out = tmp_path / "resumed"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    marker = tmp_path / "payload-ran"
+    plant_pickle(out / "checkpoint-2", marker)
+    main(args(workdir, out, 4, "--save-every", "2", "--resume"))
+    assert not marker.exists()
+    ref, got = metrics(full_run)[2:], metrics(out)
+    assert [r["step"] for r in got] == [3, 4]
+    assert [{k: r[k] for k in PARTS} for r in got] == [{k: r[k] for k in PARTS} for r in ref]
+    wa, wb = weights(full_run / "final"), weights(out / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_a_legacy_pickle_checkpoint(workdir, full_run, tmp_path):  # noqa: F811
+    """A checkpoint written by the old version (trainer_state.pt only) is named, never unpickled."""
+    out = tmp_path / "legacy"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    os.remove(out / "checkpoint-2" / STATE_TENSORS)
+    marker = tmp_path / "payload-ran"
+    plant_pickle(out / "checkpoint-2", marker)
+    with pytest.raises(RunDirError, match=f"checkpoint-2 holds a {LEGACY_STATE}"):
+        main(args(workdir, out, 4, "--resume"))
+    assert not marker.exists() and os.path.exists(out / "checkpoint-2" / LEGACY_STATE)
+
+
+def test_optimizer_scheduler_and_rng_state_round_trip(tmp_path):
+    """encode_state -> safetensors + JSON -> decode_state: the next step equals the uninterrupted one."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+
+    def make():
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, betas=(0.8, 0.95))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    def step(opt, sched, x):
+        net(x).square().sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    opt, sched = make()
+    for _ in range(3):
+        step(opt, sched, torch.randn(4, 5))
+    tensors = {}
+    skel = encode_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+                        "", tensors)
+    save_file(tensors, str(tmp_path / "s.safetensors"))
+    (tmp_path / "s.json").write_text(json.dumps(skel))
+    saved = [p.detach().clone() for p in net.parameters()]
+    x = torch.randn(4, 5)
+    step(opt, sched, x)
+    uninterrupted = [p.detach().clone() for p in net.parameters()]
+
+    state = decode_state(json.loads((tmp_path / "s.json").read_text()), load_file(str(tmp_path / "s.safetensors")))
+    with torch.no_grad():
+        for p, p0 in zip(net.parameters(), saved):
+            p.copy_(p0)
+    opt2, sched2 = make()
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    assert torch.equal(torch.randn(4, 5), x)  # the RNG continues where it was saved
+    step(opt2, sched2, x)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), uninterrupted))
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_no_pickle_loading_in_the_code():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for folder in ("engine", "moca", "kernels", "bench"):
+        for f in (root / folder).rglob("*.py"):
+            text = f.read_text()
+            for bad in ("torch.load(", "import pickle", "weights_only", "_object(", "_object_list("):
+                assert bad not in text, (f, bad)
+
+
+# ---------------------------------------------------------------------------------- item 2
+def test_fresh_run_refuses_a_folder_holding_a_run(workdir, full_run, tmp_path):  # noqa: F811
+    out = tmp_path / "old"
+    shutil.copytree(full_run, out)  # an older run: checkpoint-2 and final (step 4) are higher than steps 1-2 below
+    before = sorted(os.listdir(out))
+    with pytest.raises(RunDirError, match=re.escape(f"{out} already holds a run (checkpoint-2, final, metrics.jsonl)")
+                       + ".*--resume.*--overwrite"):
+        main(args(workdir, out, 2, "--save-every", "1"))
+    assert sorted(os.listdir(out)) == before
+    main(args(workdir, out, 3, "--save-every", "1", "--keep-last", "1", "--overwrite"))
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert checkpoint_info(str(out / "checkpoint-2"))["step"] == 2 and checkpoint_info(str(out / "final"))["step"] == 3
+
+
+def _fake_checkpoint(folder, step, payload=b"weights"):
+    """A complete checkpoint as far as the marker goes: one file plus trainer_state.json listing it."""
+    os.makedirs(folder)
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / STATE_JSON).write_text(json.dumps({"format": 2, "step": step, "files": {"model.safetensors": len(payload)}}))
+
+
+def test_prune_never_deletes_the_checkpoint_just_saved(tmp_path):
+    from types import SimpleNamespace
+
+    from engine.trainer import Trainer
+
+    for step in (2, 8):  # checkpoint-8: left by some other run, with more steps
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}", step)
+    fake = SimpleNamespace(cfg=SimpleNamespace(output_dir=str(tmp_path), keep_last=1))
+    Trainer._prune(fake, keep=str(tmp_path / "checkpoint-2"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-8"]
+    _fake_checkpoint(tmp_path / "checkpoint-10", 10)
+    Trainer._prune(fake, keep=str(tmp_path / "checkpoint-10"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10"]
+
+
+# ---------------------------------------------------------------------------------- items 3, 4
+def test_resume_after_a_kill_in_the_first_save_starts_fresh_metrics(workdir, full_run, tmp_path):  # noqa: F811
+    """Killed while checkpoint-2 was written: metrics rows 1, 2 and a .tmp-* folder, no checkpoint."""
+    out = tmp_path / "killed"
+    os.makedirs(out)
+    shutil.copy(full_run / "metrics.jsonl", out / "metrics.jsonl")
+    shutil.copytree(full_run / "checkpoint-2", out / ".tmp-checkpoint-2-123-abcd")
+    main(args(workdir, out, 3, "--resume"))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert sorted(os.listdir(out)) == ["final", "loss_curve.png", "metrics.jsonl"]
+
+
+def test_half_deleted_checkpoint_never_counts_and_leftovers_are_cleaned(tmp_path):
+    _fake_checkpoint(tmp_path / "checkpoint-2", 2)
+    _fake_checkpoint(tmp_path / "checkpoint-4", 4)
+    os.remove(tmp_path / "checkpoint-4" / "model.safetensors")  # a prune killed halfway: json kept, tensors gone
+    _fake_checkpoint(tmp_path / "checkpoint-6", 6, payload=b"w")
+    (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"wei")  # size differs from the marker's
+    _fake_checkpoint(tmp_path / ".tmp-checkpoint-8-1-ab", 8)
+    _fake_checkpoint(tmp_path / ".trash-checkpoint-0-1", 0)
+    _fake_checkpoint(tmp_path / "checkpoint-2.old", 1)  # beside a live checkpoint-2: stale
+    _fake_checkpoint(tmp_path / "final.old", 9)  # killed between save_model's two renames: final is gone
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(RunDirError, match="checkpoint-4: incomplete checkpoint"):
+        checkpoint_info(str(tmp_path / "checkpoint-4"))
+    clean_run_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "final"]
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "final")
+
+
+# ---------------------------------------------------------------------------------- item 5
+@pytest.fixture(scope="module")
+def proc():
+    p = Processor.from_pretrained("tiny")
+    add_mask_token(p.tokenizer)
+    return p
+
+
+def test_cost_cache_notices_images_that_changed(proc, tmp_path, caplog):
+    path, bad = write_bad_jsonl(tmp_path / "src")
+    cache = str(tmp_path / "cache")
+    _, b1 = source_costs(open_source(path), proc, 256, cache, progress=False)
+    assert sorted(b1) == sorted(bad)
+    for i in (0, 4):
+        os.remove(tmp_path / "src" / f"img{i}.png")
+    with caplog.at_level(logging.INFO, logger="moca"):
+        _, b2 = source_costs(open_source(path), proc, 256, cache, progress=False)
+    assert "stale" in caplog.text and "from cache" not in caplog.text
+    assert sorted(b2) == sorted(set(bad) | {0, 4})
+
+
+def test_images_gone_after_the_cost_pass_count_once_then_a_clear_error(proc, tmp_path, caplog):
+    path, bad = write_bad_jsonl(tmp_path / "src")
+    data = CPTData([f"{path}:40"], proc, max_len=256, budget=300, cache_dir=str(tmp_path / "cache"), progress=False)
+    bins = len(data.epoch_bins(0)) + len(data.epoch_bins(1)) + len(data.epoch_bins(2))
+    gone = (0, 4)
+    for i in gone:
+        os.remove(tmp_path / "src" / f"img{i}.png")
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        drawn = [item for k in range(bins) for item in data.micro_batch(k).items]  # three epochs: each record ~10x
+    assert data.runtime_bad == len(gone)
+    assert sorted({int(data.items[i, 1]) for i in drawn}) == sorted(set(range(13)) - set(bad) - set(gone))
+    for i in gone:
+        assert caplog.text.count(f"bad record: {path}:{i + 1}: ") == 1
+
+
+def test_a_source_whose_images_all_went_is_a_clear_error(proc, tmp_path):
+    """The issue's hang: every record of a cached source lost its image after the cost pass."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + 8 * i, 30), (200, 10 * i, 10)).save(root / f"{i}.png")
+    path = root / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"shape {i} {IMAGE_MARKER}", "images": [f"{i}.png"]}) + "\n"
+                            for i in range(3)))
+    data = CPTData([f"{path}:50"], proc, max_len=256, budget=300, cache_dir=str(tmp_path / "cache"), progress=False)
+    for i in range(3):
+        os.remove(root / f"{i}.png")
+    with pytest.raises(DataError, match=f"source {path}: none of its 3 records loads any more"):
+        for k in range(len(data)):  # a bin holds at least one item: 50 bins cannot all be skipped
+            data.micro_batch(k)
+    assert data.runtime_bad == 3
+    # built again on the same cache: the cache sees the images changed, and no record is usable
+    with pytest.raises(DataError, match=f"source {path}: none of its 3 records is usable"):
+        CPTData([str(path)], proc, max_len=256, budget=300, cache_dir=str(tmp_path / "cache"), progress=False)
+
+
+# ---------------------------------------------------------------------------------- item 6
+def test_checkpoint_permissions_follow_the_umask(tmp_path):
+    from moca.config import ModelConfig, VisionConfig
+    from moca.model import MoCaModel
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, mrope_section=(2, 3, 3),
+                      vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                          out_hidden_size=32, fullatt_block_indexes=(0,)))
+    model = MoCaModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    extra = {"state.safetensors": lambda p: save_file({"x": torch.zeros(3)}, p)}
+    for umask, dir_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        old = os.umask(umask)
+        try:
+            out = tmp_path / f"ckpt-{umask:o}"
+            save_model(model, str(out), extra_files=extra)
+        finally:
+            os.umask(old)
+        assert os.stat(out).st_mode & 0o777 == dir_mode
+        modes = {n: os.stat(out / n).st_mode & 0o777 for n in os.listdir(out)}
+        assert set(modes) == {"model.safetensors", "config.json", "state.safetensors"}
+        assert set(modes.values()) == {file_mode}, modes
+
+
+# ---------------------------------------------------------------------------------- item 7
+def test_bad_records_of_a_jsonl_folder_are_reported_as_file_and_line(proc, tmp_path, caplog):
+    path, bad = write_bad_jsonl(tmp_path / "src")
+    lines = open(path).read().splitlines()
+    folder = tmp_path / "src"
+    os.remove(path)
+    # a.jsonl: records 0-5 with a blank line after each pair; b.jsonl: a blank first line, then the rest
+    a = [x for k in range(0, 6, 2) for x in (lines[k], lines[k + 1], "")]
+    (folder / "a.jsonl").write_text("\n".join(a) + "\n")
+    (folder / "b.jsonl").write_text("\n" + "\n".join(lines[6:]) + "\n")
+    where = {3: f"{folder / 'a.jsonl'}:5", 5: f"{folder / 'a.jsonl'}:8",
+             7: f"{folder / 'b.jsonl'}:3", 10: f"{folder / 'b.jsonl'}:6"}
+    assert sorted(where) == sorted(bad)
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        data = CPTData([str(folder)], proc, max_len=256, budget=600, cache_dir=str(tmp_path / "cache"), progress=False)
+    assert sorted(data.bad[str(folder)]) == sorted(bad)
+    for i, loc in where.items():
+        assert f"bad record: {loc}: " in caplog.text, loc
+    assert "index=" not in caplog.text
+    assert np.all(data.costs > 0)
