@@ -17,7 +17,10 @@ Design decisions a reader must know:
   (cdiv(T, BLOCK) + B bounds the tile count, so the grid size needs only host ints). Longest
   first puts the long-running tiles at the front and lets the short ones fill the tail (LPT).
   Slot order keeps a segment's tiles, and a GQA group's heads, adjacent for L2 reuse of K/V.
-  The table depends on the tile size, so it is (re)built by the autotune config's pre_hook.
+  The table depends on the tile size, so it is built per launch for the launched config's tile.
+* Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
+  so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
+  tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
 * Head dims. Tiles cover D as a power-of-two part plus a power-of-two tail (80 = 64 + 16,
   96 = 64 + 32, 128 = 128 + 0): no FLOPs are spent on padding for the vision tower's 80, and
   callers never pad. Odd sizes get a masked tail.
@@ -28,12 +31,16 @@ Design decisions a reader must know:
   the input dtype (the DTYPE constexpr), so the interpreter reproduces the GPU's rounding.
 """
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels import tuned
 from kernels._backend import interpreter_enabled, resolve
 
 LOG2E = 1.4426950408889634
@@ -397,35 +404,66 @@ def _schedule_hook(block_key: str):
     return hook
 
 
-def _autotuned(kernel, space, block_key: str, interp: tuple):
-    """(autotuned kernel, smallest scheduled tile of its configs: it sizes the slot-table buffer).
-    space: (BLOCK_M, BLOCK_N, warps) candidates x stages 2-4; under the interpreter one fixed
-    config, big enough to be quick there, small enough that the test segments span several tiles."""
-    hook = _schedule_hook(block_key)
-    if interpreter_enabled():
-        space, stages = [(*interp, 4)], (1,)
-    else:
-        stages = (2, 3, 4)
+# Autotune candidates (BLOCK_M, BLOCK_N, warps) x stages 2-4 for MOCA_AUTOTUNE=1, and the space the
+# shipped configs of kernels/tuned.py are chosen from. 8 warps where the fp32 accumulators are large:
+# compiled for sm_90 with bf16 at head dim 128, fwd (128, 64, 8), dkdv (32, 128, 8) and dq (128, 32, 8)
+# fit in registers, while a 128-row forward tile on 4 warps spills at head dims 80 and 128, so it is
+# not a candidate. The scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
+SPACES = {
+    "fwd": [(128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)],
+    "dkdv": [(32, 128, 8), (64, 128, 8), (32, 64, 4), (64, 64, 4)],
+    "dq": [(128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4)],
+}
+STAGES = (2, 3, 4)
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+# Under the interpreter one fixed config: big enough to be quick there, small enough that the test
+# segments span several tiles.
+_INTERP = {"fwd": (128, 64), "dkdv": (64, 128), "dq": (128, 64)}
+
+
+def autotune_enabled() -> bool:
+    """MOCA_AUTOTUNE=1: benchmark the candidates on first use of each key instead of the shipped table."""
+    return os.environ.get("MOCA_AUTOTUNE", "0") == "1" and not interpreter_enabled()
+
+
+@functools.cache
+def _autotuner(name: str):
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-        for bm, bn, w in space
-        for s in stages
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_schedule_hook(_TILE_KEY[name]))
+        for bm, bn, w in SPACES[name]
+        for s in STAGES
     ]
-    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"])(kernel), min(
-        c.kwargs[block_key] for c in configs
-    )
+    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"])(_KERNELS[name])
 
 
-# H100 candidates (BLOCK_M, BLOCK_N, warps); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for
-# dkdv. 8 warps where the fp32 accumulators are large: compiled for sm_90 with bf16 at head dim
-# 128, fwd (128, 64, 8), dkdv (32, 128, 8) and dq (128, 32, 8) fit in registers, while a 128-row
-# forward tile on 4 warps spills at head dims 80 and 128, so it is not a candidate.
-_FWD_SPACE = [(128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)]
-_DKDV_SPACE = [(32, 128, 8), (64, 128, 8), (32, 64, 4), (64, 64, 4)]
-_DQ_SPACE = [(128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4)]
-_attn_fwd, _FWD_MIN_TILE = _autotuned(_attn_fwd_kernel, _FWD_SPACE, "BLOCK_M", (128, 64))
-_attn_bwd_dkdv, _DKDV_MIN_TILE = _autotuned(_attn_bwd_dkdv_kernel, _DKDV_SPACE, "BLOCK_N", (64, 128))
-_attn_bwd_dq, _DQ_MIN_TILE = _autotuned(_attn_bwd_dq_kernel, _DQ_SPACE, "BLOCK_M", (128, 64))
+@functools.cache
+def _arch(device_index: int) -> str:
+    return tuned.arch_name(torch.cuda.get_device_capability(device_index))
+
+
+def _launch(name: str, dtype, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int) -> None:
+    """kernel[grid](*ptrs, SCHED, *rest, **meta): kernel `name` on its (tile slot x heads) grid, with
+    the slot table for its tile. ptrs ends with cu_seqlens; rest starts with n_tokens.
+
+    Config: fixed under the interpreter, the autotuner's under MOCA_AUTOTUNE=1, else kernels/tuned.py's."""
+    cu_seqlens, n_tokens = ptrs[-1], rest[0]
+    key = _TILE_KEY[name]
+    if autotune_enabled():
+        tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
+        sched = torch.empty((_n_slots(n_tokens, n_seg, tile), 2), device=cu_seqlens.device, dtype=torch.int32)
+        grid = lambda META: (_n_slots(n_tokens, n_seg, META[key]) * n_heads,)  # noqa: E731
+        _autotuner(name)[grid](*ptrs, sched, *rest, **meta)  # the pre_hook fills sched
+        return
+    if interpreter_enabled():
+        bm, bn = _INTERP[name]
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    else:
+        cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket)
+    n_slots = _n_slots(n_tokens, n_seg, cfg[key])
+    sched = torch.empty((n_slots, 2), device=cu_seqlens.device, dtype=torch.int32)
+    _fill_schedule(sched, cu_seqlens, n_tokens, cfg[key])
+    _KERNELS[name][(n_slots * n_heads,)](*ptrs, sched, *rest, **meta, **cfg)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -453,7 +491,7 @@ def _tiles(*xs):
 
 def _meta(dtype, q, k, max_seqlen):
     """Launch constants shared by the three kernels (q, k: the operands from `_tiles`) and the
-    autotune bucket of max_seqlen."""
+    seq bucket of max_seqlen (the config key)."""
     T, _, D = q.shape
     assert max(x.stride(0) for x in (q, k)) * max(int(max_seqlen), 1) < 2**31, "segment too long for int32 offsets"
     d0, d1 = _split_head_dim(D)
@@ -496,12 +534,9 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     if T == 0 or n_seg == 0:
         return o.to(dtype), lse
     meta, bucket = _meta(dtype, q, k, max_seqlen)
-    sched = torch.empty((_n_slots(T, n_seg, _FWD_MIN_TILE), 2), device=q.device, dtype=torch.int32)
-    _attn_fwd[lambda META: (_n_slots(T, n_seg, META["BLOCK_M"]) * H,)](
-        q, k, v, o, lse, cu_seqlens, sched,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, scale * LOG2E, bucket, H=H, **meta,
-    )  # fmt: skip
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
+    _launch("fwd", dtype, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
+            dict(H=H, **meta), bucket)  # fmt: skip
     return o.to(dtype), lse
 
 
@@ -524,20 +559,12 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
     )  # fmt: skip
-    n_slots = _n_slots(T, n_seg, min(_DKDV_MIN_TILE, _DQ_MIN_TILE))
-    sched = torch.empty((n_slots, 2), device=q.device, dtype=torch.int32)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
-    _attn_bwd_dkdv[lambda META: (_n_slots(T, n_seg, META["BLOCK_N"]) * H_kv,)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, sched,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common, H_KV=H_kv, **meta,
-    )  # fmt: skip
-    # The dq launch's pre_hook refills `sched` on the same stream, so only after dkdv has read it.
-    _attn_bwd_dq[lambda META: (_n_slots(T, n_seg, META["BLOCK_M"]) * H,)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, sched,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dq.stride(0), dq.stride(1), *common, H=H, **meta,
-    )  # fmt: skip
+    _launch("dkdv", dtype, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
+            (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta), bucket)
+    _launch("dq", dtype, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
+            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

@@ -20,8 +20,10 @@ Design decisions a reader must know:
   would), then d_weight[chunk] = d_logits^T @ hidden is ONE cuBLAS GEMM over all M rows (fp32
   accumulation, rounded once) and d_hidden += d_logits @ weight[chunk] is a Triton GEMM that
   accumulates into an fp32 (M, H) buffer (torch's bf16 -> fp32-output addmm is CUDA-only and its
-  dtype rules differ between versions). No atomics, deterministic; the extra memory is the (M, Vc)
-  chunk (1/16 of the weight, or 1024 columns if more) plus fp32 (M, H): O(M + V*H).
+  dtype rules differ between versions). No atomics, deterministic. Beyond the two gradients the only
+  extra memory is that fp32 (M, H), 2.6% of inputs + gradients at the 3B shapes (issue #12 allows
+  10%): the (M, Vc) d_logits chunk is carved out of d_hidden's output buffer, which takes its final
+  value after the last chunk (or, for few rows, is a separate buffer of <= 1/64 of the weight).
 * Patch loss, fused the same way. The projection is 2 * N * 4704 * H flops against N * 4704
   elementwise ones, so the fusion only has to spare the (N, 4704) prediction round trip and its
   rounding: the forward kernel adds bias, subtracts the target and sums squares per tile in fp32,
@@ -178,34 +180,35 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch_cfg(x: torch.Tensor, rows: int, cols: int) -> dict:
+def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool) -> dict:
     """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time.
 
     GPU: tensor-core tiles, BLOCK_K = 32 keeping the lse loop free of register spills on sm_90 (checked
-    offline with ptxas). Interpreter: its cost is per tile op, not per flop, so few wide tiles
+    by bench/compile_gate.py). Interpreter: its cost is per tile op, not per flop, so few wide tiles
     (but >= 4 across cols, so that small tests still cross tile and split borders) and fp32 maths.
     """
-    if x.is_cuda:
-        bm = max(16, min(128, triton.next_power_of_2(rows)))
+    bm = max(16, min(128, triton.next_power_of_2(rows)))
+    if gpu:
         return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, UPCAST=False,
-                    PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                    PREC="ieee" if dtype == torch.float32 else "tf32",
                     num_warps=8 if bm >= 64 else 4, num_stages=3)
-    return dict(BLOCK_M=max(16, min(128, triton.next_power_of_2(rows))),
-                BLOCK_N=max(16, min(4096, triton.next_power_of_2(triton.cdiv(cols, 4)))),
+    return dict(BLOCK_M=bm, BLOCK_N=max(16, min(4096, triton.next_power_of_2(triton.cdiv(cols, 4)))),
                 BLOCK_K=128, UPCAST=True, PREC="ieee")
 
 
 def _vocab_chunk(M: int, V: int, H: int, block: int) -> int:
-    """Columns per backward chunk: the (M, Vc) d_logits stay within 1/16 of the weight, Vc >= 1024."""
-    vc = (V * H // 16) // M // block * block
-    return min(V, max(1024, vc))
+    """Columns per backward chunk: the (M, Vc) d_logits hold max(M * H, V * H / 64) elements, so a
+    chunk fits in d_hidden's own (M, H) buffer whenever M is large enough for that to matter, and is
+    at most 1/64 of the weight otherwise. Vc is a multiple of the column tile once it exceeds one."""
+    vc = min(V, max(16, max(M * H, V * H // 64) // M))
+    return vc if vc < block else vc // block * block
 
 
 def _lm_fwd_triton(h, w, tgt):
     """-> (lse, target logit), both (M,) fp32. h: (M, H); w: (V, H); tgt: (M,) int64."""
     M, H = h.shape
     V = w.shape[0]
-    cfg = _launch_cfg(h, M, V)
+    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda)
     m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     programs = 2 * _sm_count(h.device.index) if h.is_cuda else 4
@@ -221,13 +224,16 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
     """-> (d_hidden, d_weight) in the input dtype. scale: (1,) fp32 = upstream grad / M."""
     M, H = h.shape
     V = w.shape[0]
-    cfg = _launch_cfg(h, M, V)
+    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     vc = _vocab_chunk(M, V, H, bn)
     # the d_hidden GEMM reduces over the vocabulary: under the interpreter its wide tile goes to K
     acc_cfg = dict(cfg, BLOCK_N=cfg["BLOCK_K"], BLOCK_K=bn) if cfg["UPCAST"] else cfg
-    dz_buf = torch.empty(M * vc, dtype=h.dtype, device=h.device)
-    dh = torch.zeros(M, H, dtype=torch.float32, device=h.device)
+    # Peak extra memory is the two gradients plus fp32 (M, H): the d_logits chunks live in the storage
+    # of d_hidden's output (vc <= H), which receives its final value only after the last chunk.
+    dh = torch.empty_like(h)
+    dz_buf = dh.view(-1) if vc <= H else torch.empty(M * vc, dtype=h.dtype, device=h.device)
+    dh32 = torch.zeros(M, H, dtype=torch.float32, device=h.device)
     dw = torch.empty_like(w)
     for v0 in range(0, V, vc):
         n = min(vc, V - v0)
@@ -235,8 +241,8 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
         _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, M, H, v0, n, **cfg)
         torch.mm(dz.t(), h, out=dw[v0 : v0 + n])
         grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(M, bm))
-        _mm_acc_kernel[grid](dh, dz, w[v0 : v0 + n], M, H, n, **acc_cfg)
-    return dh.to(h.dtype), dw
+        _mm_acc_kernel[grid](dh32, dz, w[v0 : v0 + n], M, H, n, **acc_cfg)
+    return dh.copy_(dh32), dw
 
 
 def _lm_fwd_torch(h, w, tgt):
@@ -272,7 +278,7 @@ def _patch_fwd_triton(h, w, b, t):
     """-> sum of squared residuals, fp32 scalar. h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
     N, H = h.shape
     D = w.shape[0]
-    cfg = _launch_cfg(h, N, D)
+    cfg = _launch_cfg(h.dtype, N, D, h.is_cuda)
     grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
     partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
     _patch_kernel[grid](h, w, b, t, partial, partial, N, D, H, WRITE_GRAD=False, **cfg)
@@ -283,7 +289,7 @@ def _patch_bwd_triton(h, w, b, t, scale):
     """-> (d_hidden, d_weight, d_bias). scale: (1,) fp32 = upstream grad / (N * D)."""
     N, H = h.shape
     D = w.shape[0]
-    cfg = _launch_cfg(h, N, D)
+    cfg = _launch_cfg(h.dtype, N, D, h.is_cuda)
     grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
     g = torch.empty(N, D, dtype=h.dtype, device=h.device)
     _patch_kernel[grid](h, w, b, t, g, scale, N, D, H, WRITE_GRAD=True, **cfg)

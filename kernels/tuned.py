@@ -1,0 +1,74 @@
+"""Shipped launch configs of the attention kernels, per GPU architecture: no autotuning on first use.
+
+A `triton.autotune`d kernel benchmarks every candidate config the first time it meets a new key, which
+made `python -m moca.embed` spend 16 s on 6 inputs on an H200 (issue #12). The default path instead
+reads (BLOCK_M, BLOCK_N, num_warps, num_stages) from the rules below; `MOCA_AUTOTUNE=1` brings the
+autotuner back over the same candidates (kernels/attention.py) for tuning and benchmarks, and with
+`TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
+
+Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
+`dtype` (equal), `max_seq` (seq bucket <=) or `max_head_dim` (head_dim <=), and the last rule has none.
+The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
+Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89.
+
+Status: the sm90 rules come from the sm90 compile gate (bench/compile_gate.py, table in
+bench/results/sm90-compile-gate.md: every shipped config compiles with zero spills within 227 KiB of
+shared memory) and from the register reasoning in kernels/attention.py. They await timing on a GPU.
+"""
+
+import torch
+
+KERNELS = ("fwd", "dkdv", "dq")
+
+# (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages)); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
+_RULES = {
+    "sm90": {
+        # 128-row query tiles on 8 warps keep the fp32 accumulator in registers up to head dim 128;
+        # 64-token segments (vision windows) would leave half of such a tile empty.
+        "fwd": [
+            (dict(dtype=torch.float32), (64, 64, 4, 2)),  # fp32 operands: twice the shared memory, FMA dots
+            (dict(max_seq=64), (64, 64, 4, 3)),
+            (dict(), (128, 64, 8, 3)),
+        ],
+        "dkdv": [
+            (dict(dtype=torch.float32), (32, 64, 4, 2)),
+            (dict(max_seq=64), (32, 64, 4, 3)),
+            (dict(), (32, 128, 8, 3)),
+        ],
+        "dq": [
+            (dict(dtype=torch.float32), (64, 32, 4, 2)),
+            (dict(max_seq=64), (64, 32, 4, 3)),
+            (dict(), (128, 32, 8, 3)),
+        ],
+    },
+    "default": {
+        "fwd": [(dict(), (64, 64, 4, 2))],
+        "dkdv": [(dict(), (32, 64, 4, 2))],
+        "dq": [(dict(), (64, 32, 4, 2))],
+    },
+}
+
+
+def arch_name(capability: tuple[int, int]) -> str:
+    """(9, 0) -> "sm90"."""
+    return f"sm{capability[0]}{capability[1]}"
+
+
+def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int) -> bool:
+    return (
+        cond.get("dtype", dtype) == dtype
+        and seq_bucket <= cond.get("max_seq", seq_bucket)
+        and head_dim <= cond.get("max_head_dim", head_dim)
+    )
+
+
+def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int) -> dict:
+    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages} of attention kernel `kernel` (one of KERNELS)."""
+    rules = _RULES.get(arch, _RULES["default"])[kernel]
+    bm, bn, warps, stages = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def shipped_configs(arch: str, kernel: str) -> list[tuple[int, int, int, int]]:
+    """Every config a rule of `arch` can return for `kernel` (the compile gate checks each)."""
+    return list(dict.fromkeys(cfg for _, cfg in _RULES.get(arch, _RULES["default"])[kernel]))
