@@ -134,7 +134,8 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("moca_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
-        self.inputs = Counter("moca_inputs", "inputs embedded", registry=r)
+        self.queued = Counter("moca_queued_inputs", "inputs handed to the device thread", registry=r)
+        self.inputs = Counter("moca_inputs", "inputs embedded and answered", registry=r)
         self.tokens = Counter("moca_tokens", "LLM tokens embedded (image tokens included)", registry=r)
         self.queue_depth = Gauge("moca_queue_depth", "requests admitted and not yet answered", registry=r)
         self.batch_inputs = Histogram("moca_batch_inputs", "inputs per forward", registry=r,
@@ -167,8 +168,9 @@ def _settle(future: asyncio.Future, result=None, error: BaseException | None = N
 class DeviceWorker:
     """The one thread that runs the model: take everything waiting, pack it, one forward per bin.
 
-    `lock` is held for each forward; whoever else touches the model holds it too (and holding it
-    stalls the worker, which is how the tests fill the queue deterministically).
+    `lock` is held for each round (from draining the queue to the last forward) and for the
+    warm-up; whoever else touches the model holds it too. Holding it stalls the worker with the
+    queue filling up behind it, which is how the tests make batches and overload deterministic.
     """
 
     def __init__(self, model, processor: Processor, metrics: Metrics, batch_tokens: int, max_items: int = 0,
@@ -196,14 +198,14 @@ class DeviceWorker:
         futures = [loop.create_future() for _ in samples]
         for s, f in zip(samples, futures):
             self._jobs.put(_Job(s, f, loop))
+        self.metrics.queued.inc(len(samples))
         return futures
 
     @torch.inference_mode()
     def forward(self, samples: list[Sample]) -> torch.Tensor:
         """One packed forward -> (len(samples), hidden) float32 on the host."""
         batch = self.processor.pack(samples).to(self.device)
-        with self.lock:
-            return self.model.embed(batch, pooling=self.pooling).cpu()
+        return self.model.embed(batch, pooling=self.pooling).cpu()
 
     def _warm_up(self) -> None:
         items, _ = demo_items()
@@ -216,17 +218,19 @@ class DeviceWorker:
 
     def _run(self) -> None:
         if self.warmup:
-            self._warm_up()
+            with self.lock:
+                self._warm_up()
         self.ready.set()
         while True:
             jobs = [self._jobs.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    jobs.append(self._jobs.get_nowait())
-            stop = None in jobs
-            jobs = [j for j in jobs if j is not None and not j.future.cancelled()]
-            if jobs:
-                self._round(jobs)
+            with self.lock:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        jobs.append(self._jobs.get_nowait())
+                stop = None in jobs
+                jobs = [j for j in jobs if j is not None and not j.future.cancelled()]
+                if jobs:
+                    self._round(jobs)
             if stop:
                 return
 

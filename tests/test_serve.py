@@ -1,0 +1,237 @@
+"""`python -m moca.serve` over real HTTP: a uvicorn server on a loopback port, called with httpx.
+
+The oracle is `model.embed` of each input alone. Batching and overload are made deterministic by
+holding the device worker's lock (the worker stalls, requests pile up behind it), never by timing.
+"""
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from hf_oracle import random_image
+from moca import Processor, load_model
+from moca.serve import create_app, start_in_thread
+
+MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
+MAX_QUEUE = 4
+MAX_REQUEST_TOKENS = 3000
+
+
+def png(width, height, seed) -> bytes:
+    buf = io.BytesIO()
+    random_image(width, height, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = load_model("tiny")
+    model.attn_backend = "torch"
+    return model, Processor.from_pretrained("tiny")
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    model, proc = tiny
+    app = create_app(model, proc, batch_tokens=16384, max_queue=MAX_QUEUE, max_request_tokens=MAX_REQUEST_TOKENS)
+    running = start_in_thread(app)
+    with httpx.Client(base_url=running.url, timeout=60) as client:
+        wait_until(lambda: client.get("/health").status_code == 200)
+        yield running, client, app.state.server
+    running.stop()
+
+
+def wait_until(condition, timeout=30.0):
+    """Poll a condition the server reaches by itself (a wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the server never reached the expected state")
+        time.sleep(0.01)
+
+
+def metric(server, name, **labels) -> float:
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def oracle(tiny, items) -> torch.Tensor:
+    model, proc = tiny
+    with torch.no_grad():
+        return torch.cat([model.embed(proc([it])) for it in items])
+
+
+def vectors(response) -> torch.Tensor:
+    assert response.status_code == 200, response.text
+    return torch.tensor([d["embedding"] for d in response.json()["data"]])
+
+
+def request_in_thread(client, path, body) -> tuple[threading.Thread, dict]:
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(response=client.post(path, json=body)))
+    thread.start()
+    return thread, out
+
+
+# (what is sent, what the processor is given for the oracle)
+IMG_A, IMG_B, IMG_C = png(200, 120, 1), png(60, 60, 2), png(90, 300, 3)
+CASES = [
+    ("a short text", {"text": "a short text"}),
+    ({"image": b64(IMG_A)}, {"images": [IMG_A]}),
+    ({"text": "Represent the given image.\n", "image": "data:image/png;base64," + b64(IMG_B)},
+     {"text": MARKER + "Represent the given image.\n", "images": [IMG_B]}),
+    ({"text": "two " + MARKER + " images " + MARKER, "images": [b64(IMG_B), b64(IMG_C)]},
+     {"text": "two " + MARKER + " images " + MARKER, "images": [IMG_B, IMG_C]}),
+    ({"text": "a much longer text " * 30}, {"text": "a much longer text " * 30}),
+    ("x", {"text": "x"}),
+]
+
+
+def test_concurrent_requests_batch_together_and_equal_embedding_alone(served, tiny):
+    running, client, server = served
+    sent, items = zip(*CASES)
+    expected = oracle(tiny, items)
+    # three clients, two inputs each; the worker is stalled until all six inputs wait in its queue
+    bodies = [{"input": list(sent[k : k + 2])} for k in range(0, len(sent), 2)]
+    queued, forwards = metric(server, "moca_queued_inputs_total"), metric(server, "moca_batch_inputs_count")
+    with server.worker.lock:
+        threads = [request_in_thread(client, "/v1/embeddings", body) for body in bodies]
+        wait_until(lambda: metric(server, "moca_queued_inputs_total") == queued + len(sent))
+    for t, _ in threads:
+        t.join()
+    got = torch.cat([vectors(out["response"]) for _, out in threads])
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+    # all six went through one forward: inputs from different clients were packed together
+    assert metric(server, "moca_batch_inputs_count") == forwards + 1
+    usage = [out["response"].json()["usage"]["prompt_tokens"] for _, out in threads]
+    _, proc = tiny
+    assert usage == [sum(len(proc.encode(it)) for it in items[k : k + 2]) for k in range(0, len(items), 2)]
+
+
+def test_base64_encoding_tei_endpoint_and_metrics(served, tiny):
+    running, client, server = served
+    sent, items = zip(*CASES[:3])
+    expected = oracle(tiny, items)
+    r = client.post("/v1/embeddings", json={"input": list(sent), "encoding_format": "base64", "model": "m"})
+    assert r.status_code == 200 and r.json()["model"] == "m"
+    got = torch.from_numpy(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]))
+    assert (got - expected).abs().max().item() <= 1e-5
+    tokens = r.json()["usage"]["total_tokens"]
+
+    r = client.post("/embed", json={"inputs": "a short text"})
+    assert r.status_code == 200
+    assert (torch.tensor(r.json()) - oracle(tiny, [{"text": "a short text"}])).abs().max().item() <= 1e-5
+    # single string input on the OpenAI endpoint too
+    assert torch.allclose(vectors(client.post("/v1/embeddings", json={"input": "a short text"})), torch.tensor(r.json()),
+                          atol=1e-5)
+
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("moca_requests_total", (("endpoint", "/embed"), ("status", "200")))] >= 1
+    assert samples[("moca_tokens_total", ())] >= tokens
+    assert samples[("moca_queue_depth", ())] == 0
+    for name in ("moca_batch_inputs", "moca_batch_tokens", "moca_request_latency_seconds", "moca_forward_seconds"):
+        assert families[name].type == "histogram"
+
+
+GOOD = b64(IMG_B)
+BAD_INPUTS = [
+    (b'{"input": ', 400, "not valid JSON"),
+    (b'["a list"]', 400, "JSON object"),
+    ({"inputs": "wrong field"}, 400, "input: required"),
+    ({"input": []}, 400, "input: must not be empty"),
+    ({"input": ["fine", 7]}, 400, "input[1]: expected a string"),
+    ({"input": ["fine", {"text": "x", "image": "not base64!"}]}, 400, "input[1].image: not valid base64"),
+    ({"input": [{"text": "x", "image": "data:image/png," + GOOD}]}, 400, "input[0].image: a data URL"),
+    ({"input": ["a", "b", {"image": b64(b"this is not an image")}]}, 400, "input[2].image: cannot decode image"),
+    ({"input": [{"images": [GOOD, b64(IMG_A[:100])]}]}, 400, "input[0].images[1]: cannot decode image"),
+    ({"input": [{"text": MARKER + MARKER, "image": GOOD}]}, 400, "input[0]: the text names 2 image(s)"),
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": ["word " * 4000]}, 413, str(MAX_REQUEST_TOKENS)),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_gets_its_status_naming_the_field(served, tiny, body, status, message):
+    running, client, server = served
+    if isinstance(body, bytes):
+        r = client.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post("/v1/embeddings", json=body)
+    assert r.status_code == status
+    assert message in r.json()["error"]["message"]
+    # the worker survived: the next request is served correctly
+    assert (vectors(client.post("/v1/embeddings", json={"input": "x"})) - oracle(tiny, [{"text": "x"}])).abs().max() <= 1e-5
+
+
+def test_tei_errors_use_tei_shape(served):
+    _, client, _ = served
+    r = client.post("/embed", json={"inputs": [{"image": "%%%"}]})
+    assert r.status_code == 400 and "inputs[0].image: not valid base64" in r.json()["error"]
+
+
+def test_full_queue_gives_503_and_the_server_keeps_serving(served, tiny):
+    running, client, server = served
+    expected = oracle(tiny, [{"text": f"text {k}"} for k in range(MAX_QUEUE)])
+    with server.worker.lock:
+        threads = [request_in_thread(client, "/v1/embeddings", {"input": f"text {k}"}) for k in range(MAX_QUEUE)]
+        wait_until(lambda: server.in_flight == MAX_QUEUE)
+        r = client.post("/v1/embeddings", json={"input": "one too many"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert metric(server, "moca_queue_depth") == MAX_QUEUE
+    for t, _ in threads:
+        t.join()
+    got = torch.cat([vectors(out["response"]) for _, out in threads])
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert client.post("/v1/embeddings", json={"input": "one too many"}).status_code == 200
+
+
+def test_client_disconnect_cancels_its_inputs_and_never_stalls_the_batch(served, tiny):
+    running, client, server = served
+    host, port = running.url.removeprefix("http://").split(":")
+    body = b'{"input": ["going away", "soon"]}'
+    queued = metric(server, "moca_queued_inputs_total")
+    with server.worker.lock:
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(lambda: metric(server, "moca_queued_inputs_total") == queued + 2)
+        sock.close()
+        # the handler notices while the worker is still stalled, and frees its queue slot
+        wait_until(lambda: server.in_flight == 0)
+    assert metric(server, "moca_requests_total", endpoint="/v1/embeddings", status="499") == 1
+    assert (vectors(client.post("/v1/embeddings", json={"input": "x"})) - oracle(tiny, [{"text": "x"}])).abs().max() <= 1e-5
+
+
+def test_health_reports_ready_only_after_warm_up(tiny):
+    model, proc = tiny
+    app = create_app(model, proc)
+    worker = app.state.server.worker
+    worker.lock.acquire()  # the warm-up runs under the lock: it cannot finish while we hold it
+    held = True
+    running = start_in_thread(app)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            assert client.get("/health").status_code == 503
+            worker.lock.release()
+            held = False
+            wait_until(worker.ready.is_set)
+            assert client.get("/health").json() == {"status": "ok"}
+            assert metric(app.state.server, "moca_batch_inputs_count") == 0  # warm-up is not traffic
+    finally:
+        if held:
+            worker.lock.release()
+        running.stop()
