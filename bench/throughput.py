@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import environment, print_table, write_json  # noqa: E402
 
-ORDER = ["embed", "attention", "recon_loss", "infonce", "cpt", "cl"]
+ORDER = ["embed", "serve", "attention", "recon_loss", "infonce", "cpt", "cl"]
 
 
 def available() -> list[str]:
