@@ -229,12 +229,20 @@ class DeviceWorker:
                         jobs.append(self._jobs.get_nowait())
                 stop = None in jobs
                 jobs = [j for j in jobs if j is not None and not j.future.cancelled()]
-                if jobs:
+                try:
                     self._round(jobs)
+                except Exception as e:  # the worker outlives any one round; its requests get a 500
+                    log.exception("a round of %d inputs failed", len(jobs))
+                    for j in jobs:
+                        j.loop.call_soon_threadsafe(_settle, j.future, None, e)
             if stop:
                 return
 
     def _round(self, jobs: list[_Job]) -> None:
+        """Pack the jobs under the budget as `embed_items` does; one forward per bin, each bin's
+        requests answered as soon as it is done (a failed bin fails only its own inputs)."""
+        if not jobs:
+            return
         costs = torch.tensor([sample_cost(j.sample) for j in jobs], dtype=torch.int64)
         order, offsets = host_ops.pack_bins(costs, self.batch_tokens, self.max_items)
         offsets = offsets.tolist()
@@ -246,7 +254,7 @@ class DeviceWorker:
             t0 = time.perf_counter()
             try:
                 out = self.forward([j.sample for j in members])
-            except Exception as e:  # the worker outlives any one batch; its requests get a 500
+            except Exception as e:
                 log.exception("forward of %d inputs failed", len(members))
                 for j in members:
                     j.loop.call_soon_threadsafe(_settle, j.future, None, e)
@@ -294,6 +302,8 @@ class EmbeddingServer:
     async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
         """Admit, parse (`check(payload)` vets the endpoint's options), decode, queue and wait
         -> (payload, (N, hidden) float32 vectors, LLM tokens)."""
+        if not self.worker.alive:
+            raise RequestError(503, "the device worker has stopped (see the server log)")
         if self.in_flight >= self.max_queue:
             raise RequestError(503, f"the queue is full ({self.max_queue} requests waiting); retry shortly",
                                headers={"Retry-After": "1"})
@@ -393,7 +403,7 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         return JSONResponse(vectors.tolist())
 
     def tei_error(status: int, message: str) -> dict:
-        return {"error": message, "error_type": {413: "Validation", 503: "Overloaded"}.get(status, "Validation" if status == 400 else "Backend")}
+        return {"error": message, "error_type": {400: "Validation", 413: "Validation", 503: "Overloaded"}.get(status, "Backend")}
 
     def tei_check(payload: dict) -> None:
         if payload.get("normalize", True) is not True:
@@ -462,7 +472,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-tokens", type=int, default=16384, help="token budget (LLM tokens + image patches) per forward")
     p.add_argument("--max-items", type=int, default=0, help="most inputs per forward (0 = unlimited)")
     p.add_argument("--max-queue", type=int, default=256, help="most requests admitted at once; more get 503")
-    p.add_argument("--max-request-tokens", type=int, default=None, help="most tokens + patches per request (413 over it; default 4 x --batch-tokens)")
+    p.add_argument("--max-request-tokens", type=int, default=None,
+                   help="most tokens + patches per request, 413 over it (default 4 x --batch-tokens)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")

@@ -199,6 +199,19 @@ def test_full_queue_gives_503_and_the_server_keeps_serving(served, tiny):
     assert client.post("/v1/embeddings", json={"input": "one too many"}).status_code == 200
 
 
+def test_a_failed_forward_gives_500_and_the_worker_keeps_serving(served, tiny, monkeypatch):
+    _, client, server = served
+
+    def boom(samples):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(server.worker, "forward", boom)
+    r = client.post("/v1/embeddings", json={"input": ["x", "y"]})
+    assert r.status_code == 500 and "out of memory" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    assert (vectors(client.post("/v1/embeddings", json={"input": "x"})) - oracle(tiny, [{"text": "x"}])).abs().max() <= 1e-5
+
+
 def test_client_disconnect_cancels_its_inputs_and_never_stalls_the_batch(served, tiny):
     running, client, server = served
     host, port = running.url.removeprefix("http://").split(":")
