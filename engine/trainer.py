@@ -300,9 +300,10 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
+    # clones: torch.set_rng_state reads a view's storage from its start (a row > 0 segfaults, torch 2.13)
+    torch.set_rng_state(state["torch"].clone())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -9,18 +9,20 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from engine.data import CPTData, DataError, open_source, source_costs
 from engine.masking import add_mask_token
 from engine.train import main
-from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, RunDirError, checkpoint_info, clean_run_dir,
-                            decode_state, encode_state, find_checkpoint)
+from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, RunDirError, _rng_state, _set_rng_state,
+                            checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint)
 from moca import Processor
 from moca.checkpoint import save_model
 from moca.processor import IMAGE_MARKER
@@ -128,6 +130,48 @@ def test_optimizer_scheduler_and_rng_state_round_trip(tmp_path):
     step(opt2, sched2, x)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), uninterrupted))
     assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_each_rank_gets_its_own_rng_state_back():
+    """Saved RNG states are (world, ...) rows; rank 1 restores row 1 (a view: torch.set_rng_state
+    segfaults on a view with an offset unless the trainer copies it)."""
+    draws, states = [], []
+    for seed in (3, 4):
+        torch.manual_seed(seed)
+        states.append(_rng_state())
+        draws.append(torch.rand(4))
+    stacked = {k: torch.stack([s[k] for s in states]) for k in states[0]}
+    for rank in (1, 0):
+        _set_rng_state({k: v[rank] for k, v in stacked.items()})
+        assert torch.equal(torch.rand(4), draws[rank])
+
+
+def _rank(rank, world, port, argv):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    main(argv)
+
+
+def _two_ranks(argv):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(2, port, argv), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_reproduces_the_uninterrupted_run(workdir, tmp_path):  # noqa: F811
+    """Two gloo ranks under FSDP2: the full optimizer state goes through safetensors + JSON and back."""
+    full, out = tmp_path / "full", tmp_path / "resumed"
+    _two_ranks(args(workdir, full, 4, "--save-every", "2", "--parallel", "fsdp"))
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
+    _two_ranks(args(workdir, out, 4, "--save-every", "2", "--parallel", "fsdp", "--resume"))
+    got = metrics(out)
+    assert [r["step"] for r in got] == [3, 4]
+    assert [{k: r[k] for k in PARTS} for r in got] == [{k: r[k] for k in PARTS} for r in metrics(full)[2:]]
+    wa, wb = weights(full / "final"), weights(out / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_no_pickle_loading_in_the_code():
