@@ -19,8 +19,8 @@ setup: .venv/.built
 	touch $@
 
 demo: .venv/.built
-	$(PY) -m engine.train cpt
-	$(PY) -m engine.train cl
+	$(PY) -m engine.train cpt --overwrite
+	$(PY) -m engine.train cl --overwrite
 
 test: .venv/.built
 	$(PY) -m pytest -q tests
