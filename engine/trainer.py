@@ -147,6 +147,10 @@ class RunDirError(RuntimeError):
     resume from a checkpoint that cannot be loaded)."""
 
 
+class LegacyCheckpointError(RunDirError):
+    """A checkpoint whose trainer state is the pickle of earlier versions: never loaded, never deleted."""
+
+
 # ------------------------------------------------------------------ state as safetensors + JSON
 def encode_state(obj, prefix: str, tensors: dict[str, torch.Tensor]):
     """Nested dicts / lists / tuples of tensors and scalars -> a JSON-able skeleton; each tensor
@@ -183,7 +187,8 @@ def checkpoint_info(path: str) -> dict:
     """The trainer_state.json of a complete checkpoint; RunDirError says what is wrong otherwise."""
     state = os.path.join(path, STATE_JSON)
     if os.path.exists(os.path.join(path, LEGACY_STATE)) and not os.path.exists(os.path.join(path, STATE_TENSORS)):
-        raise RunDirError(f"{path} holds a {LEGACY_STATE} (a pickle, written by an older version): it is never loaded")
+        raise LegacyCheckpointError(f"{path} holds a {LEGACY_STATE} (a pickle, written by an older version): "
+                                    "it is never loaded")
     try:
         with open(state) as f:
             info = json.load(f)
@@ -191,14 +196,17 @@ def checkpoint_info(path: str) -> dict:
         raise RunDirError(f"{path}: incomplete checkpoint ({STATE_JSON}: {e})") from e
     if info.get("format") != STATE_FORMAT:
         raise RunDirError(f"{path}: {STATE_JSON} format {info.get('format')}, expected {STATE_FORMAT}")
-    for name, size in info["files"].items():
+    files = info.get("files")
+    if not isinstance(files, dict):
+        raise RunDirError(f"{path}: {STATE_JSON} lists no files")
+    for name, size in files.items():
         f = os.path.join(path, name)
         if not os.path.isfile(f) or os.path.getsize(f) != size:
             raise RunDirError(f"{path}: incomplete checkpoint ({name} missing or not {size} bytes)")
     return info
 
 
-def _checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], dict[str, str]]:
+def _checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], dict[str, RunDirError]]:
     """-> ([(step, path)] of the complete checkpoints sorted by step, {path: why} of the others)."""
     good, bad = [], {}
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
@@ -208,7 +216,7 @@ def _checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], dict[str, str]
             try:
                 good.append((checkpoint_info(path)["step"], path))
             except RunDirError as e:
-                bad[path] = str(e)
+                bad[path] = e
     return sorted(good), bad
 
 
@@ -218,9 +226,9 @@ def find_checkpoint(output_dir: str) -> str | None:
     Incomplete ones are skipped; a legacy pickle checkpoint is an error (resuming from an older
     checkpoint instead would silently lose its steps)."""
     good, bad = _checkpoints(output_dir)
-    for path, why in bad.items():
-        if LEGACY_STATE in why:
-            raise RunDirError(f"--resume: {why}; move it away (or start afresh with --overwrite)")
+    for why in bad.values():
+        if isinstance(why, LegacyCheckpointError):
+            raise LegacyCheckpointError(f"--resume: {why}; move it away (or start afresh with --overwrite)")
         log.warning("--resume: skipping %s", why)
     return good[-1][1] if good else None
 
@@ -262,7 +270,7 @@ def clean_run_dir(output_dir: str) -> None:
             _delete(path)
         log.info("removed leftover %s", path)
     for path, why in _checkpoints(output_dir)[1].items():
-        if LEGACY_STATE not in why:
+        if not isinstance(why, LegacyCheckpointError):
             log.warning("removing %s", why)
             _remove(path)
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from engine.data import CPTData, DataError, open_source, source_costs
 from engine.masking import add_mask_token
 from engine.train import main
-from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, RunDirError, _rng_state, _set_rng_state,
-                            checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint)
+from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, LegacyCheckpointError, RunDirError, _rng_state,
+                            _set_rng_state, checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint)
 from moca import Processor
 from moca.checkpoint import save_model
 from moca.processor import IMAGE_MARKER
@@ -85,7 +85,7 @@ def test_resume_refuses_a_legacy_pickle_checkpoint(workdir, full_run, tmp_path):
     os.remove(out / "checkpoint-2" / STATE_TENSORS)
     marker = tmp_path / "payload-ran"
     plant_pickle(out / "checkpoint-2", marker)
-    with pytest.raises(RunDirError, match=f"checkpoint-2 holds a {LEGACY_STATE}"):
+    with pytest.raises(LegacyCheckpointError, match=f"checkpoint-2 holds a {LEGACY_STATE}"):
         main(args(workdir, out, 4, "--resume"))
     assert not marker.exists() and os.path.exists(out / "checkpoint-2" / LEGACY_STATE)
 
