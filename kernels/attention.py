@@ -405,14 +405,15 @@ def _schedule_hook(block_key: str):
 
 
 # Autotune candidates (BLOCK_M, BLOCK_N, warps) x stages 2-4 for MOCA_AUTOTUNE=1, and the space the
-# shipped configs of kernels/tuned.py are chosen from. 8 warps where the fp32 accumulators are large:
-# compiled for sm_90 with bf16 at head dim 128, fwd (128, 64, 8), dkdv (32, 128, 8) and dq (128, 32, 8)
-# fit in registers, while a 128-row forward tile on 4 warps spills at head dims 80 and 128, so it is
-# not a candidate. The scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
+# 16-bit configs of kernels/tuned.py are chosen from (fp32 needs smaller tiles, see there). 8 warps
+# where the fp32 accumulators are large: compiled for sm_90 with bf16 at head dim 128, fwd (128, 64, 8),
+# dkdv (32, 128, 8) and dq (128, 32, 8) fit in registers, while a 128-row forward tile on 4 warps
+# spills at head dims 80 and 128, so it is not a candidate; the narrower 8-warp tiles are for head
+# dims that are not a multiple of 16. The scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
 SPACES = {
-    "fwd": [(128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4)],
-    "dkdv": [(32, 128, 8), (64, 128, 8), (32, 64, 4), (64, 64, 4)],
-    "dq": [(128, 32, 8), (128, 64, 8), (64, 32, 4), (64, 64, 4)],
+    "fwd": [(128, 64, 8), (128, 128, 8), (128, 32, 8), (64, 64, 8), (64, 64, 4), (64, 128, 4)],
+    "dkdv": [(32, 128, 8), (64, 128, 8), (32, 64, 8), (32, 64, 4), (64, 64, 4)],
+    "dq": [(128, 32, 8), (128, 64, 8), (128, 16, 8), (64, 32, 8), (64, 32, 4), (64, 64, 4)],
 }
 STAGES = (2, 3, 4)
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}

@@ -183,14 +183,16 @@ def _sm_count(device_index: int) -> int:
 def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool) -> dict:
     """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time.
 
-    GPU: tensor-core tiles, BLOCK_K = 32 keeping the lse loop free of register spills on sm_90 (checked
-    by bench/compile_gate.py). Interpreter: its cost is per tile op, not per flop, so few wide tiles
-    (but >= 4 across cols, so that small tests still cross tile and split borders) and fp32 maths.
+    GPU: tensor-core tiles, BLOCK_K = 32 keeping the loops free of register spills on sm_90 (fp32's
+    exact FMA dots need 64 x 16 slices for that), checked by bench/compile_gate.py. Interpreter: its cost is per tile op,
+    not per flop, so few wide tiles (but >= 4 across cols, so that small tests still cross tile and
+    split borders) and fp32 maths.
     """
     bm = max(16, min(128, triton.next_power_of_2(rows)))
     if gpu:
-        return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=32, UPCAST=False,
-                    PREC="ieee" if dtype == torch.float32 else "tf32",
+        fp32 = dtype == torch.float32
+        return dict(BLOCK_M=bm, BLOCK_N=64 if fp32 else 128, BLOCK_K=16 if fp32 else 32, UPCAST=False,
+                    PREC="ieee" if fp32 else "tf32",
                     num_warps=8 if bm >= 64 else 4, num_stages=3)
     return dict(BLOCK_M=bm, BLOCK_N=max(16, min(4096, triton.next_power_of_2(triton.cdiv(cols, 4)))),
                 BLOCK_K=128, UPCAST=True, PREC="ieee")

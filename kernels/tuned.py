@@ -7,7 +7,7 @@ autotuner back over the same candidates (kernels/attention.py) for tuning and be
 `TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
-`dtype` (equal), `max_seq` (seq bucket <=) or `max_head_dim` (head_dim <=), and the last rule has none.
+`dtype` (equal), `max_seq` (seq bucket <=) or `masked` (head_dim % 16 != 0), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
 Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89.
 
@@ -23,28 +23,35 @@ KERNELS = ("fwd", "dkdv", "dq")
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages)); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
 _RULES = {
     "sm90": {
-        # 128-row query tiles on 8 warps keep the fp32 accumulator in registers up to head dim 128;
-        # 64-token segments (vision windows) would leave half of such a tile empty.
+        # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim
+        # 128; 64-token segments (vision windows) would leave half of such a tile empty. Head dims that
+        # are not a multiple of 16 (72) need masked, unvectorised loads, which spill the wider tiles.
+        # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills.
         "fwd": [
-            (dict(dtype=torch.float32), (64, 64, 4, 2)),  # fp32 operands: twice the shared memory, FMA dots
+            (dict(dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(masked=True, max_seq=64), (64, 64, 8, 3)),
+            (dict(masked=True), (128, 32, 8, 3)),
             (dict(max_seq=64), (64, 64, 4, 3)),
             (dict(), (128, 64, 8, 3)),
         ],
         "dkdv": [
-            (dict(dtype=torch.float32), (32, 64, 4, 2)),
+            (dict(dtype=torch.float32), (16, 32, 8, 2)),
+            (dict(masked=True, max_seq=64), (32, 64, 8, 3)),
             (dict(max_seq=64), (32, 64, 4, 3)),
             (dict(), (32, 128, 8, 3)),
         ],
         "dq": [
-            (dict(dtype=torch.float32), (64, 32, 4, 2)),
+            (dict(dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(masked=True, max_seq=64), (64, 32, 8, 3)),
+            (dict(masked=True), (128, 16, 8, 3)),
             (dict(max_seq=64), (64, 32, 4, 3)),
             (dict(), (128, 32, 8, 3)),
         ],
     },
     "default": {
-        "fwd": [(dict(), (64, 64, 4, 2))],
-        "dkdv": [(dict(), (32, 64, 4, 2))],
-        "dq": [(dict(), (64, 32, 4, 2))],
+        "fwd": [(dict(dtype=torch.float32), (32, 16, 8, 2)), (dict(), (64, 64, 4, 2))],
+        "dkdv": [(dict(dtype=torch.float32), (16, 32, 8, 2)), (dict(), (32, 64, 4, 2))],
+        "dq": [(dict(dtype=torch.float32), (32, 16, 8, 2)), (dict(), (64, 32, 4, 2))],
     },
 }
 
@@ -58,7 +65,7 @@ def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int) -> bo
     return (
         cond.get("dtype", dtype) == dtype
         and seq_bucket <= cond.get("max_seq", seq_bucket)
-        and head_dim <= cond.get("max_head_dim", head_dim)
+        and cond.get("masked", head_dim % 16 != 0) == (head_dim % 16 != 0)
     )
 
 
@@ -68,7 +75,3 @@ def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, 
     bm, bn, warps, stages = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
-
-def shipped_configs(arch: str, kernel: str) -> list[tuple[int, int, int, int]]:
-    """Every config a rule of `arch` can return for `kernel` (the compile gate checks each)."""
-    return list(dict.fromkeys(cfg for _, cfg in _RULES.get(arch, _RULES["default"])[kernel]))
