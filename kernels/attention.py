@@ -443,12 +443,12 @@ def _arch(device_index: int) -> str:
     return tuned.arch_name(torch.cuda.get_device_capability(device_index))
 
 
-def _launch(name: str, dtype, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int) -> None:
+def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int) -> None:
     """kernel[grid](*ptrs, SCHED, *rest, **meta): kernel `name` on its (tile slot x heads) grid, with
-    the slot table for its tile. ptrs ends with cu_seqlens; rest starts with n_tokens.
+    the slot table for its tile. ptrs ends with cu_seqlens.
 
     Config: fixed under the interpreter, the autotuner's under MOCA_AUTOTUNE=1, else kernels/tuned.py's."""
-    cu_seqlens, n_tokens = ptrs[-1], rest[0]
+    cu_seqlens = ptrs[-1]
     key = _TILE_KEY[name]
     if autotune_enabled():
         tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
@@ -536,7 +536,7 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
         return o.to(dtype), lse
     meta, bucket = _meta(dtype, q, k, max_seqlen)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
-    _launch("fwd", dtype, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
+    _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
             dict(H=H, **meta), bucket)  # fmt: skip
     return o.to(dtype), lse
 
@@ -562,9 +562,9 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     )  # fmt: skip
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
-    _launch("dkdv", dtype, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
+    _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta), bucket)
-    _launch("dq", dtype, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
+    _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
             (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
