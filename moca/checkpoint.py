@@ -5,22 +5,32 @@ The weight-name mapping is a data table with `{i}` layer placeholders. Fused par
 builds the model on the meta device, materialises it empty on the target device and copies
 each tensor once from `safe_open`: no second full copy of the weights. Every checkpoint
 tensor must be consumed and every parameter filled, else the error names the culprits.
-Both namings load: transformers 4.x (`model.layers.*`, `visual.*`, as the released MoCa
-checkpoints) and 5.x (`model.language_model.*`, `model.visual.*`); we save the 4.x naming,
-which transformers 4.x and 5.x both read.
+Every layout transformers loads for this architecture loads: 4.x (`model.layers.*`, `visual.*`,
+as the released MoCa checkpoints), 5.x (`model.language_model.*`, `model.visual.*`) and the bare
+`Qwen2_5_VLModel.save_pretrained` (`language_model.*`, `visual.*`, no `lm_head`); stored names are
+rewritten to the 4.x naming per tensor, as transformers' own renaming rules do. We save the 4.x
+naming, which transformers 4.x and 5.x both read.
+LM head, as transformers: a config that ties but a stored `lm_head.weight` that differs from the
+embeddings is kept untied (with a warning; re-saved untied). A checkpoint with no `lm_head` that
+does not tie (a bare model) gets a copy of the input embeddings as its head, with a warning:
+embedding never uses the head, and CPT then trains it from that tied-style start.
+A file that cannot be read (not JSON, a truncated safetensors, a tensor missing from the shard its
+index names, an integer tensor) is a CheckpointError naming the file and the tensor.
 """
 
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from moca.config import ModelConfig
+from moca.config import CheckpointError, ModelConfig, read_json
 from moca.model import MoCaModel
 
 log = logging.getLogger("moca")
@@ -59,10 +69,13 @@ NAMINGS = {  # prefixes per transformers generation
     "v5": {"T": "model.language_model.", "V": "model.visual."},
 }
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    pass
+# Stored-name prefixes transformers accepts -> the 4.x naming we load by (first match wins).
+LOAD_RENAMES = [
+    (re.compile(r"^model\.language_model\."), "model."),  # 5.x ForConditionalGeneration
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^language_model\."), "model."),  # Qwen2_5_VLModel.save_pretrained
+    (re.compile(r"^(embed_tokens|layers|norm)\."), r"model.\1."),  # the pre-4.52 bare text model
+]
 
 
 def _expand(cfg: ModelConfig, naming: str):
@@ -85,73 +98,123 @@ def _tied_skip(cfg: ModelConfig, ours: str) -> bool:
 
 
 # ---------------------------------------------------------------------------- loading
-def _shard_index(path: str) -> dict[str, str]:
-    """HF tensor name -> shard file path."""
-    index = os.path.join(path, INDEX_NAME)
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+def _open(file: str):
+    try:
+        return safe_open(file, "pt")
+    except Exception as e:  # SafetensorError (empty, truncated, bad header) or OSError
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def canonical_name(stored: str) -> str:
+    """A stored tensor name in any accepted layout -> its 4.x name."""
+    for pattern, repl in LOAD_RENAMES:
+        name, n = pattern.subn(repl, stored)
+        if n:
+            return name
+    return stored
+
+
+def _shard_index(path: str) -> dict[str, tuple[str, str]]:
+    """4.x tensor name -> (shard file path, name stored in it); every shard opened and checked."""
+    index_file = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index_file):
+        weight_map = read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file}: 'weight_map' must map tensor names to shard file names")
         missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(path, s))})
         if missing:
             raise CheckpointError(f"{path}: shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing)}")
-        return {k: os.path.join(path, s) for k, s in weight_map.items()}
-    single = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.exists(single):
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
-def _detect_naming(keys) -> str:
-    if any(k.startswith("model.language_model.") for k in keys):
-        return "v5"
-    if any(k.startswith("model.layers.") for k in keys):
-        return "v4"
-    raise CheckpointError("not a Qwen2.5-VL checkpoint: no 'model.layers.*' or 'model.language_model.*' tensors")
+        stored = {k: os.path.join(path, s) for k, s in weight_map.items()}
+        for shard in sorted(set(stored.values())):
+            with _open(shard) as f:
+                present = set(f.keys())
+            absent = sorted(k for k, s in stored.items() if s == shard and k not in present)
+            if absent:
+                more = f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""
+                raise CheckpointError(f"{shard}: has no tensor {absent[0]!r}{more}, which {INDEX_NAME} places there")
+    else:
+        single = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.exists(single):
+            raise CheckpointError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+        with _open(single) as f:
+            stored = {k: single for k in f.keys()}
+    index: dict[str, tuple[str, str]] = {}
+    for name, shard in stored.items():
+        ours = canonical_name(name)
+        if ours in index:
+            raise CheckpointError(f"{path}: {index[ours][1]!r} and {name!r} are the same weight ({ours!r})")
+        index[ours] = (shard, name)
+    if not any(k.startswith("model.layers.") for k in index):
+        found = ", ".join(sorted(stored)[:4])
+        raise CheckpointError(f"{path}: not a Qwen2.5-VL checkpoint: no decoder layer tensors "
+                              f"('model.layers.*', 'model.language_model.layers.*' or 'language_model.layers.*'); "
+                              f"found {found or 'no tensors'}")
+    return index
 
 
 @torch.no_grad()
 def load_weights(model: MoCaModel, path: str) -> set[str]:
-    """Fill `model` from the safetensors in `path`; returns the set of HF names consumed."""
+    """Fill `model` from the safetensors in `path`; returns the set of (4.x) names consumed."""
     index = _shard_index(path)
-    naming = _detect_naming(index)
     params = dict(model.named_parameters(remove_duplicate=False))
     handles: dict[str, object] = {}
     loaded = set()
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, shape: tuple, conv: bool = False) -> torch.Tensor:
         if name not in index:
             raise CheckpointError(f"{path}: missing weight {name!r}")
-        shard = index[name]
+        shard, stored = index[name]
         if shard not in handles:
-            handles[shard] = safe_open(shard, "pt")
+            handles[shard] = _open(shard)
+        try:
+            t = handles[shard].get_tensor(stored)
+        except Exception as e:
+            raise CheckpointError(f"{shard}: cannot read tensor {stored!r} ({e})") from e
+        if not t.is_floating_point():
+            raise CheckpointError(f"{shard}: tensor {stored!r} is {t.dtype}, expected a floating-point weight")
+        if conv and t.ndim:
+            t = t.reshape(t.shape[0], -1)  # the patch-embedding Conv3d is our Linear
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{shard}: weight {stored!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         loaded.add(name)
-        return handles[shard].get_tensor(name)
+        return t
 
     try:
-        for ours, hf_names, kind in _expand(model.config, naming):
-            if _tied_skip(model.config, ours):
-                if hf_names[0] in index:
-                    loaded.add(hf_names[0])  # tied: the stored copy equals embed_tokens
-                continue
+        for ours, hf_names, kind in _expand(model.config, "v4"):
+            if ours == "lm_head.weight":
+                continue  # after embed_tokens, below
             param = params[ours]
             targets = param.split(_split_sizes(model.config, ours)) if kind == "cat" else [param]
             for hf, target in zip(hf_names, targets):
-                t = read(hf)
-                if kind == "conv":
-                    t = t.reshape(t.shape[0], -1)
-                if tuple(t.shape) != tuple(target.shape):
-                    raise CheckpointError(
-                        f"{path}: weight {hf!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}"
-                    )
-                target.copy_(t)
+                target.copy_(read(hf, target.shape, conv=kind == "conv"))
+        _load_lm_head(model, path, index, read)
     finally:
         handles.clear()
-    unexpected = sorted(set(index) - loaded)
+    unexpected = sorted(index[k][1] for k in set(index) - loaded)
     if unexpected:
         shown = ", ".join(unexpected[:8]) + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
         raise CheckpointError(f"{path}: unexpected weight(s) not used by the model: {shown}")
     return loaded
+
+
+def _load_lm_head(model: MoCaModel, path: str, index: dict, read) -> None:
+    """The LM head as transformers resolves it (module docstring); embed_tokens is loaded already."""
+    cfg, embed = model.config, model.embed_tokens.weight
+    if "lm_head.weight" not in index:
+        if not cfg.tie_word_embeddings:
+            log.warning("%s: no lm_head.weight and tie_word_embeddings is false: the LM head starts as a copy of "
+                        "the input embeddings (embedding does not use it; CPT trains it from there)", path)
+            model.lm_head.weight.copy_(embed)
+        return
+    head = read("lm_head.weight", embed.shape)
+    if cfg.tie_word_embeddings:
+        if torch.equal(head, read("model.embed_tokens.weight", embed.shape)):  # compared in the stored dtype
+            return
+        log.warning("%s: config.json ties the word embeddings but the stored lm_head.weight differs from them: "
+                    "kept untied, as transformers does (set tie_word_embeddings=false to silence this)", path)
+        cfg.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(torch.empty_like(embed))
+    model.lm_head.weight.copy_(head)
 
 
 def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> MoCaModel:

@@ -3,12 +3,32 @@
 Presets `3b` and `7b` carry the published Qwen2.5-VL shapes (MOCA.md §1); `tiny` keeps the
 real vocabulary and token ids but is small enough to train in minutes on a CPU.
 `is_causal=False` (every decoder layer bidirectional) is MoCa's only architectural change.
+Reading a checkpoint's JSON (`read_json`) raises `CheckpointError` naming the file and the key,
+never a bare KeyError or JSONDecodeError.
 """
 
 import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file (and the tensor or key)."""
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; CheckpointError naming the file if it is missing, not JSON or not an object."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 @dataclass
@@ -86,51 +106,64 @@ class ModelConfig:
     # ---------------------------------------------------------------- HF config.json
     @classmethod
     def from_hf_config(cls, path_or_dict) -> "ModelConfig":
-        """Read an HF Qwen2.5-VL `config.json` (transformers 4.x flat layout or 5.x `text_config`)."""
+        """Read an HF Qwen2.5-VL `config.json` (transformers 4.x flat layout or 5.x `text_config`).
+        A missing or ill-typed field is a CheckpointError naming the file and the field."""
         if isinstance(path_or_dict, dict):
-            cfg = path_or_dict
+            cfg, where = path_or_dict, "config"
         else:
-            path = os.path.join(path_or_dict, "config.json") if os.path.isdir(path_or_dict) else path_or_dict
-            with open(path) as f:
-                cfg = json.load(f)
+            where = os.path.join(path_or_dict, "config.json") if os.path.isdir(path_or_dict) else path_or_dict
+            cfg = read_json(where)
         if cfg.get("model_type") not in ("qwen2_5_vl", None):
-            raise ValueError(f"expected a qwen2_5_vl config, got model_type={cfg.get('model_type')!r}")
-        text = {**cfg, **cfg.get("text_config", {})}
+            raise CheckpointError(f"{where}: expected a qwen2_5_vl config, got model_type={cfg.get('model_type')!r}")
+        text, vis = {**cfg, **_section(cfg, "text_config", where, {})}, _section(cfg, "vision_config", where)
+
+        def need(d, key, section=""):  # a required size: a positive integer
+            value = d.get(key)
+            if value is None:
+                raise CheckpointError(f"{where}: missing field {section + key!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(f"{where}: field {section + key!r} must be a positive integer, got {value!r}")
+            return value
+
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        vis = cfg["vision_config"]
-        return cls(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["num_attention_heads"],
-            num_key_value_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", text.get("rope_theta", 1_000_000.0)),
-            mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-            max_position_embeddings=text.get("max_position_embeddings", 128000),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-            is_causal=bool(text.get("is_causal", False)),
-            image_token_id=cfg.get("image_token_id", 151655),
-            vision_start_token_id=cfg.get("vision_start_token_id", 151652),
-            vision_end_token_id=cfg.get("vision_end_token_id", 151653),
-            pad_token_id=text.get("pad_token_id") if text.get("pad_token_id") is not None else 151643,
-            vision=VisionConfig(
-                depth=vis["depth"],
-                hidden_size=vis["hidden_size"],
-                intermediate_size=vis["intermediate_size"],
-                num_heads=vis["num_heads"],
-                out_hidden_size=vis.get("out_hidden_size", text["hidden_size"]),
-                patch_size=vis.get("patch_size", 14),
-                temporal_patch_size=vis.get("temporal_patch_size", 2),
-                spatial_merge_size=vis.get("spatial_merge_size", 2),
-                in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
-                window_size=vis.get("window_size", 112),
-                fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", (7, 15, 23, 31))),
-                rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
-                rms_norm_eps=1e-6,
-            ),
-        )
+        try:
+            return cls(
+                vocab_size=need(text, "vocab_size"),
+                hidden_size=need(text, "hidden_size"),
+                intermediate_size=need(text, "intermediate_size"),
+                num_hidden_layers=need(text, "num_hidden_layers"),
+                num_attention_heads=need(text, "num_attention_heads"),
+                num_key_value_heads=text.get("num_key_value_heads") or need(text, "num_attention_heads"),
+                rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+                rope_theta=rope.get("rope_theta", text.get("rope_theta", 1_000_000.0)),
+                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+                max_position_embeddings=text.get("max_position_embeddings", 128000),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                is_causal=bool(text.get("is_causal", False)),
+                image_token_id=cfg.get("image_token_id", 151655),
+                vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+                vision_end_token_id=cfg.get("vision_end_token_id", 151653),
+                pad_token_id=text.get("pad_token_id") if text.get("pad_token_id") is not None else 151643,
+                vision=VisionConfig(
+                    depth=need(vis, "depth", "vision_config."),
+                    hidden_size=need(vis, "hidden_size", "vision_config."),
+                    intermediate_size=need(vis, "intermediate_size", "vision_config."),
+                    num_heads=need(vis, "num_heads", "vision_config."),
+                    out_hidden_size=vis.get("out_hidden_size", text["hidden_size"]),
+                    patch_size=vis.get("patch_size", 14),
+                    temporal_patch_size=vis.get("temporal_patch_size", 2),
+                    spatial_merge_size=vis.get("spatial_merge_size", 2),
+                    in_channels=vis.get("in_channels", vis.get("in_chans", 3)),
+                    window_size=vis.get("window_size", 112),
+                    fullatt_block_indexes=tuple(vis.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                    rope_theta=(vis.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+                    rms_norm_eps=1e-6,
+                ),
+            )
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # ill-typed or inconsistent values
+            raise CheckpointError(f"{where}: {e}") from e
 
     def to_hf_config(self) -> dict:
         """A `config.json` that transformers 4.x (flat keys) and 5.x (`text_config`) both load."""
@@ -187,6 +220,15 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _section(cfg: dict, key: str, where: str, default=None) -> dict:
+    value = cfg.get(key, default)
+    if value is None:
+        raise CheckpointError(f"{where}: missing field {key!r}")
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: field {key!r} must be an object, got {type(value).__name__}")
+    return value
 
 
 def _tiny() -> ModelConfig:

@@ -164,3 +164,167 @@ def test_presets_have_published_shapes():
 
             n = sum(p.numel() for p in MoCaModel(c).parameters())
         assert (3.5e9 if c is b3 else 8.0e9) < n < (4.0e9 if c is b3 else 8.5e9)
+
+
+# ---------------------------------------------------------------- unreadable files (#13 item 8)
+def _write_config(path, edit):
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "damage, file, message",
+    [
+        (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors", "not a readable safetensors"),
+        (lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-1000]),
+         "model.safetensors", "not a readable safetensors"),
+        (lambda p: (p / "config.json").write_text('{"model_type": "qwen2_5_vl",'), "config.json", "not valid JSON"),
+        (lambda p: (p / "config.json").write_bytes(b'{"model_type": "\xff"}'), "config.json", "not valid JSON"),
+        (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json", "expected a JSON object"),
+        (lambda p: os.remove(p / "config.json"), "config.json", "no such file"),
+        (lambda p: _write_config(p, lambda c: c.pop("vision_config")), "config.json", "missing field 'vision_config'"),
+        (lambda p: _write_config(p, lambda c: c["vision_config"].pop("depth")), "config.json",
+         "missing field 'vision_config.depth'"),
+        (lambda p: _write_config(p, lambda c: (c.pop("hidden_size", None), c["text_config"].pop("hidden_size"))),
+         "config.json", "missing field 'hidden_size'"),
+        (lambda p: _write_config(p, lambda c: c["text_config"].update(num_attention_heads="three")), "config.json",
+         "field 'num_attention_heads' must be a positive integer, got 'three'"),
+        (lambda p: _write_config(p, lambda c: c["text_config"].update(num_key_value_heads=2)), "config.json",
+         "num_attention_heads must be a multiple of num_key_value_heads"),
+    ],
+    ids=["empty-st", "truncated-st", "bad-json", "not-utf8", "json-list", "no-config", "no-vision-config",
+         "no-depth", "no-hidden-size", "ill-typed", "inconsistent"],
+)
+def test_unreadable_files_are_checkpoint_errors_naming_the_file(hf_dir, tmp_path, damage, file, message):
+    path = _copy(hf_dir, tmp_path / "bad", None)
+    (path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    damage(path)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(str(path))
+    assert str(path / file) in str(err.value)
+
+
+def test_damaged_shard_index_and_shards_are_named(hf_dir, tmp_path):
+    path = _shard(hf_dir, tmp_path / "sharded")
+    index = path / "model.safetensors.index.json"
+    good = index.read_text()
+    index.write_text(good[:-5])
+    with pytest.raises(CheckpointError, match="not valid JSON") as err:
+        load_model(str(path))
+    assert str(index) in str(err.value)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="'weight_map' must map"):
+        load_model(str(path))
+    # the index places a tensor in a shard that does not hold it
+    weight_map = json.loads(good)["weight_map"]
+    name = "model.layers.2.mlp.down_proj.weight"
+    elsewhere = next(s for s in sorted(set(weight_map.values())) if s != weight_map[name])
+    index.write_text(json.dumps({"weight_map": {**weight_map, name: elsewhere}}))
+    with pytest.raises(CheckpointError, match=f"{elsewhere}: has no tensor '{name}'"):
+        load_model(str(path))
+    index.write_text(good)
+    (path / elsewhere).write_bytes((path / elsewhere).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{elsewhere}: not a readable safetensors"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_tensor_is_refused(hf_dir, tmp_path, dtype):
+    tensors = load_file(hf_dir / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = torch.ones_like(tensors[name], dtype=dtype)
+    path = _copy(hf_dir, tmp_path / "bad", tensors)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"model.safetensors: tensor '{name}' is {dtype}, expected a floating"):
+        load_model(str(path))
+
+
+# ---------------------------------------------------------------- LM head and layouts (#13 items 12, 13)
+def test_tied_config_with_a_different_stored_head_stays_untied_like_transformers(hf_dir, tmp_path, caplog):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    path = _copy(hf_dir, tmp_path / "tied-but-own-head", tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)  # the oracle keeps the stored head
+    assert torch.equal(hf.lm_head.weight, tensors["lm_head.weight"])
+    with caplog.at_level("WARNING", logger="moca"):
+        model = load_model(str(path))
+    assert "kept untied" in caplog.text
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+    assert torch.equal(model.embed_tokens.weight, tensors["model.embed_tokens.weight"])
+    assert model.lm_head.weight.data_ptr() != model.embed_tokens.weight.data_ptr()
+    assert not model.config.tie_word_embeddings
+
+    save_model(model, str(tmp_path / "resaved"))
+    again = load_file(tmp_path / "resaved" / "model.safetensors")
+    assert torch.equal(again["lm_head.weight"], tensors["lm_head.weight"])
+    assert torch.equal(load_model(str(tmp_path / "resaved")).lm_head.weight, tensors["lm_head.weight"])
+
+
+def test_tied_config_with_an_equal_stored_head_stays_tied(hf_dir, tmp_path):
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    path = _copy(hf_dir, tmp_path / "tied-copy", tensors)
+    save_file(tensors, path / "model.safetensors")
+    model = load_model(str(path))
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_bare_qwen2_5_vl_model_checkpoint_loads_and_embeds(tmp_path, tie, caplog):
+    """`Qwen2_5_VLModel.save_pretrained`: `language_model.*` + `visual.*`, no lm_head."""
+    from transformers import Qwen2_5_VLModel
+
+    from hf_oracle import tiny_hf_config
+
+    torch.manual_seed(5)
+    cfg = tiny_hf_config(tie=tie)
+    cfg._attn_implementation = cfg.text_config._attn_implementation = cfg.vision_config._attn_implementation = "eager"
+    bare = Qwen2_5_VLModel(cfg).eval()
+    with torch.no_grad():
+        for p in bare.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    bare.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any(k.startswith("language_model.layers.") for k in keys) and "lm_head.weight" not in keys
+    with caplog.at_level("WARNING", logger="moca"):
+        model = load_model(str(tmp_path))
+    assert ("copy of the input embeddings" in caplog.text) == (not tie)
+    assert torch.equal(model.lm_head.weight, bare.language_model.embed_tokens.weight)
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tie
+
+    proc = Processor(load_tokenizer(default_tokenizer_dir()), model.config, ImageConfig(4 * 784, 24 * 784))
+    sample = proc.encode({"text": IMAGE_MARKER + "Represent the given image.", "images": [random_image(70, 50)]})
+    with torch.no_grad():
+        ours = model(proc.pack([sample]))
+        ids = sample.input_ids[None]
+        theirs = bare(input_ids=ids, mm_token_type_ids=(ids == 151655).int(), pixel_values=sample.patches,
+                      image_grid_thw=torch.tensor(sample.grids)).last_hidden_state[0]
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+
+
+def test_transformers_5_naming_loads_the_same_weights(hf_dir, tmp_path):
+    tensors = load_file(hf_dir / "model.safetensors")
+    v5 = {("model.language_model." + k[len("model."):] if k.startswith("model.") else "model." + k
+           if k.startswith("visual.") else k): v for k, v in tensors.items()}
+    path = _copy(hf_dir, tmp_path / "v5", v5)
+    save_file(v5, path / "model.safetensors")
+    assert _params_equal(load_model(str(hf_dir)), load_model(str(path)))
+    # one weight under two namings is ambiguous, not silently one of them
+    v5["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].clone()
+    save_file(v5, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="are the same weight"):
+        load_model(str(path))
+
+
+def test_not_a_qwen_checkpoint(hf_dir, tmp_path):
+    path = _copy(hf_dir, tmp_path / "other", None)
+    save_file({"encoder.weight": torch.zeros(2, 2)}, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a Qwen2.5-VL checkpoint.*found encoder.weight"):
+        load_model(str(path))
