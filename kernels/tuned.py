@@ -3,13 +3,14 @@
 A `triton.autotune`d kernel benchmarks every candidate config the first time it meets a new key, which
 made `python -m moca.embed` spend 16 s on 6 inputs on an H200 (issue #12). The default path instead
 reads (BLOCK_M, BLOCK_N, num_warps, num_stages) from the rules below; `MOCA_AUTOTUNE=1` brings the
-autotuner back over the same candidates (kernels/attention.py) for tuning and benchmarks, and with
+autotuner back over the candidates `SPACES` (kernels/attention.py) for tuning and benchmarks, and with
 `TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
 `dtype` (equal), `max_seq` (seq bucket <=) or `masked` (head_dim % 16 != 0), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
-Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89.
+Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89
+(untuned, and not compiled by the gate, which targets sm90 only).
 
 Status: the sm90 rules come from the sm90 compile gate (bench/compile_gate.py, table in
 bench/results/sm90-compile-gate.md: every shipped config compiles with zero spills within 227 KiB of
