@@ -14,10 +14,14 @@ lifts every side to >= 28 in its single bicubic resize, and we do exactly the sa
 pixels and grid match transformers. MOCA.md §1 describes the reference as resizing such
 images up to 28 px first (older transformers raised on them); no separate pre-upscale is
 applied here, so only images with a side < 28 can differ from the release's pixels.
+
+High bit depths: 16-bit RGB(A) files decode to 8 bits in PIL already (the high byte); 16-bit
+greyscale (modes `I;16*`, and `I` holding 0..65535) is scaled the same way, v >> 8, where
+PIL's own convert (and transformers) would clip it to 255. Other 32-bit integer values and
+float images (mode `F`) have no agreed range and are refused.
 """
 
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+
+from moca.config import CheckpointError, read_json
 
 RESCALE_FACTOR = 1 / 255
 MAX_ASPECT_RATIO = 200
@@ -51,20 +57,22 @@ class ImageConfig:
         file = os.path.join(os.fspath(path), "preprocessor_config.json")
         if not os.path.isfile(file):
             return cls()
-        with open(file) as f:
-            cfg = json.load(f)
+        cfg = read_json(file)
         size = cfg.get("size") or {}
         kw = {}
-        for name, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-            value = cfg.get(name, size.get(edge))
-            if value is not None:
-                kw[name] = int(value)
-        for name in ("patch_size", "temporal_patch_size", "merge_size"):
-            if cfg.get(name) is not None:
-                kw[name] = int(cfg[name])
-        for name in ("image_mean", "image_std"):
-            if cfg.get(name) is not None:
-                kw[name] = tuple(float(v) for v in cfg[name])
+        try:
+            for name, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+                value = cfg.get(name, size.get(edge))
+                if value is not None:
+                    kw[name] = int(value)
+            for name in ("patch_size", "temporal_patch_size", "merge_size"):
+                if cfg.get(name) is not None:
+                    kw[name] = int(cfg[name])
+            for name in ("image_mean", "image_std"):
+                if cfg.get(name) is not None:
+                    kw[name] = tuple(float(v) for v in cfg[name])
+        except (AttributeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{file}: field {name!r}: {e}") from None
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -86,6 +94,23 @@ class ImageConfig:
             "temporal_patch_size": self.temporal_patch_size,
             "merge_size": self.merge_size,
         }
+
+
+def _to_8bit(img: Image.Image, name: str) -> Image.Image:
+    """16-bit greyscale -> mode L by v >> 8 (a grey-level transparency becomes an alpha band)."""
+    if img.mode == "F":
+        raise ImageError(f"{name}: floating-point images (mode F) are not supported; convert to 8 bits first")
+    if img.getbands() != ("I",):
+        return img
+    v = np.asarray(img)
+    if v.size and (int(v.min()) < 0 or int(v.max()) > 65535):
+        raise ImageError(f"{name}: 32-bit integer image (mode {img.mode}) with values outside 0..65535 "
+                         f"({int(v.min())}..{int(v.max())}): not supported; convert to 8 or 16 bits first")
+    grey = Image.fromarray((v.astype(np.uint32) >> 8).astype(np.uint8))
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        grey = Image.merge("LA", (grey, Image.fromarray(np.where(v == key, 0, 255).astype(np.uint8))))
+    return grey
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -131,7 +156,7 @@ def load_image(src) -> Image.Image:
         raise ImageError(f"cannot decode image {name}: {e}") from e
     if img.width == 0 or img.height == 0:
         raise ImageError(f"zero-sized image {name} ({img.width}x{img.height})")
-    return _to_rgb(img)
+    return _to_rgb(_to_8bit(img, name))
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

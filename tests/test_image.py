@@ -170,3 +170,92 @@ def test_load_image_errors_name_the_source(tmp_path):
     with pytest.raises(ImageError, match="zero-sized"):
         load_image(Image.new("RGB", (0, 5)))
     assert issubclass(ImageError, ValueError)
+
+
+# ---------------------------------------------------------------- high bit depths (#13 item 14)
+def _png16(arr):
+    """(H, W[, C]) uint16 -> 16-bit PNG bytes written by hand (PIL cannot write 16-bit colour PNGs);
+    C: 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA."""
+    import struct
+    import zlib
+
+    arr = arr if arr.ndim == 3 else arr[:, :, None]
+    h, w, c = arr.shape
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _ramp16(width=112, height=112):
+    """0..65535 over the image, row-major: every 8-bit level appears."""
+    n = width * height
+    return (np.arange(n, dtype=np.uint64) * 65535 // (n - 1)).astype(np.uint16).reshape(height, width)
+
+
+def test_16bit_greyscale_png_scales_to_8_bits():
+    ramp = _ramp16()
+    img = Image.open(io.BytesIO(_png16(ramp)))
+    assert img.mode == "I;16"
+    rgb = np.asarray(load_image(img))
+    expected = (ramp >> 8).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], expected)
+    assert len(np.unique(rgb)) == 256
+    # the patches are those of the 8-bit image, which transformers processes right
+    eight = Image.fromarray(expected)
+    ours, grid = preprocess_image(_png16(ramp), SMALL)
+    ref, ref_grid = _reference(eight, SMALL)
+    assert grid == ref_grid
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16bit_integer_modes_scale_to_8_bits(mode):
+    v = _rng(5).integers(0, 65536, (9, 13)).astype(np.uint16)
+    if mode == "I":
+        img = Image.fromarray(v.astype(np.int32))
+    else:
+        img = Image.frombytes(mode, (13, 9), v.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    assert img.mode == mode
+    np.testing.assert_array_equal(np.asarray(load_image(img))[..., 1], v >> 8)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["LA", "RGB", "RGBA"])
+def test_16bit_colour_pngs_keep_the_high_byte(channels):
+    v = _rng(6, channels).integers(0, 65536, (9, 13, channels)).astype(np.uint16)
+    if channels != 3:
+        v[..., -1] = 65535  # opaque: compositing onto white leaves the colour
+    got = np.asarray(load_image(_png16(v)))
+    grey = v[..., :1] if channels == 2 else v[..., :3]
+    np.testing.assert_array_equal(got, np.broadcast_to(grey >> 8, got.shape))
+
+
+def test_16bit_grey_transparency_becomes_white():
+    v = _ramp16(16, 4)
+    img = Image.open(io.BytesIO(_png16(v)))
+    img.info["transparency"] = int(v[1, 3])
+    got = np.asarray(load_image(img))
+    assert (got[1, 3] == 255).all() and got[0, 0, 0] == 0 and got[3, 15, 0] == 255 and got[2, 2, 0] == v[2, 2] >> 8
+
+
+def test_unscalable_bit_depths_are_refused():
+    with pytest.raises(ImageError, match=r"<PIL image>: floating-point images \(mode F\)"):
+        load_image(Image.fromarray(np.ones((4, 4), np.float32)))
+    with pytest.raises(ImageError, match=r"values outside 0..65535 \(-1..70000\)"):
+        load_image(Image.fromarray(np.array([[-1, 70000]], np.int32)))
+
+
+def test_bad_preprocessor_config_names_the_file(tmp_path):
+    from moca.config import CheckpointError
+
+    file = tmp_path / "preprocessor_config.json"
+    file.write_text('{"min_pixels": 3136,')
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: not valid JSON"):
+        ImageConfig.from_pretrained(tmp_path)
+    file.write_text('{"min_pixels": "many"}')
+    with pytest.raises(CheckpointError, match="preprocessor_config.json: field 'min_pixels'"):
+        ImageConfig.from_pretrained(tmp_path)
