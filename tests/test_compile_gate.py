@@ -4,8 +4,8 @@ The Triton interpreter accepts code that the real compiler rejects (issue #12: a
 read by a jitted kernel), so the CPU tests of the kernels cannot see that class of fault. This runs
 bench/compile_gate.py in a subprocess with TRITON_INTERPRET=0 (conftest turns the interpreter on in
 this process, and triton.jit picks interpreter or compiler when the kernel modules are imported),
-and checks its rows: coverage is in that script's docstring. Cold, it compiles a few hundred kernels
-(minutes on two cores); Triton's cache makes later runs take seconds for unchanged kernels.
+and checks its rows: coverage is in that script's docstring. Cold, it compiles 431 kernels (7
+CPU-minutes, two processes); Triton's cache makes later runs take ~15 s for unchanged kernels.
 """
 
 import json
