@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 from kernels import tuned  # noqa: E402
 
 # the modules (kernels/__init__ re-exports functions under some of the same names)
-attention, infonce, recon_loss = (importlib.import_module(f"kernels.{m}") for m in ("attention", "infonce", "recon_loss"))
+attention, infonce, recon_loss = (importlib.import_module(f"kernels.{m}")
+                                   for m in ("attention", "infonce", "recon_loss"))
 
 TARGET = GPUTarget("cuda", 90, 32)
 ARCH = "sm90"
@@ -86,8 +87,9 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     meta = dict(GROUP=group, HEAD_DIM=D, D0=d0, D1=d1, DTYPE=attention._TL_DTYPES[dt],
                 DOT_PREC="ieee" if dt == torch.float32 else "tf32")
     if kernel == "preprocess":
-        return attention._attn_bwd_preprocess, (_ptr(dt), _ptr(dt), _ptr(torch.float32), H * D, D, H * D, D, n_tokens), dict(
-            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=64)
+        args = (_ptr(dt), _ptr(dt), _ptr(torch.float32), H * D, D, H * D, D, n_tokens)
+        return attention._attn_bwd_preprocess, args, dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                                                          BLOCK_T=64)
     bm, bn, warps, stages = cfg
     x, f32, i32 = _ptr(dt), _ptr(torch.float32), _ptr(torch.int32)
     q_st, kv_st = (H * D, D), (H_kv * D, D)
@@ -204,8 +206,9 @@ def jobs() -> list[dict]:
                     cands = set()
                 for group in GROUPS:
                     for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
-                        add("attention", f"attn_{name}", dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=cfg),
-                            f"D={D} {dtype} G={group}", "{}x{} w{} s{}".format(*cfg), cfg in shipped)
+                        args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=cfg)
+                        label = "{}x{} w{} s{}".format(*cfg)
+                        add("attention", f"attn_{name}", args, f"D={D} {dtype} G={group}", label, cfg in shipped)
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_fwd", "patch_bwd"):

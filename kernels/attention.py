@@ -430,8 +430,9 @@ def autotune_enabled() -> bool:
 
 @functools.cache
 def _autotuner(name: str):
+    hook = _schedule_hook(_TILE_KEY[name])
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_schedule_hook(_TILE_KEY[name]))
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in SPACES[name]
         for s in STAGES
     ]
@@ -563,7 +564,8 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
     _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
-            (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta), bucket)
+            (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta),
+            bucket)
     _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
             (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)

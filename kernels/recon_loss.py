@@ -184,9 +184,9 @@ def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool) -> dict:
     """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time.
 
     GPU: tensor-core tiles, BLOCK_K = 32 keeping the loops free of register spills on sm_90 (fp32's
-    exact FMA dots need 64 x 16 slices for that), checked by bench/compile_gate.py. Interpreter: its cost is per tile op,
-    not per flop, so few wide tiles (but >= 4 across cols, so that small tests still cross tile and
-    split borders) and fp32 maths.
+    exact FMA dots need 64 x 16 slices for that), checked by bench/compile_gate.py. Interpreter: its
+    cost is per tile op, not per flop, so few wide tiles (but >= 4 across cols, so that small tests
+    still cross tile and split borders) and fp32 maths.
     """
     bm = max(16, min(128, triton.next_power_of_2(rows)))
     if gpu:
