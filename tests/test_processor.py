@@ -75,23 +75,65 @@ def test_missing_image_file_is_named(proc, tmp_path):
         proc.encode({"text": MARKER, "images": [str(tmp_path / "missing.png")]})
 
 
-def test_truncation_drops_a_cut_image_whole(proc):
-    img = random_image(112, 112)
-    text = "before " + MARKER + " after the image there is more text"
-    full = proc.encode({"text": text, "images": [img]})
-    (t, h, w), = full.grids
-    first_pad = full.input_ids.tolist().index(PAD)
-    n = t * h * w // 4
-    # Cut inside the image: the image and its vision_start go, nothing of it remains.
-    cut = proc.truncate(full, first_pad + n // 2)
-    assert cut.grids == () and cut.patches is None
-    assert cut.input_ids.tolist() == full.input_ids[: first_pad - 1].tolist()
-    # Cut after the image's vision_end: the image stays whole.
-    keep = proc.truncate(full, first_pad + n + 3)
-    assert keep.grids == full.grids and torch.equal(keep.patches, full.patches)
-    assert keep.input_ids.tolist() == full.input_ids[: first_pad + n + 3].tolist()
-    limited = Processor.from_pretrained("tiny", max_length=first_pad + n // 2)
-    assert torch.equal(limited.encode({"text": text, "images": [img]}).input_ids, cut.input_ids)
+def _truncation_case(proc):
+    """"before IMG after..." -> (item, sample, text before, image block, text after) as id lists."""
+    text = "before the image, " + MARKER + " and after the image there is much more text to cut"
+    item = {"text": text, "images": [random_image(112, 112)]}
+    full = proc.encode(item)
+    ids = full.input_ids.tolist()
+    first_pad, n = ids.index(PAD), ids.count(PAD)
+    assert ids[first_pad - 1] == VS and ids[first_pad + n] == VE
+    return item, full, ids[: first_pad - 1], ids[first_pad - 1 : first_pad + n + 1], ids[first_pad + n + 1 :]
+
+
+def test_truncation_keeps_images_whole_and_cuts_text(proc):
+    item, full, before, block, after = _truncation_case(proc)
+    assert len(before) >= 3 and len(after) >= 6
+    cuts = {
+        # a limit inside the image: the image stays whole, text before it is cut, text after it goes
+        len(before) + len(block) - 2: before[:-2] + block,
+        # a limit past the image: the text after it is cut to fit
+        len(before) + len(block) + 4: before + block + after[:4],
+        # exactly the image: no text at all
+        len(block): block,
+    }
+    for limit, expected in cuts.items():
+        cut = proc.truncate(full, limit)
+        assert cut.input_ids.tolist() == expected and len(cut) == limit
+        assert cut.grids == full.grids and torch.equal(cut.patches, full.patches)
+    limit = len(before) + len(block) + 4
+    # max_length in the processor applies the same rule
+    limited = Processor.from_pretrained("tiny", max_length=limit)
+    assert limited.encode(item).input_ids.tolist() == before + block + after[:4]
+
+
+def test_truncation_keeps_every_image_of_several(proc):
+    imgs = [random_image(112, 112, seed=1), random_image(84, 56, seed=2)]
+    text = "one " + MARKER + " two three four five " + MARKER + " six seven eight"
+    full = proc.encode({"text": text, "images": imgs})
+    ids = full.input_ids.tolist()
+    is_image = [False] * len(ids)
+    for j, tok in enumerate(ids):  # an image's span: its pads, the vision_start before, the vision_end after
+        if tok == PAD:
+            is_image[j] = is_image[j - 1] = is_image[j + 1] = True
+    n_image = sum(is_image)
+    cut = proc.truncate(full, n_image + 3)
+    kept_text = [tok for tok, img in zip(ids, is_image) if not img][:3]
+    assert [tok for tok in cut.input_ids.tolist() if tok not in (PAD, VS, VE)] == kept_text
+    assert cut.input_ids.tolist().count(PAD) == ids.count(PAD) and cut.grids == full.grids
+    assert len(cut) == n_image + 3
+
+
+def test_images_over_the_limit_raise_instead_of_being_dropped(proc):
+    from moca.processor import TruncationError
+
+    item, full, before, block, after = _truncation_case(proc)
+    with pytest.raises(TruncationError, match=f"1 image\\(s\\) take {len(block)} tokens .*max_length={len(block) - 1}"):
+        proc.truncate(full, len(block) - 1)
+    with pytest.raises(TruncationError):
+        Processor.from_pretrained("tiny", max_length=len(block) - 1).encode(item)
+    with pytest.raises(ValueError, match="at least 1"):
+        Processor.from_pretrained("tiny", max_length=0)
 
 
 def test_pack_metadata(proc):
