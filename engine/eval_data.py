@@ -4,7 +4,9 @@ MMEB-eval: DIR/<subset>/test-*.parquet with `qry_text`, `qry_img_path`, `tgt_tex
 `tgt_img_path` (list); candidate 0 is the right one; image paths relative to an image root.
 ViDoRe v2: DIR/<dataset>/{corpus,queries,qrels}/*.parquet in the BEIR layout.
 Key decision: every distinct (text, image) input of a subset is embedded once; rows refer to
-inputs by index. Phi-3-V's `<|image_N|>` becomes the Qwen marker when the row has an image and
+inputs by index. An input's key (what the embedding cache is keyed by) names an image by its
+content: the bytes' SHA-256 for inline images, absolute path + size + mtime for files
+(`file_identity`), so images changed in place or read from another folder are embedded afresh. Phi-3-V's `<|image_N|>` becomes the Qwen marker when the row has an image and
 is removed when it has none (MOCA.md §4). Missing image files are an error that names the path
 (checked for the whole subset before anything is embedded): a skipped row or candidate would
 silently change what precision@1 means, so none is skipped.
@@ -63,6 +65,12 @@ def read_parquet(files: list[str], columns: list[str]) -> dict[str, list]:
     return out
 
 
+def file_identity(path: str) -> tuple[str, int, int]:
+    """(absolute path, size, mtime in ns): changes when the file is overwritten or another folder is used."""
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class Inputs:
     """Unique model inputs of one subset, with a (text, image keys) identity for each."""
@@ -102,16 +110,18 @@ def load_mmeb_subset(data: str, name: str, images: str) -> MMEBSubset:
     if not files:
         raise EvalDataError(f"MMEB subset {name!r}: no test-*.parquet in {os.path.join(data, name)}")
     cols = read_parquet(files, ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"])
-    inputs, queries, candidates, missing = Inputs(), [], [], {}
+    inputs, queries, candidates, missing, identity = Inputs(), [], [], {}, {}
 
     def add(text, img, where):
         path = os.path.join(images, img) if img else None
-        if path is not None and path not in missing and not os.path.isfile(path):
-            missing[path] = where
+        if path is not None and path not in identity:
+            identity[path] = file_identity(path) if os.path.isfile(path) else None
+            if identity[path] is None:
+                missing[path] = where
         item = {"text": mmeb_text(text, bool(img)), "images": [path] if path else []}
         if not item["text"] and not path:
             raise EvalDataError(f"MMEB subset {name!r}, {where}: neither text nor image")
-        return inputs.add((item["text"], img or ""), item)
+        return inputs.add((item["text"], identity[path] if path else ""), item)
 
     for r, (qt, qi, tts, tis) in enumerate(zip(*(cols[c] for c in ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")))):
         tts, tis = list(tts or []), list(tis or [])
@@ -167,9 +177,11 @@ def _page_image(image, folder: str, cid):
     raise EvalDataError(f"{folder}: corpus-id {cid!r} has no image")
 
 
-def _image_identity(img) -> str:
-    data = img["bytes"] if isinstance(img, dict) else img
-    return hashlib.sha256(data if isinstance(data, bytes) else data.encode()).hexdigest()
+def _image_identity(img):
+    """A page image's cache identity: its bytes' SHA-256, or `file_identity` for a path."""
+    if isinstance(img, str):
+        return file_identity(img)
+    return hashlib.sha256(img["bytes"] if isinstance(img, dict) else img).hexdigest()
 
 
 def load_beir(data: str, name: str) -> BeirDataset:

@@ -10,7 +10,8 @@ sharded round-robin over ranks and the vectors all-gathered, so every rank score
 matrix and rank 0 writes the files; (2) vectors are cached as
 OUT/embeddings/<task>/<subset>-<key>.safetensors, the key a hash of the model (weights'
 sizes and times, config files; or the preset), dtype, pooling, max_length and the inputs
-themselves, so a rerun scores without re-embedding and a different model never reuses them.
+themselves (texts, and images by content: `eval_data.file_identity` or the bytes' hash), so a
+rerun scores without re-embedding and a different model or changed images never reuse them.
 Scores are fractions in [0, 1] (the table prints percentages); tie rules in engine/metrics.py.
 """
 

@@ -120,6 +120,42 @@ def test_mmeb_scores_cache_and_oracle(tiny, tmp_path, monkeypatch, capsys):
         evaluate_mmeb(other, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
 
 
+def _cached_vectors(out, name):
+    (cache,) = (out / "embeddings" / "mmeb").glob(f"{name}-*.safetensors")
+    return load_file(cache)["embeddings"]
+
+
+def test_mmeb_cache_is_keyed_on_image_content(tiny, tmp_path):
+    """Another --images folder with the same names, or images overwritten in place: embedded afresh."""
+    embedder, model, proc = tiny
+    data, images, _ = write_mmeb(tmp_path)
+    out = tmp_path / "out"
+
+    def fresh(images_dir):
+        subset = eval_data.load_mmeb_subset(str(data), "MSCOCO_t2i", str(images_dir))
+        return torch.stack([embed_alone(model, proc, it) for it in subset.inputs.items])
+
+    evaluate_mmeb(embedder, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
+    first = _cached_vectors(out, "MSCOCO_t2i")
+    assert (first - fresh(images)).abs().max().item() <= 1e-5
+
+    other = tmp_path / "other-images"
+    for i, (w, h) in enumerate([(40, 30), (57, 61), (30, 90), (64, 48), (33, 33)]):
+        (other / "sub").mkdir(parents=True, exist_ok=True)
+        random_image(w, h, seed=90 + i).save(other / "sub" / f"{i}.png")
+    for images_dir in (other, images):
+        if images_dir is images:  # overwrite in place: same names, same sizes in pixels, new content
+            for f in (other / "sub").iterdir():
+                (images / "sub" / f.name).write_bytes(f.read_bytes())
+        before = set((out / "embeddings" / "mmeb").iterdir())
+        evaluate_mmeb(embedder, str(data), str(images_dir), str(out), subsets=["MSCOCO_t2i"])
+        (new_cache,) = set((out / "embeddings" / "mmeb").iterdir()) - before  # a new key, not a stale hit
+        vectors = load_file(new_cache)["embeddings"]
+        expected = fresh(images_dir)
+        assert (vectors - expected).abs().max().item() <= 1e-5
+        assert (expected - first).abs().max().item() > 1e-2  # the images did change what is embedded
+
+
 def test_mmeb_prompt_rewriting_and_dedup(tmp_path):
     data, images, _ = write_mmeb(tmp_path)
     t2i = eval_data.load_mmeb_subset(str(data), "MSCOCO_t2i", str(images))
@@ -201,3 +237,16 @@ def test_vidore_layout_errors(tmp_path):
     os.remove(ds / "qrels" / "test-00000-of-00001.parquet")
     with pytest.raises(eval_data.EvalDataError, match="no qrels/"):
         eval_data.load_beir(str(data), "synthetic_v2")
+
+
+def test_vidore_page_files_are_keyed_on_content(tmp_path):
+    data, pages = write_vidore(tmp_path)
+    ds = data / "synthetic_v2"
+    for p in pages:  # corpus cells that name files (beside the corpus) instead of holding bytes
+        (ds / p["path"]).write_bytes(p["bytes"])
+    table = pa.table({"corpus-id": [10, 11, 12, 13, 14], "image": [{"bytes": None, "path": p["path"]} for p in pages]})
+    pq.write_table(table, ds / "corpus" / "test-00000-of-00001.parquet")
+    keys = eval_data.load_beir(str(data), "synthetic_v2").pages.keys
+    random_image(60, 80, seed=99).save(ds / "page0.png")  # same name and size in pixels, new content
+    again = eval_data.load_beir(str(data), "synthetic_v2").pages.keys
+    assert again[0] != keys[0] and again[1:] == keys[1:]
