@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from engine import synthetic
@@ -119,7 +120,7 @@ def test_bins_cover_each_epoch_once_within_budget(proc, tmp_path):
     assert mb.items == data.bin(3).tolist() and all(len(s) <= 200 for s in mb.samples)
 
 
-def test_truncation_drops_a_cut_image_whole(proc, tmp_path):
+def test_truncation_keeps_a_cut_image_whole(proc, tmp_path):
     rec = {"text": "word " * 40 + IMAGE_MARKER + " tail", "images": [png(random_image(112, 112))]}
     path = tmp_path / "long.jsonl"
     img = tmp_path / "a.png"
@@ -127,11 +128,11 @@ def test_truncation_drops_a_cut_image_whole(proc, tmp_path):
     path.write_text(json.dumps({"text": rec["text"], "images": ["a.png"]}) + "\n")
     full = proc.encode(rec)
     n_img = int((full.input_ids == PAD).sum())
-    max_len = len(full) - 3  # cuts inside the image's tail: the image must go
+    max_len = len(full) - 3  # a cut inside the image's tail: the image stays whole, text goes (#13 item 10)
     data = CPTData([str(path)], proc, max_len=max_len, budget=4096, cache_dir=str(tmp_path / "c"), progress=False)
     (sample,) = data.micro_batch(0).samples
-    assert len(sample) <= max_len and sample.grids == () and sample.patches is None
-    assert not (sample.input_ids == PAD).any() and n_img > 0
+    assert len(sample) == max_len and sample.grids == full.grids and torch.equal(sample.patches, full.patches)
+    assert int((sample.input_ids == PAD).sum()) == n_img > 0
     assert data.costs[0] == max_len  # the cost is capped at max_len
 
 
