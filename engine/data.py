@@ -42,10 +42,10 @@ from engine import synthetic
 from moca import host_ops
 from moca.batch import Sample
 from moca.image import image_grid, load_image
-from moca.processor import IMAGE_PAD, Processor, normalize_markers
+from moca.processor import IMAGE_PAD, Processor, check_images_fit, normalize_markers
 
 log = logging.getLogger("moca")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: costs of truncated records count their whole images
 
 
 class RecordError(ValueError):
@@ -273,10 +273,15 @@ def check_record(rec: dict, processor: Processor) -> tuple[str, list[tuple[int, 
 
 
 def record_cost(rec: dict, processor: Processor, max_len: int) -> int:
+    """Equivalent tokens of the record as `Processor.truncate` leaves it: every image whole (its merged
+    tokens weigh 4: the vision tower's patch work) plus the text that fits beside them. TruncationError
+    when the images alone exceed max_len, so the cost pass reports the record instead of the batch."""
     text, grids = check_record(rec, processor)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 3 * len(grids)
     merge = processor.config.vision.spatial_merge_size**2
-    return min(max_len, n_text + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids))
+    image_tokens = sum(t * h * w // merge + 2 for t, h, w in grids)
+    check_images_fit(grids, image_tokens, max_len)
+    return min(n_text, max_len - image_tokens) + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

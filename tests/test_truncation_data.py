@@ -3,6 +3,7 @@ cut text, through the same `Processor.truncate` that CL data (`engine.cl_data`) 
 
 import json
 
+import pytest
 import torch
 
 from engine.data import CPTData
@@ -34,3 +35,21 @@ def test_cpt_micro_batches_keep_whole_images_and_cut_text(tmp_path):
         assert sample.input_ids.tolist() == ids[:6] + [VS] + [PAD] * 16 + [VE]
         assert ids[first - 1] == VS and ids[first + 16] == VE and len(ids) > max_len
         assert sample.grids == full.grids and torch.equal(sample.patches, full.patches)
+
+
+def test_cost_pass_counts_the_truncated_record_and_flags_images_over_max_len(tmp_path):
+    """The cost of a truncated record is that of the sample `Processor.truncate` leaves (whole images,
+    merged tokens weighted 4, plus the text that fits); images alone over max_len are a bad record there."""
+    from engine.data import record_cost
+    from moca.processor import TruncationError
+
+    proc = Processor.from_pretrained("tiny")
+    random_image(112, 112, seed=0).save(tmp_path / "a.png")
+    rec = {"text": "words " * 40 + IMAGE_MARKER + " tail", "images": [str(tmp_path / "a.png")]}
+    for max_len in (24, 30, 400):
+        sample = proc.truncate(proc.encode(rec), max_len)
+        n_image = sum(t * h * w for t, h, w in sample.grids) // 4
+        # hand count: LLM tokens, with each merged image token counted 4 times instead of once
+        assert record_cost(rec, proc, max_len) == len(sample) + 3 * n_image, max_len
+    with pytest.raises(TruncationError, match="max_length=17"):  # the image's 18 tokens do not fit
+        record_cost(rec, proc, 17)
