@@ -1,9 +1,13 @@
 """Masked-reconstruction losses (kernels/recon_loss.py) against their peers, one run.
 
 Masked-LM rows, one per provider x (M, H, V): ms and peak GiB of the training forward and of
-forward + backward, TFLOP/s of forward + backward (6·M·V·H useful flops, our recompute not counted)
-and mem_x = (inputs + peak extra) / (inputs + gradients), the issue's target being <= 1.1.
-Providers: ours; torch naive (bf16 logits + F.cross_entropy); on GPU also torch's own chunked
+forward + backward, TFLOP/s of forward + backward (6·M·V·H useful flops, our recompute not counted),
+mem_x = (inputs + peak extra) / (inputs + gradients), the issue's target being <= 1.1, and x_floor =
+fwd+bwd ms / floor ms, the floor being 6·M·V·H flops at the bf16 (CPU: fp32) GEMM rate that a
+torch.matmul of 8192^3 (CPU: 512^3) reaches in the same run (its own "gemm" row).
+Providers: ours (gradients in the forward, the training default), ours-recompute
+(grad_in_forward=False: logits recomputed in the backward, the memory-lean path); torch naive
+(bf16 logits + F.cross_entropy); on GPU also torch's own chunked
 F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy and
 cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact") where
 installed. Rows tagged "@all" run what the reference release ran: the loss over ALL T = M / 0.4
@@ -41,6 +45,7 @@ def _lm_providers(device: str) -> dict:
     """name -> loss(hidden (M, H), weight (V, H), labels (M,)) with -100 = ignored."""
     out = {
         "ours": masked_lm_loss,
+        "ours-recompute": lambda h, w, t: masked_lm_loss(h, w, t, grad_in_forward=False),
         "torch-naive": lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t),
     }
     if device != "cuda":  # torch's chunked op takes seconds on even the quick CPU shape
@@ -77,7 +82,14 @@ def _measure(loss_fn, params, rest, device, repeats):
     }
 
 
-def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops):
+def _gemm_tflops(device: str, dtype: torch.dtype) -> float:
+    """TFLOP/s of one square torch.matmul in `dtype`: the rate the floor is read at."""
+    n = 8192 if device == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / time_ms(lambda: a @ b, device) / 1e9
+
+
+def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops, gemm_tflops=None):
     row = {"op": op, "provider": provider, "shape": "x".join(map(str, shape))}
     try:
         row.update(_measure(loss_fn, params, rest, device, repeats))
@@ -86,6 +98,8 @@ def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops):
         torch.cuda.empty_cache()
         return row
     row["tflops"] = flops / row["ms_fwd_bwd"] / 1e9
+    if gemm_tflops:
+        row["x_floor"] = row["ms_fwd_bwd"] / (flops / gemm_tflops / 1e9)
     if row["peak_gib_fwd_bwd"] is not None:
         sizes = sum(p.numel() * p.element_size() for p in params) / 2**30
         row["mem_x"] = (sizes + row["peak_gib_fwd_bwd"]) / (2 * sizes)
@@ -95,7 +109,9 @@ def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops):
 def run(device: str, quick: bool) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     repeats = 3 if device == "cpu" else 5
-    rows = []
+    gemm = _gemm_tflops(device, dtype)
+    rows = [{"op": "gemm", "provider": "torch.matmul", "shape": "8192^3" if device == "cuda" else "512^3",
+             "tflops": gemm}]
     gen = torch.Generator(device=device).manual_seed(0)
     for M, H, V in LM_SHAPES[(device, quick)]:
         weight = (torch.randn(V, H, device=device, generator=gen) / math.sqrt(H)).to(dtype).requires_grad_()
@@ -103,7 +119,8 @@ def run(device: str, quick: bool) -> list[dict]:
         targets = torch.randint(0, V, (M,), device=device, generator=gen)
         providers = _lm_providers(device)
         for name, fn in providers.items():
-            rows.append(_row("lm", name, (M, H, V), fn, (hidden, weight), (targets,), device, repeats, 6 * M * V * H))
+            rows.append(_row("lm", name, (M, H, V), fn, (hidden, weight), (targets,), device, repeats, 6 * M * V * H,
+                             gemm))
         # the reference release: every position through the head, the unmasked ones ignored
         T = round(M / MASK_RATE)
         hidden_all = torch.randn(T, H, device=device, generator=gen).to(dtype).requires_grad_()
@@ -111,7 +128,7 @@ def run(device: str, quick: bool) -> list[dict]:
         labels[torch.randperm(T, device=device, generator=gen)[:M]] = targets
         release = next(p for p in ("liger-flce", "torch-lce", "torch-naive") if p in providers)
         rows.append(_row("lm", f"{release}@all", (T, H, V), providers[release], (hidden_all, weight), (labels,),
-                         device, repeats, 6 * M * V * H))
+                         device, repeats, 6 * M * V * H, gemm))
         del weight, hidden, hidden_all
     for N, H in PATCH_SHAPES[(device, quick)]:
         D = 4 * 1176
@@ -123,17 +140,24 @@ def run(device: str, quick: bool) -> list[dict]:
         targets = torch.randn(N, D, device=device, generator=gen).to(dtype)
         naive = lambda h, w, b, t: F.mse_loss(F.linear(h, w, b).float(), t.float())  # noqa: E731
         for name, fn in {"ours": masked_patch_loss, "torch-naive": naive}.items():
-            rows.append(_row("patch", name, (N, H), fn, params, (targets,), device, repeats, 6 * N * D * H))
+            rows.append(_row("patch", name, (N, H), fn, params, (targets,), device, repeats, 6 * N * D * H, gemm))
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
-    """Per LM shape: fwd+bwd speed of ours against each peer (x > 1: ours faster), the saving against
-    the release's all-positions computation, and ours' peak memory against inputs + gradients."""
+    """Per LM shape: fwd+bwd speed of ours against each peer (x > 1: ours faster), among them the saving
+    against the release's all-positions computation ("@all", the issue wants >= 2), ours' time over the
+    floor (<= 1.3 wanted) and peak memory against inputs + gradients (<= 1.1 wanted); per patch shape,
+    naive torch's time over ours (>= 1.5 wanted)."""
     out = {}
     by = {(r["op"], r["provider"], r["shape"]): r for r in rows if "ms_fwd_bwd" in r}
     for (op, prov, shape), r in by.items():
-        if op != "lm" or prov != "ours":
+        if prov != "ours":
+            continue
+        if op == "patch":
+            naive = by.get(("patch", "torch-naive", shape))
+            if naive:
+                out[f"patch {shape} naive/ours"] = naive["ms_fwd_bwd"] / r["ms_fwd_bwd"]
             continue
         M = int(shape.split("x")[0])
         for (op2, peer, shape2), p in by.items():
@@ -141,6 +165,8 @@ def summary(rows: list[dict]) -> dict:
             release = peer.endswith("@all") and shape2 == f"{round(M / MASK_RATE)}x{shape.split('x', 1)[1]}"
             if op2 == "lm" and peer != "ours" and (same or release):
                 out[f"{shape} vs {peer}"] = p["ms_fwd_bwd"] / r["ms_fwd_bwd"]
+        if r.get("x_floor") is not None:
+            out[f"{shape} ours x_floor"] = r["x_floor"]
         if r.get("mem_x") is not None:
             out[f"{shape} ours mem_x"] = r["mem_x"]
     return out

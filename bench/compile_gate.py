@@ -11,9 +11,10 @@ tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/1
 configs); every config kernels/tuned.py ships for sm90. Specializations that bind identically (groups
 2 and 7 do) are compiled once and listed together. The preprocess kernel is compiled once per head
 dim and dtype (n_tokens = 1001). Losses: the masked-LM forward, d_logits and d_hidden kernels and
-the patch kernel (both modes, 16-bit and fp32 targets) at every BLOCK_M their launcher picks
-(16..128), InfoNCE forward (with and without hard negatives) and d_scores, each in fp16, bf16 and
-fp32, with the configs their launchers use on a GPU. Autotune candidates: every one of `SPACES` x
+the patch kernel (loss only and loss + gradient, 16-bit and fp32 targets) at every BLOCK_M their
+launcher picks (16..128), the gradient-in-forward LM epilogue (lm_ce_grad) and its d_weight GEMM
+(mm_acc_dw: the d_hidden kernel on a transposed operand), InfoNCE forward (with and without hard
+negatives) and d_scores, each in fp16, bf16 and fp32, with the configs their launchers use on a GPU. Autotune candidates: every one of `SPACES` x
 `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text tower, the most
 register-hungry); the whole candidate cross product would take hours on two cores. All in all 431
 compiles: 7 CPU-minutes cold (5 min wall on the 2-core dev box, shared), ~15 s from Triton's cache.
@@ -124,8 +125,14 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = ""):
     if kernel.startswith("patch"):
         cfg = recon_loss._launch_cfg(dt, M, P, True)
         t = _ptr(torch.float32 if extra == "fp32-targets" else dt)
-        grad = kernel == "patch_bwd"
-        return recon_loss._patch_kernel, (x, x, x, t, x if grad else f32, f32, M, P, H), dict(WRITE_GRAD=grad, **cfg)
+        grad = kernel == "patch_loss_grad"
+        return recon_loss._patch_kernel, (x, x, x, t, f32, x if grad else f32, 1e-8, M, P, H), dict(WRITE_GRAD=grad,
+                                                                                                   **cfg)
+    if kernel == "lm_ce_grad":
+        return recon_loss._lm_ce_grad_kernel, (x, i64, f32, f32, 1.0 / M, V), dict(BLOCK_V=4096, num_warps=8)
+    if kernel == "mm_acc_dw":  # gradient-in-forward: d_weight (V, H) fp32 += d_logits^T (V, rows) @ hidden
+        n = recon_loss._row_chunk(M, V, H)
+        return recon_loss._mm_acc_kernel, (f32, x, x, V, H, n, 1, V, H, 1), recon_loss._acc_cfg(dt, V, H, n, True)
     cfg = recon_loss._launch_cfg(dt, M, V, True)
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     if kernel == "lm_fwd":
@@ -135,7 +142,7 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = ""):
     vc = recon_loss._vocab_chunk(M, V, H, cfg["BLOCK_N"])
     if kernel == "lm_dlogits":
         return recon_loss._lm_dlogits_kernel, (x, x, i64, f32, f32, x, M, H, vc, vc), cfg
-    return recon_loss._mm_acc_kernel, (f32, x, x, M, H, vc), cfg
+    return recon_loss._mm_acc_kernel, (f32, x, x, M, H, vc, vc, 1, H, 1), cfg
 
 
 def _launch(job: dict):
@@ -211,11 +218,18 @@ def jobs() -> list[dict]:
                         add("attention", f"attn_{name}", args, f"D={D} {dtype} G={group}", label, cfg in shipped)
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
-            for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_fwd", "patch_bwd"):
+            for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):
                 for extra in ("", "fp32-targets") if name.startswith("patch") and dtype != "fp32" else ("",):
                     cfg = recon_loss._launch_cfg(DTYPES[dtype], rows, 1, True)
                     add("loss", name, dict(kernel=name, dtype=dtype, rows=rows, extra=extra),
                         f"{dtype} M={rows} {extra}".strip(), _cfg_label(cfg), True)
+        # gradient-in-forward LM: the row epilogue (config independent of M) and the d_weight GEMM, whose
+        # reduction length is the row chunk (M = 1: one row; 4096 and 16384: the 3B chunk sizes)
+        add("loss", "lm_ce_grad", dict(kernel="lm_ce_grad", dtype=dtype, rows=4096), dtype, "4096 w8", True)
+        for rows in (1, 4096, 16384):
+            cfg = recon_loss._acc_cfg(DTYPES[dtype], 151936, 2048, recon_loss._row_chunk(rows, 151936, 2048), True)
+            add("loss", "mm_acc_dw", dict(kernel="mm_acc_dw", dtype=dtype, rows=rows), f"{dtype} M={rows}",
+                _cfg_label(cfg), True)
         for name, extra in (("infonce_fwd", ""), ("infonce_fwd", "neg"), ("infonce_dscores", "")):
             add("loss", name, dict(kernel=name, dtype=dtype, rows=4096, extra=extra), f"{dtype} B=4096 {extra}".strip(),
                 _cfg_label(infonce._config(DTYPES[dtype])), True)

@@ -7,30 +7,43 @@ projection over all N * 4704 numbers (the output layout d*4 + p is the caller's 
 loss is blind to it).
 
 Design decisions a reader must know:
-* LM forward. One Triton kernel multiplies a row tile of hidden by vocabulary tiles and folds the
-  fp32 logits into an online log-sum-exp, picking up the target's logit on the way; only (S, M)
-  partials survive, S being the number of vocabulary splits that small M needs to fill the GPU.
-  The forward keeps the (M,) lse for the backward.
-* LM backward, a justified split. d_hidden needs every vocabulary row and d_weight every hidden
-  row, and H (2048..3584) is far too wide to keep either fp32 accumulator in registers, so a fully
-  fused backward has to read-modify-write (BM + BV) x H fp32 in global memory per tile pair
-  (~50 flop/byte: memory bound, which is why cut-cross-entropy needs its lossy gradient filter).
-  Here V is walked in chunks of Vc columns: a Triton kernel recomputes the logit tiles in fp32 and
-  writes d_logits = (softmax - onehot) * g / M for the chunk in the input dtype (as bf16 autograd
-  would), then d_weight[chunk] = d_logits^T @ hidden is ONE cuBLAS GEMM over all M rows (fp32
-  accumulation, rounded once) and d_hidden += d_logits @ weight[chunk] is a Triton GEMM that
-  accumulates into an fp32 (M, H) buffer (torch's bf16 -> fp32-output addmm is CUDA-only and its
-  dtype rules differ between versions). No atomics, deterministic. Beyond the two gradients the only
-  extra memory is that fp32 (M, H), 2.6% of inputs + gradients at the 3B shapes (issue #12 allows
-  10%): the (M, Vc) d_logits chunk is carved out of d_hidden's output buffer, which takes its final
-  value after the last chunk (or, for few rows, is a separate buffer of <= 1/64 of the weight).
-* Patch loss, fused the same way. The projection is 2 * N * 4704 * H flops against N * 4704
-  elementwise ones, so the fusion only has to spare the (N, 4704) prediction round trip and its
-  rounding: the forward kernel adds bias, subtracts the target and sums squares per tile in fp32,
-  writing nothing of size (N, 4704); the backward kernel recomputes the tile and writes the
-  residual gradient in the input dtype (the size of the targets the caller already holds), from
-  which cuBLAS gives d_hidden and d_weight (fp32 accumulation over N inside one GEMM) and a
-  reduction d_bias.
+* LM, training (gradient in the forward, the default when hidden or weight needs a gradient). The
+  floor is 3 GEMMs of 2 M V H (logits, d_hidden, d_weight); a backward that recomputes the logits
+  adds a fourth. So, as Liger does, the forward walks chunks of rows: cuBLAS logits (rows, V) in the
+  input dtype (what an unfused bf16 model computes), a fused Triton epilogue per row (online lse,
+  target logit, then d_logits = (softmax - onehot) / M written over the logits in place), then
+  d_hidden[chunk] = d_logits @ W in ONE cuBLAS GEMM over the whole vocabulary and
+  d_weight += d_logits^T @ h[chunk] by a Triton GEMM into an fp32 (V, H) accumulator. The backward
+  only scales the saved gradients by grad_output, downcasting d_weight in place (rounded once).
+  Memory: the chunk is sized to 10% of inputs + gradients, but the fp32 accumulator is 2x the 16-bit
+  d_weight it ends up holding: peak ~1.55 x (inputs + gradients) at the 3B shapes. fp32 accumulation
+  over row chunks, 3 GEMMs and 1.1x memory cannot all hold: a single-rounding d_weight needs either
+  its fp32 accumulator (this path) or all M rows per vocabulary chunk, i.e. a recompute (below).
+  One backward per forward (LossBackwardError otherwise).
+* LM forward without gradients (evaluation) and `grad_in_forward=False`. One Triton kernel multiplies
+  a row tile of hidden by vocabulary tiles and folds the fp32 logits into an online log-sum-exp,
+  picking up the target's logit on the way; only (S, M) partials survive, S being the number of
+  vocabulary splits that small M needs to fill the GPU. The forward keeps the (M,) lse.
+* LM backward of `grad_in_forward=False`, the memory-lean path (4 GEMMs). d_hidden needs every
+  vocabulary row and d_weight every hidden row, and H (2048..3584) is far too wide to keep either
+  fp32 accumulator in registers, so a fully fused backward has to read-modify-write (BM + BV) x H
+  fp32 in global memory per tile pair (~50 flop/byte: memory bound, which is why cut-cross-entropy
+  needs its lossy gradient filter). Here V is walked in chunks of Vc columns: a Triton kernel
+  recomputes the logit tiles in fp32 and writes d_logits = (softmax - onehot) * g / M for the chunk
+  in the input dtype (as bf16 autograd would), then d_weight[chunk] = d_logits^T @ hidden is ONE
+  cuBLAS GEMM over all M rows (fp32 accumulation, rounded once) and d_hidden += d_logits @
+  weight[chunk] is a Triton GEMM that accumulates into an fp32 (M, H) buffer (torch's bf16 ->
+  fp32-output addmm is CUDA-only and its dtype rules differ between versions). No atomics,
+  deterministic. Beyond the two gradients the only extra memory is that fp32 (M, H), 2.6% of inputs
+  + gradients at the 3B shapes (issue #12 allows 10%): the (M, Vc) d_logits chunk is carved out of
+  d_hidden's output buffer, which takes its final value after the last chunk (or, for few rows, is a
+  separate buffer of <= 1/64 of the weight).
+* Patch loss, gradient in the forward. The projection is 2 * N * 4704 * H flops against N * 4704
+  elementwise ones, so the fusion has to spare the (N, 4704) prediction round trip, its rounding and
+  the recompute: one kernel adds bias, subtracts the target and, per tile in fp32, sums squares and
+  (when a gradient is needed) writes the residual gradient 2 r / (N 4704) in the input dtype (the
+  size of the targets the caller already holds); the backward is two cuBLAS GEMMs (d_hidden,
+  d_weight, fp32 accumulation over N inside one GEMM) and a reduction d_bias, scaled by grad_output.
 * Torch references (`_lm_*_torch`, `_patch_*_torch`) do the same maths plainly, the LM one in
   chunks of rows so that (M, V) never exists either; they are the CPU backend and the oracle.
 * Interpreter (UPCAST): Triton's CPU interpreter gets 16-bit arithmetic wrong, so there every tile
@@ -46,6 +59,7 @@ import triton.language as tl
 from kernels._backend import resolve
 
 _REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
+_DOWNCAST_SLAB = 1 << 24  # elements per step of the in-place d_weight downcast (a 64 MiB fp32 temporary)
 
 
 @triton.jit
@@ -130,18 +144,19 @@ def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, M, H, 
 
 
 @triton.jit
-def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, M, N, K,
+def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """c (M, N) fp32 += a (M, K) @ b (K, N), all row-major: d_hidden += d_logits @ weight[chunk]."""
+    """c (M, N) fp32 row-major += a (M, K) @ b (K, N), a and b strided: d_hidden += d_logits @ weight[chunk]
+    (recompute path), d_weight += d_logits^T @ hidden[chunk] (gradient-in-forward path)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), a_ptr, b_ptr, rows % M, cols % N, K, K, 1, N, 1,
-                       BLOCK_K, UPCAST, PREC)
+    acc = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), a_ptr, b_ptr, rows % M, cols % N, K,
+                       stride_am, stride_ak, stride_bk, stride_bn, BLOCK_K, UPCAST, PREC)
     # c is read after the loop: loading it first would keep a second tile of pointers alive (spills)
     ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
@@ -149,13 +164,42 @@ def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, M, N, K,
 
 
 @triton.jit
-def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, scale_ptr, N, D, H,
+def _lm_ce_grad_kernel(z_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, inv_m, V, BLOCK_V: tl.constexpr):
+    """One row of a logits chunk: its lse and target logit, then d_logits = (softmax - onehot) * inv_m
+    written over the logits, in their dtype (the gradient-in-forward epilogue).
+
+    z: (rows, V) contiguous, overwritten; tgt: (rows,) int64; lse, tgt_logit: (rows,) fp32.
+    """
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * V
+    tgt = tl.load(tgt_ptr + row)
+    m = tl.max(tl.full((BLOCK_V,), float("-inf"), tl.float32), 0)
+    l = tl.sum(tl.zeros((BLOCK_V,), tl.float32), 0)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+    lse = m + tl.log(l)
+    tl.store(lse_ptr + row, lse)
+    tl.store(tgt_logit_ptr + row, tl.load(z_row + tgt).to(tl.float32))
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        z = tl.load(z_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dz = (tl.exp(z - lse) - tl.where(cols == tgt, 1.0, 0.0)) * inv_m
+        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, sum_ptr, grad_ptr, grad_scale, N, D, H,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   WRITE_GRAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Residual r = h @ w^T + b - t of one (row, column) tile, in fp32.
+    """Residual r = h @ w^T + b - t of one (row, column) tile, in fp32, in one pass: its sum of squares
+    to sum (row tiles, column tiles) fp32 and, WRITE_GRAD, grad (N, D) = grad_scale * r in the input dtype.
 
-    h: (N, H); w: (D, H); b: (D,); t: (N, D). WRITE_GRAD: out (N, D) = 2 * scale * r in the input
-    dtype, scale: (1,) fp32 = upstream grad / (N * D); else out (row tiles, column tiles) fp32 = sum r^2.
+    h: (N, H); w: (D, H); b: (D,); t: (N, D).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -169,10 +213,9 @@ def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, out_ptr, scale_ptr, N, D, H,
     pred += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     r = tl.where(ok, pred - tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32), 0.0)
+    tl.store(sum_ptr + pid_m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(r * r, 1), 0))
     if WRITE_GRAD:
-        tl.store(out_ptr + offs, (2.0 * tl.load(scale_ptr) * r).to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(out_ptr + pid_m * tl.num_programs(0) + pid_n, tl.sum(tl.sum(r * r, 1), 0))
+        tl.store(grad_ptr + offs, (grad_scale * r).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,8 +286,69 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
         _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, M, H, v0, n, **cfg)
         torch.mm(dz.t(), h, out=dw[v0 : v0 + n])
         grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(M, bm))
-        _mm_acc_kernel[grid](dh32, dz, w[v0 : v0 + n], M, H, n, **acc_cfg)
+        _mm_acc_kernel[grid](dh32, dz, w[v0 : v0 + n], M, H, n, n, 1, H, 1, **acc_cfg)
     return dh.copy_(dh32), dw
+
+
+def _row_chunk(M: int, V: int, H: int) -> int:
+    """Rows per gradient-in-forward chunk: the (rows, V) logits chunk holds at most 0.2 (M + V) H
+    elements, 10% of inputs + gradients (the issue's memory budget), in multiples of 64 rows."""
+    return min(M, max(64, (M + V) * H // (5 * V) // 64 * 64))
+
+
+def _acc_cfg(dtype: torch.dtype, rows: int, cols: int, K: int, gpu: bool) -> dict:
+    """Tiles of `_mm_acc_kernel` for a (rows x cols) fp32 output reducing over K: the GEMM tiles of
+    `_launch_cfg` on a GPU, under the interpreter few wide tiles (its cost is per tile op)."""
+    if gpu:
+        return _launch_cfg(dtype, rows, cols, True)
+    return dict(BLOCK_M=max(16, min(1024, triton.next_power_of_2(rows))),
+                BLOCK_N=max(16, min(256, triton.next_power_of_2(cols))),
+                BLOCK_K=max(16, min(128, triton.next_power_of_2(K))), UPCAST=True, PREC="ieee")
+
+
+def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
+    """Loss terms and the gradients of the mean loss (upstream grad 1), in 3 GEMMs of 2 M V H.
+
+    h: (M, H); w: (V, H); tgt: (M,) int64 -> lse, target logit: (M,) fp32; d_hidden (M, H) in the
+    input dtype or None; d_weight (V, H) fp32 or None. Per chunk of rows: cuBLAS logits in the input
+    dtype, the fused epilogue turns them into d_logits in place, then d_hidden[chunk] = d_logits @ w
+    (cuBLAS, every vocabulary column in one GEMM) and d_weight += d_logits^T @ h[chunk] in fp32.
+    """
+    M, H = h.shape
+    V = w.shape[0]
+    rows = _row_chunk(M, V, H)
+    z_buf = torch.empty(rows * V, dtype=h.dtype, device=h.device)
+    lse = torch.empty(M, dtype=torch.float32, device=h.device)
+    tgt_logit = torch.empty_like(lse)
+    dh = torch.empty_like(h) if need_dh else None
+    dw32 = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
+    ce_cfg = dict(BLOCK_V=4096, num_warps=8) if h.is_cuda else dict(BLOCK_V=max(16, triton.next_power_of_2(V // 4)))
+    acc_cfg = _acc_cfg(h.dtype, V, H, rows, h.is_cuda)
+    acc_grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(V, acc_cfg["BLOCK_M"]))
+    for r0 in range(0, M, rows):
+        n = min(rows, M - r0)
+        hc = h[r0 : r0 + n]
+        z = z_buf[: n * V].view(n, V)
+        torch.mm(hc, w.t(), out=z)
+        _lm_ce_grad_kernel[(n,)](z, tgt[r0 : r0 + n], lse[r0 : r0 + n], tgt_logit[r0 : r0 + n], 1.0 / M, V, **ce_cfg)
+        if need_dh:
+            torch.mm(z, w, out=dh[r0 : r0 + n])
+        if need_dw:  # a = d_logits^T: (V, n) with strides (1, V)
+            _mm_acc_kernel[acc_grid](dw32, z, hc, V, H, n, 1, V, H, 1, **acc_cfg)
+    return lse, tgt_logit, dh, dw32
+
+
+def _scaled_downcast(x32, scale, dtype):
+    """x32 * scale rounded once to `dtype`, written over x32's own storage (no second (V, H) buffer):
+    slab by slab, 16-bit element i lands in bytes [2i, 2i + 2), which hold fp32 elements already read.
+    x32: contiguous fp32; scale: 0-d fp32 tensor. Returns a view of x32's storage."""
+    if dtype == torch.float32:
+        return x32.mul_(scale)
+    flat = x32.view(-1)
+    out = flat.view(dtype)[: flat.numel()]
+    for i in range(0, flat.numel(), _DOWNCAST_SLAB):
+        out[i : i + _DOWNCAST_SLAB] = flat[i : i + _DOWNCAST_SLAB] * scale
+    return out.view(x32.shape)
 
 
 def _lm_fwd_torch(h, w, tgt):
@@ -276,26 +380,18 @@ def _lm_bwd_torch(h, w, tgt, lse, scale):
     return dh, dw.to(w.dtype)
 
 
-def _patch_fwd_triton(h, w, b, t):
-    """-> sum of squared residuals, fp32 scalar. h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
+def _patch_triton(h, w, b, t, need_grad):
+    """-> (sum of squared residuals, fp32 scalar; residual gradient G = 2 r / (N D) of the mean loss,
+    (N, D) in the input dtype, or None). h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
     N, H = h.shape
     D = w.shape[0]
     cfg = _launch_cfg(h.dtype, N, D, h.is_cuda)
     grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
     partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
-    _patch_kernel[grid](h, w, b, t, partial, partial, N, D, H, WRITE_GRAD=False, **cfg)
-    return partial.sum()
-
-
-def _patch_bwd_triton(h, w, b, t, scale):
-    """-> (d_hidden, d_weight, d_bias). scale: (1,) fp32 = upstream grad / (N * D)."""
-    N, H = h.shape
-    D = w.shape[0]
-    cfg = _launch_cfg(h.dtype, N, D, h.is_cuda)
-    grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
-    g = torch.empty(N, D, dtype=h.dtype, device=h.device)
-    _patch_kernel[grid](h, w, b, t, g, scale, N, D, H, WRITE_GRAD=True, **cfg)
-    return g @ w, g.t() @ h, g.sum(0, dtype=torch.float32).to(b.dtype)
+    g = torch.empty(N, D, dtype=h.dtype, device=h.device) if need_grad else None
+    _patch_kernel[grid](h, w, b, t, partial, partial if g is None else g, 2.0 / (N * D), N, D, H,
+                        WRITE_GRAD=need_grad, **cfg)
+    return partial.sum(), g
 
 
 def _patch_fwd_torch(h, w, b, t):
@@ -310,36 +406,62 @@ def _patch_bwd_torch(h, w, b, t, scale):
 
 class _MaskedLMLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, backend):
+    def forward(ctx, hidden, weight, targets, backend, grad_in_forward):
+        ctx.backend = backend
+        ctx.grads = None
+        need = ctx.needs_input_grad[:2]
+        if backend == "triton" and grad_in_forward and any(need):
+            lse, tgt_logit, d_hidden, d_weight32 = _lm_grads_in_forward(hidden, weight, targets, *need)
+            ctx.grads, ctx.dtype = (d_hidden, d_weight32), weight.dtype
+            return (lse - tgt_logit).mean()
         fwd = _lm_fwd_triton if backend == "triton" else _lm_fwd_torch
         lse, tgt_logit = fwd(hidden, weight, targets)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.backend = backend
         return (lse - tgt_logit).mean()
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.grads is not None:
+            d_hidden, d_weight32 = ctx.grads
+            if d_weight32 is None and d_hidden is None:
+                raise LossBackwardError("masked_lm_loss computed its gradients in the forward and they were "
+                                        "already used: backward through it once (no retain_graph reuse)")
+            ctx.grads = (None, None)  # d_weight is downcast in place: a second backward would read garbage
+            g = grad.float()
+            return (None if d_hidden is None else d_hidden.mul_(g),
+                    None if d_weight32 is None else _scaled_downcast(d_weight32, g, ctx.dtype), None, None, None)
         hidden, weight, targets, lse = ctx.saved_tensors
         bwd = _lm_bwd_triton if ctx.backend == "triton" else _lm_bwd_torch
         scale = (grad.float() / hidden.shape[0]).reshape(1)
         d_hidden, d_weight = bwd(hidden, weight, targets, lse, scale)
-        return d_hidden, d_weight, None, None
+        return d_hidden, d_weight, None, None, None
 
 
 class _MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, backend):
-        fwd = _patch_fwd_triton if backend == "triton" else _patch_fwd_torch
-        ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.backend = backend
-        return fwd(hidden, weight, bias, targets) / targets.numel()
+        if backend == "triton":  # gradient in the forward: one pass of residuals, no recompute
+            sq_sum, ctx.residual_grad = _patch_triton(hidden, weight, bias, targets, any(ctx.needs_input_grad[:3]))
+        else:
+            sq_sum = _patch_fwd_torch(hidden, weight, bias, targets)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return sq_sum / targets.numel()
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, targets = ctx.saved_tensors
-        bwd = _patch_bwd_triton if ctx.backend == "triton" else _patch_bwd_torch
-        scale = (grad.float() / targets.numel()).reshape(1)
-        return (*bwd(hidden, weight, bias, targets, scale), None, None)
+        if ctx.backend == "torch":
+            scale = (grad.float() / targets.numel()).reshape(1)
+            return (*_patch_bwd_torch(hidden, weight, bias, targets, scale), None, None)
+        G = ctx.residual_grad  # (N, D) = d loss / d prediction for upstream grad 1
+        g = grad.float()
+        d_bias = (G.sum(0, dtype=torch.float32) * g).to(bias.dtype)
+        return (G @ weight).mul_(g), (G.t() @ hidden).mul_(g), d_bias, None, None
+
+
+class LossBackwardError(RuntimeError):
+    """A second backward through a loss whose gradients were computed (and consumed) in its forward."""
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -347,12 +469,15 @@ def _require(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def masked_lm_loss(hidden, lm_weight, targets, backend=None):
+def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=True):
     """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits.
 
     hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
     targets: (M,) int64 in [0, V) (checked on the host when not on CUDA, never synced on CUDA).
     Returns an fp32 scalar; gradients flow to hidden and lm_weight.
+    grad_in_forward (Triton backend, when a gradient is needed): True computes the gradients in the
+    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only); False recomputes the
+    logits in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)).
     """
     _require(hidden.ndim == 2 and lm_weight.ndim == 2 and hidden.shape[1] == lm_weight.shape[1],
              f"hidden (M, H) and lm_weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
@@ -365,7 +490,8 @@ def masked_lm_loss(hidden, lm_weight, targets, backend=None):
         V = lm_weight.shape[0]
         _require(bool((targets >= 0).all()) and bool((targets < V).all()), f"targets outside [0, {V})")
     backend = resolve(backend, hidden)
-    return _MaskedLMLoss.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(), backend)
+    return _MaskedLMLoss.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(), backend,
+                               grad_in_forward)
 
 
 def masked_patch_loss(hidden, proj_weight, proj_bias, targets, backend=None):

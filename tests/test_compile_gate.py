@@ -58,7 +58,7 @@ def test_shipped_configs_fit_sm90_shared_memory(rows):
 def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"attn_fwd", "attn_dkdv", "attn_dq", "attn_preprocess", "lm_fwd", "lm_dlogits", "mm_acc",
-                       "patch_fwd", "patch_bwd", "infonce_fwd", "infonce_dscores"}
+                       "lm_ce_grad", "mm_acc_dw", "patch_loss", "patch_loss_grad", "infonce_fwd", "infonce_dscores"}
     for name in tuned.KERNELS:
         specs = " | ".join(r["spec"] for r in rows if r["kernel"] == f"attn_{name}")
         for d in (40, 64, 72, 80, 96, 128):

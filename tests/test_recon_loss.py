@@ -6,6 +6,7 @@ CPU runs go through Triton's interpreter (fp32/fp16 only); bf16, big shapes, mem
 determinism are GPU tests.
 """
 
+import importlib
 import math
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import masked_lm_loss, masked_patch_loss
+
+recon_loss = importlib.import_module("kernels.recon_loss")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -49,19 +52,23 @@ def check_lm(ours, naive, truth, dtype):
         assert rel_err(o, t) <= 2 * rel_err(n, t) + FLOOR[dtype], (i, rel_err(o, t), rel_err(n, t))
 
 
-LM_CASES = [(M, H, 1000, dt) for M in (1, 37, 513) for H in (96, 128) for dt in (torch.float32, torch.float16)]
+LM_CASES = [(M, H, 1003, dt) for M in (1, 7, 97, 513) for H in (64, 80) for dt in (torch.float32, torch.float16)]
 LM_CASES += [(37, 96, 151936, torch.float32), (7, 96, 151936, torch.float16)]
+# (backend, grad_in_forward): Triton computing the gradients in the forward (the training default) or
+# recomputing the logits in the backward, and the torch reference
+LM_PATHS = {"triton": ("triton", True), "triton-recompute": ("triton", False), "torch": ("torch", True)}
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("path", LM_PATHS)
 @pytest.mark.parametrize("M,H,V,dtype", LM_CASES)
-def test_lm_loss_matches_float64(backend, M, H, V, dtype):
+def test_lm_loss_matches_float64(path, M, H, V, dtype):
+    backend, gif = LM_PATHS[path]
     hidden, weight, targets = lm_inputs(M, H, V, dtype)
     g = torch.tensor(0.7, device=DEV)
     hd, wd = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     truth = grads(lambda h, w: naive_lm(h, w, targets), (hd, wd), g.double())
     naive = grads(lambda h, w: naive_lm(h, w, targets), (hidden, weight), g)
-    ours = grads(lambda h, w: masked_lm_loss(h, w, targets, backend=backend), (hidden, weight), g)
+    ours = grads(lambda h, w: masked_lm_loss(h, w, targets, backend=backend, grad_in_forward=gif), (hidden, weight), g)
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
     check_lm(ours, naive, truth, dtype)
 
@@ -152,16 +159,55 @@ def peak_cpu_bytes(fn):
 
 @pytest.mark.parametrize("M,H,V", [(64, 128, 2048), (3, 128, 2048)])
 def test_lm_backward_memory_bound(M, H, V):
-    """Backward allocates the two gradients plus fp32 (M, H), and for few rows a d_logits chunk of
-    at most 1/64 of the weight: no (M, V) logits, no second d_hidden. At the first shape that is
-    peak <= 1.1 x (inputs + gradients), issue #12's budget (the GPU test checks the 3B shape)."""
+    """Recompute path: backward allocates the two gradients plus fp32 (M, H), and for few rows a
+    d_logits chunk of at most 1/64 of the weight: no (M, V) logits, no second d_hidden. At the first
+    shape that is peak <= 1.1 x (inputs + gradients), issue #12's budget (the GPU test checks the 3B shape)."""
     hidden, weight, targets = lm_inputs(M, H, V, torch.float32, "cpu")
-    loss = masked_lm_loss(hidden, weight, targets, backend="triton")
+    loss = masked_lm_loss(hidden, weight, targets, backend="triton", grad_in_forward=False)
     inputs = (hidden.numel() + weight.numel()) * 4
     extra = peak_cpu_bytes(lambda: torch.autograd.grad(loss, (hidden, weight)))
     assert inputs <= extra <= inputs + 4 * M * H + weight.numel() * 4 // 64 + 1024, (extra, inputs)
     if M == 64:
         assert (inputs + extra) / (2 * inputs) <= 1.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lm_grad_in_forward_memory_bound(dtype):
+    """Gradient-in-forward path, forward + backward: the gradients, one (rows, V) logits chunk sized
+    from 10% of inputs + gradients and, for 16-bit inputs, d_weight's fp32 accumulator (whose storage
+    holds the returned gradient: 2x its size) with one downcast slab; no (M, V), no second gradient.
+    In fp32 that is peak <= 1.1 x (inputs + gradients)."""
+    M, H, V = 64, 512, 2048
+    e = torch.finfo(dtype).bits // 8
+    hidden, weight, targets = lm_inputs(M, H, V, dtype, "cpu")
+    fn = lambda: torch.autograd.grad(masked_lm_loss(hidden, weight, targets, backend="triton"), (hidden, weight))  # noqa: E731
+    extra = peak_cpu_bytes(fn)
+    grads = (M + V) * H * e
+    chunk = recon_loss._row_chunk(M, V, H) * V * e
+    acc = 0 if dtype == torch.float32 else V * H * (4 - e) + min(V * H, recon_loss._DOWNCAST_SLAB) * 4
+    assert grads <= extra <= grads + chunk + acc + 16 * M + 4096, (extra, grads, chunk, acc)
+    if dtype == torch.float32:
+        assert (grads + extra) / (2 * grads) <= 1.1
+
+
+def test_lm_grad_in_forward_paths_agree_and_single_backward():
+    """Both Triton paths and the torch reference give the same loss and gradients, also when only one
+    input needs a gradient; a second backward through the gradient-in-forward graph is refused."""
+    hidden, weight, targets = lm_inputs(97, 80, 1003, torch.float32)
+    g = torch.tensor(1.3)
+    ref = grads(lambda h, w: masked_lm_loss(h, w, targets, backend="torch"), (hidden, weight), g)
+    for gif in (True, False):
+        ours = grads(lambda h, w: masked_lm_loss(h, w, targets, backend="triton", grad_in_forward=gif),
+                     (hidden, weight), g)
+        for x, y in zip(ours, ref):
+            assert rel_err(x, y.double()) < 1e-5
+    frozen_w = weight.detach()
+    dh = torch.autograd.grad(masked_lm_loss(hidden, frozen_w, targets, backend="triton"), hidden, g)[0]
+    assert rel_err(dh, ref[1].double()) < 1e-5
+    loss = masked_lm_loss(hidden, weight, targets, backend="triton")
+    torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    with pytest.raises(recon_loss.LossBackwardError, match="once"):
+        torch.autograd.grad(loss, (hidden, weight))
 
 
 @pytest.mark.slow
@@ -193,8 +239,10 @@ def naive_patch(hidden, weight, bias, targets):
 
 PATCH_CASES = [
     (1, 96, torch.float32, torch.float32),
+    (7, 80, torch.float16, torch.float16),
     (37, 128, torch.float16, torch.float16),
     (37, 96, torch.float16, torch.float32),
+    (97, 64, torch.float32, torch.float32),
     (257, 128, torch.float32, torch.float32),
 ]
 
@@ -227,6 +275,15 @@ def test_patch_loss_by_hand():
     assert dh.abs().max().item() == 0.0
     assert rel_err(db, -2 * t64.sum(0) / (N * D)) < 1e-6
     assert rel_err(dw, -2 * t64.t() @ hidden.detach().double() / (N * D)) < 1e-6
+
+
+def test_patch_loss_without_grad_matches_float64():
+    """Evaluation (no gradient wanted): the kernel's loss-only mode."""
+    hidden, weight, bias, targets = patch_inputs(97, 80, torch.float32, torch.float32)
+    with torch.no_grad():
+        loss = masked_patch_loss(hidden, weight, bias, targets, backend="triton")
+    truth = naive_patch(*(x.detach().double() for x in (hidden, weight, bias, targets)))
+    assert not loss.requires_grad and rel_err(loss, truth) < 1e-5
 
 
 def test_patch_backends_agree():
@@ -267,24 +324,32 @@ def test_gpu_lm_extreme_rows(M, H, V):
 
 
 @pytest.mark.gpu
-def test_gpu_lm_memory_and_determinism():
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_gpu_lm_memory_and_determinism(grad_in_forward):
     M, H, V = 4096, 2048, 151936
     hidden, weight, targets = lm_inputs(M, H, V, torch.bfloat16, "cuda")
     inputs = hidden.numel() * 2 + weight.numel() * 2
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    loss = masked_lm_loss(hidden, weight, targets)
+    loss = masked_lm_loss(hidden, weight, targets, grad_in_forward=grad_in_forward)
     torch.cuda.synchronize()
     fwd_extra = torch.cuda.max_memory_allocated() - base
     dh, dw = torch.autograd.grad(loss, (hidden, weight))
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert fwd_extra < 64 * M * 4 + 2**20  # only (S, M) fp32 partials and the (M,) lse
-    # gradients (inputs' size) + one d_logits chunk (<= weight / 16) + fp32 d_hidden, 8 MiB slack
-    assert extra <= inputs + weight.numel() * 2 // 16 + 4 * M * H + 8 * 2**20
-    assert (inputs + extra) / (2 * inputs) <= 1.1  # the issue's target: peak <= 1.1 x (inputs + gradients)
-    dh2, dw2 = torch.autograd.grad(masked_lm_loss(hidden, weight, targets), (hidden, weight))
+    if grad_in_forward:
+        # gradients + d_weight's fp32 accumulator (2x the bf16 gradient it ends up holding) + one logits
+        # chunk + one downcast slab, 8 MiB slack
+        bound = inputs + weight.numel() * 2 + recon_loss._row_chunk(M, V, H) * V * 2 + recon_loss._DOWNCAST_SLAB * 4
+        assert extra <= bound + 8 * 2**20
+    else:
+        assert fwd_extra < 64 * M * 4 + 2**20  # only (S, M) fp32 partials and the (M,) lse
+        # gradients (inputs' size) + one d_logits chunk (<= weight / 16) + fp32 d_hidden, 8 MiB slack
+        assert extra <= inputs + weight.numel() * 2 // 16 + 4 * M * H + 8 * 2**20
+        assert (inputs + extra) / (2 * inputs) <= 1.1  # the issue's target: peak <= 1.1 x (inputs + gradients)
+    loss2 = masked_lm_loss(hidden, weight, targets, grad_in_forward=grad_in_forward)
+    dh2, dw2 = torch.autograd.grad(loss2, (hidden, weight))
     assert torch.equal(dh, dh2) and torch.equal(dw, dw2)
 
 
