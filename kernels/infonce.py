@@ -14,6 +14,16 @@ cross-entropy over the B queries. No (B x B) score matrix ever exists:
   at most CHUNK^2 elements), then two cuBLAS GEMMs add dS @ T into the chunk's fp32 dq and
   dS^T @ Q into an fp32 dt. That is 4 GEMMs of B^2 D in all (naive: 3, plus B^2 memory).
   Hard negatives belong to one query, so their gradients are row-wise products.
+* memory beyond inputs + gradients: O(B) saved by the forward, the CHUNK^2 dS block (128 MiB
+  in bf16, whatever B), fp32 (CHUNK, D) dq and (CHUNK, r, D) blocks, and dt's fp32 accumulator,
+  downcast in place at the end (its storage holds the returned dt: B D 2 bytes more than a bf16
+  gradient, 1 GiB at B = 262144, D = 2048). That accumulator is the price of rounding dt once:
+  accumulating it in bf16 would round it B / CHUNK times, and walking the blocks a second time
+  column-first (an fp32 (CHUNK, D) accumulator per column chunk) costs a fifth GEMM.
+* no gradient in the forward (unlike the LM loss): the exact lse of a row needs all B keys, so
+  a gradient-in-forward pass works on (rows, B) blocks; at B = 262144 the 128 MiB scratch holds
+  256 rows, and adding each block's dS^T Q into dt would read and write the fp32 (B, D) dt once
+  per 256 rows (1024 x 4 GiB of traffic), far more than the recompute GEMM it saves.
 
 The torch backend runs the same blocked algorithm with torch ops in fp32; it is the CPU
 path. Across ranks, `gathered_infonce` gathers with autograd (`gather_with_grad`).
@@ -25,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels._backend import interpreter_enabled, resolve
+from kernels.recon_loss import _scaled_downcast
 
 LOG2E = 1.4426950408889634
 # Jitted code may read a module global only if it is a tl.constexpr: the sm_90 compiler refuses a
@@ -240,7 +251,7 @@ def _backward(q, t, neg, lse, neg_dot, grad, temperature, needs, dscores):
         if need_q:
             dq[rows] = (dq_c * coef).to(q.dtype)
     if need_t:
-        dt = dt.mul_(coef).to(t.dtype)
+        dt = _scaled_downcast(dt, coef, t.dtype)  # in dt's own storage: no second (B, D) buffer
     return dq, dt, dn
 
 
@@ -267,9 +278,9 @@ def infonce(q, t, negatives=None, temperature=0.03, backend=None):
     q: (B, D) queries; t: (B, D) positives, t_i for q_i and every other row an in-batch
     negative; negatives: (B, r, D) or None, q_i's own hard negatives; all one dtype
     (fp32, fp16 or bf16; accumulation is fp32). temperature: host float. Gradients flow to
-    q, t and negatives. Memory beyond inputs and gradients: O(B) saved for backward, an
-    fp32 (B, D) dt accumulator for 16-bit inputs, and (CHUNK x CHUNK) + (CHUNK x r x D)
-    blocks; never a (B x B) matrix.
+    q, t and negatives. Memory beyond inputs and gradients: O(B) saved for backward, for
+    16-bit inputs the fp32 (B, D) dt accumulator whose storage the returned dt keeps, and
+    (CHUNK x CHUNK) + (CHUNK x r x D) blocks; never a (B x B) matrix.
     """
     assert q.dim() == 2 and t.shape == q.shape, f"q, t must both be (B, D); got {tuple(q.shape)}, {tuple(t.shape)}"
     assert q.shape[0] > 0, "empty batch"

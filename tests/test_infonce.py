@@ -72,8 +72,8 @@ def check_against_oracle(inputs, backend, temperature=0.03):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("r", [0, 1, 2])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("B", [1, 7, 300])
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("B", [1, 7, 97, 300])
 def test_matches_float64(B, D, r, backend):
     check_against_oracle(make_inputs(B, D, r), backend)
 
@@ -118,10 +118,11 @@ def test_gpu_matches_float64(B, D, r, dtype, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_memory_is_linear_in_batch():
-    """B = 131072, D = 2048, bf16: a (B x B) matrix would be 32 GiB; we need the gradients, the
-    fp32 dt accumulator and bounded blocks."""
-    B, D = 131072, 2048
+@pytest.mark.parametrize("B", [131072, 262144])
+def test_gpu_memory_is_linear_in_batch(B):
+    """D = 2048, bf16: a (B x B) matrix would be 32 GiB at B = 131072; we need the gradients, the
+    fp32 dt accumulator (its storage holds the returned dt) and bounded blocks."""
+    D = 2048
     q, t, neg = (x.requires_grad_() for x in make_inputs(B, D, 2, dtype=torch.bfloat16, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -131,6 +132,6 @@ def test_gpu_memory_is_linear_in_batch():
     peak = torch.cuda.max_memory_allocated() - base
     grads = sum(x.numel() * x.element_size() for x in (q, t, neg))
     chunk = infonce_mod._CHUNK
-    bound = grads + B * D * 4 + chunk * chunk * 2 + 3 * chunk * D * 4 * 3 + 256 * 2**20
+    bound = grads + B * D * 2 + chunk * chunk * 2 + 3 * chunk * D * 4 * 3 + 256 * 2**20
     assert peak <= bound, f"peak {peak / 2**30:.2f} GiB > bound {bound / 2**30:.2f} GiB"
     assert torch.isfinite(q.grad.float()).all() and torch.isfinite(t.grad.float()).all()
