@@ -14,6 +14,10 @@ installed. Rows tagged "@all" run what the reference release ran: the loss over 
 positions with the unmasked 60% labelled -100 (with Liger when installed, else torch's chunked op,
 else naive torch); the summary gives the saving of ours on the masked rows only.
 Masked-patch rows: ours against naive torch (Linear + F.mse_loss).
+"dw_gemm" rows (GPU): the d_weight GEMM of one gradient-in-forward row chunk, fp32 (V, H) += d_logits^T
+(V, rows) @ hidden (rows, H), by our Triton kernel (shipped) and by cuBLAS with fp32 output
+(torch.addmm out_dtype, where this torch has it); ms_all_chunks = ms x chunks at that M. Which of the two
+to ship is to be read off these rows.
 
 On CPU only torch paths run (ours = its torch backend): Triton's interpreter is no speed.
 """
@@ -24,7 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from common import peak_gib, time_ms
+import triton
+
 from kernels import masked_lm_loss, masked_patch_loss
+from kernels import recon_loss as _rl
 
 MASK_RATE = 0.4
 LM_SHAPES = {
@@ -89,6 +96,30 @@ def _gemm_tflops(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / time_ms(lambda: a @ b, device) / 1e9
 
 
+def _dw_gemm_rows(M, H, V, dtype, device) -> list[dict]:
+    """Ours (Triton) against cuBLAS fp32-output for the d_weight GEMM of one row chunk (GPU only)."""
+    n = _rl._row_chunk(M, V, H)
+    z = torch.randn(n, V, device=device).to(dtype)
+    h = torch.randn(n, H, device=device).to(dtype)
+    acc = torch.zeros(V, H, device=device)
+    cfg = _rl._acc_cfg(dtype, V, H, n, True)
+    grid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_M"]))
+    impls = {
+        "ours-triton": lambda: _rl._mm_acc_kernel[grid](acc, z, h, V, H, n, 1, V, H, 1, **cfg),
+        "cublas-fp32-out": lambda: torch.addmm(acc, z.t(), h, out_dtype=torch.float32, out=acc),
+    }
+    rows = []
+    for name, fn in impls.items():
+        row = {"op": "dw_gemm", "provider": name, "shape": f"{V}x{H}x{n}"}
+        try:
+            ms = time_ms(fn, device)
+            row.update(ms=ms, ms_all_chunks=ms * triton.cdiv(M, n), tflops=2 * V * H * n / ms / 1e9)
+        except (RuntimeError, TypeError) as e:  # no out_dtype in this torch
+            row["error"] = str(e)[:60]
+        rows.append(row)
+    return rows
+
+
 def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops, gemm_tflops=None):
     row = {"op": op, "provider": provider, "shape": "x".join(map(str, shape))}
     try:
@@ -130,6 +161,8 @@ def run(device: str, quick: bool) -> list[dict]:
         rows.append(_row("lm", f"{release}@all", (T, H, V), providers[release], (hidden_all, weight), (labels,),
                          device, repeats, 6 * M * V * H, gemm))
         del weight, hidden, hidden_all
+        if device == "cuda":
+            rows += _dw_gemm_rows(M, H, V, dtype, device)
     for N, H in PATCH_SHAPES[(device, quick)]:
         D = 4 * 1176
         params = (

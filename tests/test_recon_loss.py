@@ -190,6 +190,18 @@ def test_lm_grad_in_forward_memory_bound(dtype):
         assert (grads + extra) / (2 * grads) <= 1.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_scaled_downcast_in_place(dtype, monkeypatch):
+    """d_weight's fp32 accumulator rounded once into its own storage, over many slabs (an odd slab size,
+    so 16-bit slabs straddle fp32 elements): equal to the plain out-of-place rounding."""
+    monkeypatch.setattr(recon_loss, "_DOWNCAST_SLAB", 7)
+    x = torch.randn(13, 11)
+    scale = torch.tensor(0.37)
+    expect = (x * scale).to(dtype)
+    got = recon_loss._scaled_downcast(x.clone(), scale, dtype)
+    assert got.dtype == dtype and got.shape == x.shape and torch.equal(got, expect)
+
+
 def test_lm_grad_in_forward_paths_agree_and_single_backward():
     """Both Triton paths and the torch reference give the same loss and gradients, also when only one
     input needs a gradient; a second backward through the gradient-in-forward graph is refused."""
@@ -201,9 +213,10 @@ def test_lm_grad_in_forward_paths_agree_and_single_backward():
                      (hidden, weight), g)
         for x, y in zip(ours, ref):
             assert rel_err(x, y.double()) < 1e-5
-    frozen_w = weight.detach()
-    dh = torch.autograd.grad(masked_lm_loss(hidden, frozen_w, targets, backend="triton"), hidden, g)[0]
+    dh = torch.autograd.grad(masked_lm_loss(hidden, weight.detach(), targets, backend="triton"), hidden, g)[0]
     assert rel_err(dh, ref[1].double()) < 1e-5
+    dw = torch.autograd.grad(masked_lm_loss(hidden.detach(), weight, targets, backend="triton"), weight, g)[0]
+    assert rel_err(dw, ref[2].double()) < 1e-5
     loss = masked_lm_loss(hidden, weight, targets, backend="triton")
     torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
     with pytest.raises(recon_loss.LossBackwardError, match="once"):
