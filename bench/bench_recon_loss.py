@@ -16,8 +16,9 @@ else naive torch); the summary gives the saving of ours on the masked rows only.
 Masked-patch rows: ours against naive torch (Linear + F.mse_loss).
 "dw_gemm" rows (GPU): the d_weight GEMM of one gradient-in-forward row chunk, fp32 (V, H) += d_logits^T
 (V, rows) @ hidden (rows, H), by our Triton kernel (shipped) and by cuBLAS with fp32 output
-(torch.addmm out_dtype, where this torch has it); ms_all_chunks = ms x chunks at that M. Which of the two
-to ship is to be read off these rows.
+(torch.addmm out_dtype, where this torch has it), at the shipped row chunk and at 1024 / 2048 rows;
+ms_all_chunks = ms x chunks at that M. Which GEMM to ship, and whether a longer chunk (more memory) pays,
+is to be read off these rows.
 
 On CPU only torch paths run (ours = its torch backend): Triton's interpreter is no speed.
 """
@@ -97,26 +98,29 @@ def _gemm_tflops(device: str, dtype: torch.dtype) -> float:
 
 
 def _dw_gemm_rows(M, H, V, dtype, device) -> list[dict]:
-    """Ours (Triton) against cuBLAS fp32-output for the d_weight GEMM of one row chunk (GPU only)."""
-    n = _rl._row_chunk(M, V, H)
-    z = torch.randn(n, V, device=device).to(dtype)
-    h = torch.randn(n, H, device=device).to(dtype)
-    acc = torch.zeros(V, H, device=device)
-    cfg = _rl._acc_cfg(dtype, V, H, n, True)
-    grid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_M"]))
-    impls = {
-        "ours-triton": lambda: _rl._mm_acc_kernel[grid](acc, z, h, V, H, n, 1, V, H, 1, **cfg),
-        "cublas-fp32-out": lambda: torch.addmm(acc, z.t(), h, out_dtype=torch.float32, out=acc),
-    }
+    """Ours (Triton) against cuBLAS fp32-output for the d_weight GEMM of one row chunk (GPU only), at the
+    shipped chunk and at 1024 / 2048 rows: a short reduction re-reads the fp32 (V, H) once per chunk."""
     rows = []
-    for name, fn in impls.items():
-        row = {"op": "dw_gemm", "provider": name, "shape": f"{V}x{H}x{n}"}
-        try:
-            ms = time_ms(fn, device)
-            row.update(ms=ms, ms_all_chunks=ms * triton.cdiv(M, n), tflops=2 * V * H * n / ms / 1e9)
-        except (RuntimeError, TypeError) as e:  # no out_dtype in this torch
-            row["error"] = str(e)[:60]
-        rows.append(row)
+    for n in sorted({_rl._row_chunk(M, V, H), *(k for k in (1024, 2048) if k <= M)}):
+        z = torch.randn(n, V, device=device).to(dtype)
+        h = torch.randn(n, H, device=device).to(dtype)
+        acc = torch.zeros(V, H, device=device)
+        cfg = _rl._acc_cfg(dtype, V, H, n, True)
+        grid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_M"]))
+        impls = {
+            "ours-triton": lambda: _rl._mm_acc_kernel[grid](acc, z, h, V, H, n, 1, V, H, 1, **cfg),
+            "cublas-fp32-out": lambda: torch.addmm(acc, z.t(), h, out_dtype=torch.float32, out=acc),
+        }
+        for name, fn in impls.items():
+            shipped = " (shipped chunk)" if n == _rl._row_chunk(M, V, H) else ""
+            row = {"op": "dw_gemm", "provider": name + shipped, "shape": f"{V}x{H}x{n}"}
+            try:
+                ms = time_ms(fn, device)
+                row.update(ms=ms, ms_all_chunks=ms * triton.cdiv(M, n), tflops=2 * V * H * n / ms / 1e9)
+            except (RuntimeError, TypeError) as e:  # no out_dtype in this torch
+                row["error"] = str(e)[:60]
+            rows.append(row)
+        del z, h, acc
     return rows
 
 
