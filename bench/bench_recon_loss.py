@@ -5,8 +5,8 @@ forward + backward, TFLOP/s of forward + backward (6·M·V·H useful flops, our 
 mem_x = (inputs + peak extra) / (inputs + gradients), the issue's target being <= 1.1, and x_floor =
 fwd+bwd ms / floor ms, the floor being 6·M·V·H flops at the bf16 (CPU: fp32) GEMM rate that a
 torch.matmul of 8192^3 (CPU: 512^3) reaches in the same run (its own "gemm" row).
-Providers: ours (gradients in the forward, the training default), ours-recompute
-(grad_in_forward=False: logits recomputed in the backward, the memory-lean path); torch naive
+Providers: ours (the default, grad_in_forward=False: logits recomputed in the backward, the memory-lean
+path), ours-grad-in-forward (3 GEMMs, fp32 d_weight accumulator: opt-in until measured); torch naive
 (bf16 logits + F.cross_entropy); on GPU also torch's own chunked
 F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy and
 cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact") where
@@ -53,7 +53,7 @@ def _lm_providers(device: str) -> dict:
     """name -> loss(hidden (M, H), weight (V, H), labels (M,)) with -100 = ignored."""
     out = {
         "ours": masked_lm_loss,
-        "ours-recompute": lambda h, w, t: masked_lm_loss(h, w, t, grad_in_forward=False),
+        "ours-grad-in-forward": lambda h, w, t: masked_lm_loss(h, w, t, grad_in_forward=True),
         "torch-naive": lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t),
     }
     if device != "cuda":  # torch's chunked op takes seconds on even the quick CPU shape

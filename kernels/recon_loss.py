@@ -7,7 +7,8 @@ projection over all N * 4704 numbers (the output layout d*4 + p is the caller's 
 loss is blind to it).
 
 Design decisions a reader must know:
-* LM, training (gradient in the forward, the default when hidden or weight needs a gradient). The
+* LM, training with `grad_in_forward=True` (opt-in until a GPU run decides; see the next items for the
+  default). The
   floor is 3 GEMMs of 2 M V H (logits, d_hidden, d_weight); a backward that recomputes the logits
   adds a fourth. So, as Liger does, the forward walks chunks of rows: cuBLAS logits (rows, V) in the
   input dtype (what an unfused bf16 model computes), a fused Triton epilogue per row (online lse,
@@ -20,7 +21,8 @@ Design decisions a reader must know:
   over row chunks, 3 GEMMs and 1.1x memory cannot all hold: a single-rounding d_weight needs either
   its fp32 accumulator (this path) or all M rows per vocabulary chunk, i.e. a recompute (below).
   One backward per forward (LossBackwardError otherwise).
-* LM forward without gradients (evaluation) and `grad_in_forward=False`. One Triton kernel multiplies
+* LM forward without gradients (evaluation) and `grad_in_forward=False`, the default: it keeps peak
+  memory within 1.1 x (inputs + gradients) and rounds the fp32 d_weight once. One Triton kernel multiplies
   a row tile of hidden by vocabulary tiles and folds the fp32 logits into an online log-sum-exp,
   picking up the target's logit on the way; only (S, M) partials survive, S being the number of
   vocabulary splits that small M needs to fill the GPU. The forward keeps the (M,) lse.
@@ -469,15 +471,15 @@ def _require(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=True):
+def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=False):
     """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits.
 
     hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
     targets: (M,) int64 in [0, V) (checked on the host when not on CUDA, never synced on CUDA).
     Returns an fp32 scalar; gradients flow to hidden and lm_weight.
-    grad_in_forward (Triton backend, when a gradient is needed): True computes the gradients in the
-    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only); False recomputes the
-    logits in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)).
+    grad_in_forward (Triton backend, when a gradient is needed): False (default) recomputes the logits
+    in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)); True computes the gradients in the
+    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only).
     """
     _require(hidden.ndim == 2 and lm_weight.ndim == 2 and hidden.shape[1] == lm_weight.shape[1],
              f"hidden (M, H) and lm_weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")

@@ -54,8 +54,8 @@ def check_lm(ours, naive, truth, dtype):
 
 LM_CASES = [(M, H, 1003, dt) for M in (1, 7, 97, 513) for H in (64, 80) for dt in (torch.float32, torch.float16)]
 LM_CASES += [(37, 96, 151936, torch.float32), (7, 96, 151936, torch.float16)]
-# (backend, grad_in_forward): Triton computing the gradients in the forward (the training default) or
-# recomputing the logits in the backward, and the torch reference
+# (backend, grad_in_forward): Triton computing the gradients in the forward (opt-in) or recomputing
+# the logits in the backward (the default), and the torch reference
 LM_PATHS = {"triton": ("triton", True), "triton-recompute": ("triton", False), "torch": ("torch", True)}
 
 
@@ -180,8 +180,8 @@ def test_lm_grad_in_forward_memory_bound(dtype):
     M, H, V = 64, 512, 2048
     e = torch.finfo(dtype).bits // 8
     hidden, weight, targets = lm_inputs(M, H, V, dtype, "cpu")
-    fn = lambda: torch.autograd.grad(masked_lm_loss(hidden, weight, targets, backend="triton"), (hidden, weight))  # noqa: E731
-    extra = peak_cpu_bytes(fn)
+    loss = lambda: masked_lm_loss(hidden, weight, targets, backend="triton", grad_in_forward=True)  # noqa: E731
+    extra = peak_cpu_bytes(lambda: torch.autograd.grad(loss(), (hidden, weight)))
     grads = (M + V) * H * e
     chunk = recon_loss._row_chunk(M, V, H) * V * e
     acc = 0 if dtype == torch.float32 else V * H * (4 - e) + min(V * H, recon_loss._DOWNCAST_SLAB) * 4
@@ -213,11 +213,13 @@ def test_lm_grad_in_forward_paths_agree_and_single_backward():
                      (hidden, weight), g)
         for x, y in zip(ours, ref):
             assert rel_err(x, y.double()) < 1e-5
-    dh = torch.autograd.grad(masked_lm_loss(hidden, weight.detach(), targets, backend="triton"), hidden, g)[0]
-    assert rel_err(dh, ref[1].double()) < 1e-5
-    dw = torch.autograd.grad(masked_lm_loss(hidden.detach(), weight, targets, backend="triton"), weight, g)[0]
-    assert rel_err(dw, ref[2].double()) < 1e-5
-    loss = masked_lm_loss(hidden, weight, targets, backend="triton")
+        dh = torch.autograd.grad(masked_lm_loss(hidden, weight.detach(), targets, backend="triton",
+                                                grad_in_forward=gif), hidden, g)[0]
+        assert rel_err(dh, ref[1].double()) < 1e-5
+        dw = torch.autograd.grad(masked_lm_loss(hidden.detach(), weight, targets, backend="triton",
+                                                grad_in_forward=gif), weight, g)[0]
+        assert rel_err(dw, ref[2].double()) < 1e-5
+    loss = masked_lm_loss(hidden, weight, targets, backend="triton", grad_in_forward=True)
     torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
     with pytest.raises(recon_loss.LossBackwardError, match="once"):
         torch.autograd.grad(loss, (hidden, weight))
