@@ -4,8 +4,10 @@ Providers: ours (Triton; CUDA only, the interpreter is no speed path), the torch
 segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
 padding mask, and flash-attn / xformers when importable. Shapes: uniform 4096-token segments, a
-mixed MMEB-like batch (16-64-token texts plus 256-1024-token images) at head dim 128 and 80, and
-the vision tower (head dim 80, 16 heads; 64-patch windows, and whole images for full blocks).
+mixed MMEB-like batch (16-64-token texts plus 256-1024-token images) at head dim 128 and 80, a CL
+batch of texts alone (16-64 tokens), and the vision tower (head dim 80, 16 heads; 64-patch windows,
+and whole images for full blocks). Ours rows name the path that ran: "packed" (several short
+segments per tile, kernels.attention.packed) or "per-segment".
 
 TFLOP/s counts useful work only: forward 4 * sum(len^2) * D * Hq, backward 2.5x forward, so
 padding and recomputation show up as lower rates. Inputs are prepared (padded, kv repeated for
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import peak_gib, time_ms  # noqa: E402
 
-from kernels.attention import varlen_attention, varlen_attention_torch  # noqa: E402
+from kernels.attention import packed, varlen_attention, varlen_attention_torch  # noqa: E402
 
 
 def mmeb_lens(n_texts: int, n_images: int, image_range=(256, 1024), seed: int = 0) -> list[int]:
@@ -44,6 +46,7 @@ def shapes(quick: bool) -> list[dict]:
         return [
             dict(name="uniform-128", lens=[128] * 2, hq=4, hkv=2, d=64),
             dict(name="mmeb-mixed", lens=mmeb_lens(6, 2, (64, 128)), hq=4, hkv=2, d=64),
+            dict(name="cl-texts", lens=mmeb_lens(8, 0), hq=4, hkv=2, d=64),
             dict(name="vision-window", lens=[64] * (sum(images) // 64), hq=4, hkv=4, d=80),
             dict(name="vision-full", lens=images, hq=4, hkv=4, d=80),
         ]
@@ -53,6 +56,7 @@ def shapes(quick: bool) -> list[dict]:
         dict(name="uniform-4096", lens=[4096] * 8, hq=16, hkv=2, d=128),
         dict(name="mmeb-mixed", lens=mixed, hq=16, hkv=2, d=128),
         dict(name="mmeb-mixed-d80", lens=mixed, hq=16, hkv=16, d=80),
+        dict(name="cl-texts", lens=mmeb_lens(1024, 0), hq=16, hkv=2, d=128),
         dict(name="vision-window", lens=[64] * (sum(images) // 64), hq=16, hkv=16, d=80),
         dict(name="vision-full", lens=images, hq=16, hkv=16, d=80),
     ]
@@ -157,6 +161,7 @@ def run(device: str, quick: bool) -> list[dict]:
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         fwd_flops = 4 * sum(n * n for n in lens) * d * hq
         desc = f"{shape['name']} B={len(lens)} T={T} H={hq}/{hkv} D={d}"
+        path = "packed" if packed(max(lens)) else "per-segment"
         for name, prepare in providers(device).items():
             try:
                 fn, inputs = prepare(q, k, v, cu, lens)
@@ -169,7 +174,8 @@ def run(device: str, quick: bool) -> list[dict]:
                     torch.cuda.empty_cache()
             passes = (("fwd", fwd_ms, fwd_flops, fwd_peak), ("bwd", bwd_ms, 2.5 * fwd_flops, bwd_peak))
             for pass_, ms, flops, peak in passes:
-                row = {"provider": name, "shape": desc, "pass": pass_, "ms": ms}
+                row = {"provider": name, "shape": desc, "path": path if name == "ours" else None, "pass": pass_,
+                       "ms": ms}
                 rows.append({**row, "tflops": flops / ms / 1e9, "peak_gib": peak})
     return rows
 

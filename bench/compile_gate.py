@@ -8,7 +8,8 @@ with `triton.compile`; cuobjdump then reads the cubin's registers, STACK and LOC
 Coverage. Attention (fwd, dk/dv, dq, preprocess): head dims 32 (tiny preset), 40 (odd: a 32 + 16
 tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/16 heads, vision),
 2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq buckets 64 and 8192 (they pick different shipped
-configs); every config kernels/tuned.py ships for sm90. Specializations that bind identically (groups
+configs); every config kernels/tuned.py ships for sm90, per-segment and packed (PACKED, spec suffix
+"packed": several short segments per tile). Specializations that bind identically (groups
 2 and 7 do) are compiled once and listed together. The preprocess kernel is compiled once per head
 dim and dtype (n_tokens = 1001). Losses: the masked-LM forward, d_logits and d_hidden kernels and
 the patch kernel (loss only and loss + gradient, 16-bit and fp32 targets) at every BLOCK_M their
@@ -16,8 +17,9 @@ launcher picks (16..128), the gradient-in-forward LM epilogue (lm_ce_grad) and i
 (mm_acc_dw: the d_hidden kernel on a transposed operand), InfoNCE forward (with and without hard
 negatives) and d_scores, each in fp16, bf16 and fp32, with the configs their launchers use on a GPU. Autotune candidates: every one of `SPACES` x
 `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text tower, the most
-register-hungry); the whole candidate cross product would take hours on two cores. All in all 431
-compiles: 7 CPU-minutes cold (5 min wall on the 2-core dev box, shared), ~15 s from Triton's cache.
+register-hungry); the whole candidate cross product would take hours on two cores. All in all 608
+compiles: 8 min wall cold for the 514 attention ones alone on the 2-core dev box (shared), ~15 s from
+Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
@@ -79,7 +81,8 @@ def _ptr(dtype: torch.dtype) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launches, as the launchers make them
 
 
-def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n_tokens: int = 4096):
+def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n_tokens: int = 4096,
+               packed: bool = False):
     """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order."""
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
@@ -94,7 +97,7 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     bm, bn, warps, stages = cfg
     x, f32, i32 = _ptr(dt), _ptr(torch.float32), _ptr(torch.int32)
     q_st, kv_st = (H * D, D), (H_kv * D, D)
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **meta)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PACKED=packed, **meta)
     scalars = (n_tokens, 0.125, 2048)
     if kernel == "fwd":
         return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *q_st, *kv_st, *kv_st, *q_st, *scalars), dict(
@@ -195,27 +198,32 @@ def compile_job(job: dict) -> dict:
 # ----------------------------------------------------------------------------- the job list
 
 
-def jobs() -> list[dict]:
-    """Every launch to compile, identical bindings merged (their specializations listed together)."""
+def jobs(only: str = "") -> list[dict]:
+    """Every launch to compile (of the kernels whose name contains `only`), identical bindings merged
+    (their specializations listed together)."""
     out = []
 
     def add(family, name, args, label, config, shipped):
-        out.append(dict(family=family, kernel=name, args=args, spec=label, config=config, shipped=shipped))
+        if only in name:
+            out.append(dict(family=family, kernel=name, args=args, spec=label, config=config, shipped=shipped))
 
     for D in HEAD_DIMS:
         for dtype in DTYPES:
             add("attention", "attn_preprocess", dict(kernel="preprocess", head_dim=D, dtype=dtype, group=8, cfg=None),
                 f"D={D} {dtype}", "64x D", True)
             for name in tuned.KERNELS:
-                shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s).values()) for s in SEQ_BUCKETS}
-                cands = {(*c, s) for c in attention.SPACES[name] for s in attention.STAGES}
-                if not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
-                    cands = set()
-                for group in GROUPS:
-                    for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
-                        args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=cfg)
-                        label = "{}x{} w{} s{}".format(*cfg)
-                        add("attention", f"attn_{name}", args, f"D={D} {dtype} G={group}", label, cfg in shipped)
+                for packed in (False, True):
+                    shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed).values())
+                               for s in SEQ_BUCKETS}  # fmt: skip
+                    cands = {(*c, s) for c in attention.SPACES[name] for s in attention.STAGES}
+                    if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
+                        cands = set()
+                    spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")
+                    for group in GROUPS:
+                        for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
+                            args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=cfg, packed=packed)
+                            label = "{}x{} w{} s{}".format(*cfg)
+                            add("attention", f"attn_{name}", args, spec.format(group), label, cfg in shipped)
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):
@@ -281,7 +289,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this (e.g. infonce)")
     args = parser.parse_args()
-    todo = [j for j in jobs() if args.only in j["kernel"]]
+    todo = jobs(args.only)
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_job, todo, chunksize=1))
     for r in rows:

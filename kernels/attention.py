@@ -18,6 +18,15 @@ Design decisions a reader must know:
   first puts the long-running tiles at the front and lets the short ones fill the tail (LPT).
   Slot order keeps a segment's tiles, and a GQA group's heads, adjacent for L2 reuse of K/V.
   The table depends on the tile size, so it is built per launch for the launched config's tile.
+* Packed tiles. Batches whose segments are all short (max_seqlen <= tuned.PACKED_MAX_SEQLEN, a host
+  int) run the same kernels with PACKED: program i owns tokens [i * BLOCK, (i + 1) * BLOCK) whatever
+  segments they belong to, its keys run from the start of its first row's segment to the end of its
+  last row's, and a block-diagonal mask from per-token segment ids (one (T,) int32 table built on the
+  device, in place of the slot table) keeps every row inside its segment. A 64-patch vision window or
+  a 30-token CL text then shares a tile with its neighbours instead of owning a mostly empty one, and
+  the grid is cdiv(T, BLOCK) x heads. dk/dv tiles loop over their keys' query range the same way, so
+  the backward still needs no atomics. A tile boundary may cut a segment (each row still sees all of
+  it): the threshold decides speed, never correctness.
 * Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
   so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
   tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
@@ -77,21 +86,48 @@ def varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen=None, scale=None):
 
 
 @triton.jit
-def _segment(CU, SCHED, slot):
-    """(segment start token as int64, segment length, tile index) of a slot of the schedule table."""
-    seg = tl.load(SCHED + 2 * slot)
-    tile = tl.load(SCHED + 2 * slot + 1)
-    start = tl.load(CU + seg)
-    seqlen = tl.load(CU + seg + 1) - start
-    return start.to(tl.int64), seqlen, tile
+def _slot(CU, SCHED, slot, n_tokens, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """(start, row0, n_rows, n_keys) of a slot: its tile is rows [row0, row0 + BLOCK) & [0, n_rows)
+    of the token range that starts at token `start` (int64), and its keys are [0, n_keys) of that range.
+    Per segment, SCHED[slot] = (segment, tile) and the range is the segment (n_keys = n_rows = its
+    length). PACKED, SCHED is the per-token segment id, the tile is tokens slot * BLOCK + [0, BLOCK),
+    and the range runs from the start of its first row's segment to the end of its last row's."""
+    if PACKED:
+        first = slot * BLOCK
+        lo = tl.load(CU + tl.load(SCHED + first))
+        hi = tl.load(CU + tl.load(SCHED + tl.minimum(first + BLOCK, n_tokens) - 1) + 1)
+        start = lo.to(tl.int64)
+        row0 = first - lo
+        n_rows = n_tokens - lo
+        n_keys = hi - lo
+    else:
+        seg = tl.load(SCHED + 2 * slot)
+        row0 = tl.load(SCHED + 2 * slot + 1) * BLOCK
+        seg_start = tl.load(CU + seg)
+        n_rows = tl.load(CU + seg + 1) - seg_start
+        start = seg_start.to(tl.int64)
+        n_keys = n_rows
+    return start, row0, n_rows, n_keys
+
+
+@triton.jit
+def _same_segment(SEG, seg_q, offs, n, PAD_Q: tl.constexpr):
+    """(len(seg_q), len(offs)) mask: query row and key offs (< n, in the range at SEG) share a segment.
+    PAD_Q: query rows past the end (seg_q < 0) see every key, so their scores stay finite."""
+    seg_k = tl.load(SEG + offs, mask=offs < n, other=-2)
+    keep = seg_q[:, None] == seg_k[None, :]
+    if PAD_Q:
+        keep = keep | (seg_q < 0)[:, None]
+    return keep
 
 
 @triton.jit
 def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-               stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n,
+               stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
                D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
-    """Online-softmax steps over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile."""
+               BLOCK_N: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+    """Online-softmax steps over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
+    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask)."""
     for start_n in range(lo, hi, BLOCK_N):
         mask0 = dm0
         mask1 = dm1
@@ -104,7 +140,9 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
         if D1 > 0:
             k1 = tl.load(k_ptrs1 + start_n * stride_kt, mask=mask1, other=0.0)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
-        if MASK_N:
+        if PACKED:
+            qk = tl.where(_same_segment(SEG, seg_q, start_n + offs_n, seqlen, True), qk, float("-inf"))
+        elif MASK_N:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.exp2(qk * qk_scale - m_new[:, None])
@@ -127,13 +165,14 @@ def _attn_fwd_kernel(
     n_tokens, qk_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
 ):  # fmt: skip
     """o, lse of one query tile of one head; lse = log2(sum exp2(scores * qk_scale)), fp32."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
-    start, seqlen, tile = _segment(CU, SCHED, slot)
-    if seqlen <= tile * BLOCK_M:  # spare slot
+    start, row0, seqlen, n_keys = _slot(CU, SCHED, slot, n_tokens, BLOCK_M, PACKED)
+    if seqlen <= row0:  # spare slot
         return
     kv_head = head // GROUP
     q_base = Q + start * stride_qt + head * stride_qh
@@ -141,8 +180,11 @@ def _attn_fwd_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
     o_base = O + start * stride_ot + head * stride_oh
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows[:, None] < seqlen
+    seg_q = rows
+    if PACKED:
+        seg_q = tl.load(SCHED + start + rows, mask=rows < seqlen, other=-1)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -160,16 +202,17 @@ def _attn_fwd_kernel(
     else:
         dm1, q1, k_ptrs1, v_ptrs1 = dm0, q0, k_ptrs0, v_ptrs0
         acc1 = tl.zeros([1, 1], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # Finite, so that a packed key tile holding none of a row's segment leaves the row at p = 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-                                      stride_kt, stride_vt, 0, n_full, seqlen, qk_scale, offs_n,
-                                      D1, False, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+                                      stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start,
+                                      seg_q, D1, False, DTYPE, DOT_PREC, BLOCK_N, False)  # fmt: skip
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-                                      stride_kt, stride_vt, n_full, seqlen, seqlen, qk_scale, offs_n,
-                                      D1, True, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+                                      stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start,
+                                      seg_q, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED)  # fmt: skip
 
     inv_l = 1.0 / l_i
     o_ty = O.dtype.element_ty
@@ -201,16 +244,20 @@ def _attn_bwd_dkdv_kernel(
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H_KV, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one key tile of one kv head, summed over every query tile of its GROUP query heads."""
     pid = tl.program_id(0)
     slot = pid // H_KV
     kv_head = pid % H_KV
-    start, seqlen, tile = _segment(CU, SCHED, slot)
-    if seqlen <= tile * BLOCK_N:  # spare slot
+    start, col0, seqlen, n_q = _slot(CU, SCHED, slot, n_tokens, BLOCK_N, PACKED)
+    if seqlen <= col0:  # spare slot
         return
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col0 + tl.arange(0, BLOCK_N)
     col_ok = cols[:, None] < seqlen
+    seg_k = cols
+    if PACKED:
+        seg_k = tl.load(SCHED + start + cols, mask=cols < seqlen, other=-1)
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -241,11 +288,12 @@ def _attn_bwd_dkdv_kernel(
 
     # Padded query rows read q = do = 0 and lse = +inf, so their column of P^T is exactly 0 and no
     # score mask is needed; padded key rows only touch their own dk/dv rows, which are not stored.
-    n_m = tl.cdiv(seqlen, BLOCK_M)
+    # Packed tiles mask P^T to the block diagonal on top.
+    n_m = tl.cdiv(n_q, BLOCK_M)
     for it in range(0, GROUP * n_m):  # one flat loop over (query head of the group, query tile)
         g = it // n_m
         row0 = (it - g * n_m) * BLOCK_M
-        row_ok = (row0 + offs_m) < seqlen
+        row_ok = (row0 + offs_m) < n_q
         q_off = g * stride_qh + row0 * stride_qt
         do_off = g * stride_doh + row0 * stride_dot
         q0 = tl.load(q_ptrs0 + q_off, mask=row_ok[:, None] & dm0, other=0.0)
@@ -258,6 +306,8 @@ def _attn_bwd_dkdv_kernel(
             do1 = tl.load(do_ptrs1 + do_off, mask=row_ok[:, None] & dm1, other=0.0)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
         pT = tl.exp2(qkT * qk_scale - lse[None, :])
+        if PACKED:
+            pT = tl.where(_same_segment(SCHED + start, seg_k, row0 + offs_m, n_q, False), pT, 0.0)
         pT_op = pT.to(DTYPE).to(k0.dtype)
         dv0 = tl.dot(pT_op, do0, dv0, input_precision=DOT_PREC)
         dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
@@ -280,10 +330,11 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-              stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n,
+              stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
               D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr):  # fmt: skip
-    """dq accumulation over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile."""
+              BLOCK_N: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+    """dq accumulation over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
+    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask)."""
     for start_n in range(lo, hi, BLOCK_N):
         mask0 = dm0
         mask1 = dm1
@@ -301,7 +352,9 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0,
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
         p = tl.exp2(qk * qk_scale - lse[:, None])
-        if MASK_N:
+        if PACKED:
+            p = tl.where(_same_segment(SEG, seg_q, start_n + offs_n, seqlen, False), p, 0.0)
+        elif MASK_N:
             p = tl.where(col_ok[None, :], p, 0.0)
         ds = (p * (dp - delta[:, None])).to(DTYPE).to(k0.dtype)
         dq0 = tl.dot(ds, k0, dq0, input_precision=DOT_PREC)
@@ -318,13 +371,14 @@ def _attn_bwd_dq_kernel(
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
 ):  # fmt: skip
     """dq of one query tile of one query head, looping over its segment's key tiles."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
-    start, seqlen, tile = _segment(CU, SCHED, slot)
-    if seqlen <= tile * BLOCK_M:  # spare slot
+    start, row0, seqlen, n_keys = _slot(CU, SCHED, slot, n_tokens, BLOCK_M, PACKED)
+    if seqlen <= row0:  # spare slot
         return
     kv_head = head // GROUP
     q_base = Q + start * stride_qt + head * stride_qh
@@ -333,8 +387,11 @@ def _attn_bwd_dq_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
     dq_base = DQ + start * stride_dqt + head * stride_dqh
 
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows[:, None] < seqlen
+    seg_q = rows
+    if PACKED:
+        seg_q = tl.load(SCHED + start + rows, mask=rows < seqlen, other=-1)
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -358,13 +415,13 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
     delta = tl.load(DELTA + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
 
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
+    n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-                         stride_kt, stride_vt, 0, n_full, seqlen, qk_scale, offs_n,
-                         D1, False, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+                         stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
+                         D1, False, DTYPE, DOT_PREC, BLOCK_N, False)  # fmt: skip
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
-                         stride_kt, stride_vt, n_full, seqlen, seqlen, qk_scale, offs_n,
-                         D1, True, DTYPE, DOT_PREC, BLOCK_N)  # fmt: skip
+                         stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
+                         D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED)  # fmt: skip
 
     dq_ty = DQ.dtype.element_ty
     tl.store(dq_base + rows[:, None] * stride_dqt + d0[None, :], (dq0 * sm_scale).to(dq_ty), mask=row_ok & dm0)
@@ -395,6 +452,19 @@ def _fill_schedule(sched, cu_seqlens, n_tokens: int, block: int) -> None:
     sched[:n].copy_(torch.stack((order[rank], tile), 1))
 
 
+def _segment_ids(cu_seqlens, n_tokens: int):
+    """(T,) int32: seg[t] = b for cu_seqlens[b] <= t < cu_seqlens[b + 1], the packed tiles' table.
+    Device ops only (a mark at each segment end, then a running count): no host sync, O(T) memory."""
+    marks = torch.zeros(n_tokens + 1, device=cu_seqlens.device, dtype=torch.int32)
+    marks.index_add_(0, cu_seqlens[1:].long(), torch.ones_like(cu_seqlens[1:]))
+    return marks[:n_tokens].cumsum(0, dtype=torch.int32)
+
+
+def packed(max_seqlen: int) -> bool:
+    """Whether a batch runs the packed kernels: every segment at most tuned.PACKED_MAX_SEQLEN tokens (host int)."""
+    return int(max_seqlen) <= tuned.PACKED_MAX_SEQLEN
+
+
 def _schedule_hook(block_key: str):
     """Autotune pre_hook: the slot table depends on the tile size of the config being launched."""
 
@@ -419,8 +489,9 @@ STAGES = (2, 3, 4)
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 # Under the interpreter one fixed config: big enough to be quick there, small enough that the test
-# segments span several tiles.
+# segments span several tiles (and, packed, that tiles hold several segments and cut some).
 _INTERP = {"fwd": (128, 64), "dkdv": (64, 128), "dq": (128, 64)}
+_INTERP_PACKED = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 
 
 def autotune_enabled() -> bool:
@@ -429,8 +500,8 @@ def autotune_enabled() -> bool:
 
 
 @functools.cache
-def _autotuner(name: str):
-    hook = _schedule_hook(_TILE_KEY[name])
+def _autotuner(name: str, packed_tiles: bool):
+    hook = None if packed_tiles else _schedule_hook(_TILE_KEY[name])  # packed tiles need no slot table
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in SPACES[name]
@@ -444,18 +515,34 @@ def _arch(device_index: int) -> str:
     return tuned.arch_name(torch.cuda.get_device_capability(device_index))
 
 
-def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int) -> None:
+def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
+            seg_ids=None) -> None:
     """kernel[grid](*ptrs, SCHED, *rest, **meta): kernel `name` on its (tile slot x heads) grid, with
-    the slot table for its tile. ptrs ends with cu_seqlens.
+    the slot table for its tile. ptrs ends with cu_seqlens. With seg_ids (`_segment_ids`) the packed
+    kernel instead: slot i is tokens [i * tile, (i + 1) * tile), seg_ids is SCHED.
 
     Config: fixed under the interpreter, the autotuner's under MOCA_AUTOTUNE=1, else kernels/tuned.py's."""
     cu_seqlens = ptrs[-1]
     key = _TILE_KEY[name]
+    if seg_ids is not None:
+        meta = dict(meta, PACKED=True)
+        if autotune_enabled():
+            grid = lambda META: (triton.cdiv(n_tokens, META[key]) * n_heads,)  # noqa: E731
+            _autotuner(name, True)[grid](*ptrs, seg_ids, *rest, **meta)
+            return
+        if interpreter_enabled():
+            bm, bn = _INTERP_PACKED[name]
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+        else:
+            cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket, True)
+        _KERNELS[name][(triton.cdiv(n_tokens, cfg[key]) * n_heads,)](*ptrs, seg_ids, *rest, **meta, **cfg)
+        return
+    meta = dict(meta, PACKED=False)
     if autotune_enabled():
         tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
         sched = torch.empty((_n_slots(n_tokens, n_seg, tile), 2), device=cu_seqlens.device, dtype=torch.int32)
         grid = lambda META: (_n_slots(n_tokens, n_seg, META[key]) * n_heads,)  # noqa: E731
-        _autotuner(name)[grid](*ptrs, sched, *rest, **meta)  # the pre_hook fills sched
+        _autotuner(name, False)[grid](*ptrs, sched, *rest, **meta)  # the pre_hook fills sched
         return
     if interpreter_enabled():
         bm, bn = _INTERP[name]
@@ -495,7 +582,8 @@ def _meta(dtype, q, k, max_seqlen):
     """Launch constants shared by the three kernels (q, k: the operands from `_tiles`) and the
     seq bucket of max_seqlen (the config key)."""
     T, _, D = q.shape
-    assert max(x.stride(0) for x in (q, k)) * max(int(max_seqlen), 1) < 2**31, "segment too long for int32 offsets"
+    span = 2 * int(max_seqlen) + 256 if packed(max_seqlen) else max(int(max_seqlen), 1)  # rows a tile's offsets reach
+    assert max(x.stride(0) for x in (q, k)) * span < 2**31, "segment too long for int32 offsets"
     d0, d1 = _split_head_dim(D)
     meta = dict(
         GROUP=q.shape[1] // k.shape[1],
@@ -536,9 +624,10 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     if T == 0 or n_seg == 0:
         return o.to(dtype), lse
     meta, bucket = _meta(dtype, q, k, max_seqlen)
+    seg_ids = _segment_ids(cu_seqlens, T) if packed(max_seqlen) else None
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
-            dict(H=H, **meta), bucket)  # fmt: skip
+            dict(H=H, **meta), bucket, seg_ids)  # fmt: skip
     return o.to(dtype), lse
 
 
@@ -561,13 +650,14 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
     )  # fmt: skip
+    seg_ids = _segment_ids(cu_seqlens, T) if packed(max_seqlen) else None
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
     _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta),
-            bucket)
+            bucket, seg_ids)
     _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
-            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket)  # fmt: skip
+            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, seg_ids)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

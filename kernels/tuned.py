@@ -7,7 +7,8 @@ autotuner back over the candidates `SPACES` (kernels/attention.py) for tuning an
 `TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
-`dtype` (equal), `max_seq` (seq bucket <=) or `masked` (head_dim % 16 != 0), and the last rule has none.
+`dtype` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0) or `packed` (the packed-tile
+kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
 Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89
 (untuned, and not compiled by the gate, which targets sm90 only).
@@ -20,6 +21,10 @@ shared memory) and from the register reasoning in kernels/attention.py. They awa
 import torch
 
 KERNELS = ("fwd", "dkdv", "dq")
+# Batches whose segments are all at most this long run the packed-tile kernels (several segments per
+# tile, block-diagonal mask): a vision window or a CL text fills a fraction of a tile of its own.
+# Awaiting GPU tuning, like the packed rules below.
+PACKED_MAX_SEQLEN = 64
 
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages)); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
 _RULES = {
@@ -28,7 +33,12 @@ _RULES = {
         # 128; 64-token segments (vision windows) would leave half of such a tile empty. Head dims that
         # are not a multiple of 16 (72) need masked, unvectorised loads, which spill the wider tiles.
         # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills.
+        # Packed tiles (awaiting GPU tuning): the long-segment configs, as a packed tile is as full as a
+        # long segment's (zero spills in the gate with the packed kernels' block-diagonal mask).
         "fwd": [
+            (dict(packed=True, dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(packed=True, masked=True), (128, 32, 8, 3)),
+            (dict(packed=True), (128, 64, 8, 3)),
             (dict(dtype=torch.float32), (32, 16, 8, 2)),
             (dict(masked=True, max_seq=64), (64, 64, 8, 3)),
             (dict(masked=True), (128, 32, 8, 3)),
@@ -36,12 +46,18 @@ _RULES = {
             (dict(), (128, 64, 8, 3)),
         ],
         "dkdv": [
+            (dict(packed=True, dtype=torch.float32), (16, 32, 8, 2)),
+            (dict(packed=True, masked=True), (32, 64, 8, 3)),
+            (dict(packed=True), (32, 128, 8, 3)),
             (dict(dtype=torch.float32), (16, 32, 8, 2)),
             (dict(masked=True, max_seq=64), (32, 64, 8, 3)),
             (dict(max_seq=64), (32, 64, 4, 3)),
             (dict(), (32, 128, 8, 3)),
         ],
         "dq": [
+            (dict(packed=True, dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(packed=True, masked=True), (128, 16, 8, 3)),
+            (dict(packed=True), (128, 32, 8, 3)),
             (dict(dtype=torch.float32), (32, 16, 8, 2)),
             (dict(masked=True, max_seq=64), (64, 32, 8, 3)),
             (dict(masked=True), (128, 16, 8, 3)),
@@ -62,17 +78,20 @@ def arch_name(capability: tuple[int, int]) -> str:
     return f"sm{capability[0]}{capability[1]}"
 
 
-def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int) -> bool:
+def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packed: bool) -> bool:
     return (
-        cond.get("dtype", dtype) == dtype
+        cond.get("packed", packed) == packed
+        and cond.get("dtype", dtype) == dtype
         and seq_bucket <= cond.get("max_seq", seq_bucket)
         and cond.get("masked", head_dim % 16 != 0) == (head_dim % 16 != 0)
     )
 
 
-def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int) -> dict:
-    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages} of attention kernel `kernel` (one of KERNELS)."""
+def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int,
+                     packed: bool = False) -> dict:
+    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages} of attention kernel `kernel` (one of KERNELS),
+    of its packed-tile variant when `packed`."""
     rules = _RULES.get(arch, _RULES["default"])[kernel]
-    bm, bn, warps, stages = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket))
+    bm, bn, warps, stages = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 

@@ -8,7 +8,7 @@ with err the max abs difference to the float64 oracle, the same upstream gradien
 import pytest
 import torch
 
-from kernels import varlen_attention
+from kernels import attention, tuned, varlen_attention
 from kernels.attention import varlen_attention_torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -136,6 +136,69 @@ def test_segments_do_not_leak():
     assert not torch.allclose(out[20:65], out2[20:65])
 
 
+# ----------------------------------------------------------------------------- packed tiles (short segments)
+AWKWARD = [1, 7, 63, 64, 65]
+
+
+@pytest.fixture
+def all_packed(monkeypatch):
+    """Every batch on the packed-tile kernels, whatever its longest segment: they are correct for any
+    length (the threshold only picks the faster path), and long segments make tiles cut segments."""
+    monkeypatch.setattr(tuned, "PACKED_MAX_SEQLEN", 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, dtype",
+    [
+        ([*AWKWARD, 64, 1, 63, 7, 65, 2], 2, 2, 64, torch.float32),  # GQA 1
+        ([65, 1, 64, 7, 63] * 2, 4, 2, 80, torch.float16),  # GQA 2, vision head dim
+        (AWKWARD, 3, 1, 40, torch.float32),  # GQA 3, head dim 40 = 32 + masked 16-wide tail
+        ([131, 5, 257, 1], 2, 1, 128, torch.float16),  # segments longer than a packed tile
+        ([0, 3, 0, 0, 9, 1, 0], 2, 1, 64, torch.float32),  # empty segments, inside and at both ends
+    ],
+)
+def test_packed_matches_fp64(all_packed, lens, hq, hkv, d, dtype):
+    check(lens, hq, hkv, d, dtype)
+
+
+@pytest.fixture
+def packed_launches(monkeypatch):
+    """Counts the batches that take the packed kernels (each builds the per-token segment ids once
+    for the forward and once for the backward)."""
+    calls = []
+
+    def spy(cu_seqlens, n_tokens):
+        calls.append(n_tokens)
+        return segment_ids(cu_seqlens, n_tokens)
+
+    segment_ids = attention._segment_ids
+    monkeypatch.setattr(attention, "_segment_ids", spy)
+    return calls
+
+
+def test_segment_ids():
+    cu = cu_of([0, 2, 0, 3, 1, 0])
+    assert attention._segment_ids(cu, 6).tolist() == [1, 1, 3, 3, 3, 4]
+
+
+def test_vision_windows_take_packed_tiles(packed_launches):
+    """Windows of 64 patches and smaller edge windows (the vision tower), at the shipped threshold."""
+    lens = [64, 64, 32, 64, 64, 16, 64, 48]
+    check(lens, 2, 2, 80, torch.float16)
+    assert packed_launches == [sum(lens)] * 2
+
+
+def test_1000_tiny_segments_packed(packed_launches):
+    lens = torch.randint(1, 9, (1000,)).tolist()
+    check(lens, 2, 1, 64, torch.float32)
+    assert packed_launches == [sum(lens)] * 2
+
+
+def test_longer_segments_keep_per_segment_tiles(packed_launches):
+    check([tuned.PACKED_MAX_SEQLEN + 1, 3], 2, 1, 64, torch.float32)
+    assert packed_launches == []
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -154,6 +217,14 @@ def test_segments_do_not_leak():
 )
 def test_gpu_matches_fp64(hq, hkv, d, dtype):
     check([*MIXED, 1000, 16, 33, 600], hq, hkv, d, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_gpu_packed_tiles(all_packed, d):
+    """Short segments on the packed kernels with the shipped sm90 configs: awkward mixes and 1000 tiny ones."""
+    for lens in (AWKWARD * 20, torch.randint(1, 9, (1000,)).tolist()):
+        check(lens, 16, 2, d, torch.bfloat16, device="cuda")
 
 
 @pytest.mark.gpu
