@@ -6,8 +6,8 @@ the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equiv
 padding mask, and flash-attn / xformers when importable. Shapes: uniform 4096-token segments, a
 mixed MMEB-like batch (16-64-token texts plus 256-1024-token images) at head dim 128 and 80, a CL
 batch of texts alone (16-64 tokens), and the vision tower (head dim 80, 16 heads; 64-patch windows,
-and whole images for full blocks). Ours rows name the path that ran: "packed" (several short
-segments per tile, kernels.attention.packed) or "per-segment".
+and whole images for full blocks). Ours rows name the path that ran (kernels.attention.path): "packed"
+(several short segments per tile), "segments" (one segment's rows per tile) or "mixed" (both).
 
 TFLOP/s counts useful work only: forward 4 * sum(len^2) * D * Hq, backward 2.5x forward, so
 padding and recomputation show up as lower rates. Inputs are prepared (padded, kv repeated for
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import peak_gib, time_ms  # noqa: E402
 
-from kernels.attention import packed, varlen_attention, varlen_attention_torch  # noqa: E402
+from kernels.attention import path, varlen_attention, varlen_attention_torch  # noqa: E402
 
 
 def mmeb_lens(n_texts: int, n_images: int, image_range=(256, 1024), seed: int = 0) -> list[int]:
@@ -161,7 +161,7 @@ def run(device: str, quick: bool) -> list[dict]:
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
         fwd_flops = 4 * sum(n * n for n in lens) * d * hq
         desc = f"{shape['name']} B={len(lens)} T={T} H={hq}/{hkv} D={d}"
-        path = "packed" if packed(max(lens)) else "per-segment"
+        kernels = path(max(lens), T, len(lens))
         for name, prepare in providers(device).items():
             try:
                 fn, inputs = prepare(q, k, v, cu, lens)
@@ -174,7 +174,7 @@ def run(device: str, quick: bool) -> list[dict]:
                     torch.cuda.empty_cache()
             passes = (("fwd", fwd_ms, fwd_flops, fwd_peak), ("bwd", bwd_ms, 2.5 * fwd_flops, bwd_peak))
             for pass_, ms, flops, peak in passes:
-                row = {"provider": name, "shape": desc, "path": path if name == "ours" else None, "pass": pass_,
+                row = {"provider": name, "shape": desc, "path": kernels if name == "ours" else None, "pass": pass_,
                        "ms": ms}
                 rows.append({**row, "tflops": flops / ms / 1e9, "peak_gib": peak})
     return rows

@@ -26,7 +26,10 @@ Design decisions a reader must know:
   a 30-token CL text then shares a tile with its neighbours instead of owning a mostly empty one, and
   the grid is cdiv(T, BLOCK) x heads. dk/dv tiles loop over their keys' query range the same way, so
   the backward still needs no atomics. A tile boundary may cut a segment (each row still sees all of
-  it): the threshold decides speed, never correctness.
+  it): the threshold decides speed, never correctness. A batch with long segments too (MMEB: texts
+  and images) runs both kernels on disjoint rows when its mean length says short ones are many
+  (`path`): the packed kernel skips the tokens of long segments (segment id -1), the slot table
+  gives short segments no tiles.
 * Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
   so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
   tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
@@ -90,15 +93,20 @@ def _slot(CU, SCHED, slot, n_tokens, BLOCK: tl.constexpr, PACKED: tl.constexpr):
     """(start, row0, n_rows, n_keys) of a slot: its tile is rows [row0, row0 + BLOCK) & [0, n_rows)
     of the token range that starts at token `start` (int64), and its keys are [0, n_keys) of that range.
     Per segment, SCHED[slot] = (segment, tile) and the range is the segment (n_keys = n_rows = its
-    length). PACKED, SCHED is the per-token segment id, the tile is tokens slot * BLOCK + [0, BLOCK),
-    and the range runs from the start of its first row's segment to the end of its last row's."""
+    length). PACKED, SCHED is the per-token segment id (-1 for a segment left to the per-segment
+    kernel), the tile is tokens slot * BLOCK + [0, BLOCK), and the range runs from the start of its
+    first packed row's segment to the end of its last one's (a tile with none is a spare slot)."""
     if PACKED:
         first = slot * BLOCK
-        lo = tl.load(CU + tl.load(SCHED + first))
-        hi = tl.load(CU + tl.load(SCHED + tl.minimum(first + BLOCK, n_tokens) - 1) + 1)
+        rows = first + tl.arange(0, BLOCK)
+        mine = tl.load(SCHED + rows, mask=rows < n_tokens, other=-1) >= 0
+        r_lo = tl.min(tl.where(mine, rows, n_tokens), 0)
+        r_hi = tl.max(tl.where(mine, rows, -1), 0)
+        lo = tl.load(CU + tl.load(SCHED + r_lo, mask=r_hi >= 0, other=0))
+        hi = tl.load(CU + tl.load(SCHED + r_hi, mask=r_hi >= 0, other=0) + 1)
         start = lo.to(tl.int64)
-        row0 = first - lo
-        n_rows = n_tokens - lo
+        row0 = first - lo  # < 0 when the tile opens with unpacked rows: they are real tokens, never stored
+        n_rows = tl.where(r_hi >= 0, n_tokens - lo, row0)  # row0: spare
         n_keys = hi - lo
     else:
         seg = tl.load(SCHED + 2 * slot)
@@ -113,7 +121,7 @@ def _slot(CU, SCHED, slot, n_tokens, BLOCK: tl.constexpr, PACKED: tl.constexpr):
 @triton.jit
 def _same_segment(SEG, seg_q, offs, n, PAD_Q: tl.constexpr):
     """(len(seg_q), len(offs)) mask: query row and key offs (< n, in the range at SEG) share a segment.
-    PAD_Q: query rows past the end (seg_q < 0) see every key, so their scores stay finite."""
+    PAD_Q: rows that are not stored (seg_q < 0) see every key, so their scores stay finite."""
     seg_k = tl.load(SEG + offs, mask=offs < n, other=-2)
     keep = seg_q[:, None] == seg_k[None, :]
     if PAD_Q:
@@ -181,10 +189,12 @@ def _attn_fwd_kernel(
     o_base = O + start * stride_ot + head * stride_oh
 
     rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows[:, None] < seqlen
+    row_in = rows < seqlen
     seg_q = rows
     if PACKED:
-        seg_q = tl.load(SCHED + start + rows, mask=rows < seqlen, other=-1)
+        seg_q = tl.load(SCHED + start + rows, mask=row_in, other=-1)
+        row_in = row_in & (seg_q >= 0)  # rows of segments left to the per-segment kernel are not ours
+    row_ok = row_in[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -219,7 +229,7 @@ def _attn_fwd_kernel(
     tl.store(o_base + rows[:, None] * stride_ot + d0[None, :], (acc0 * inv_l[:, None]).to(o_ty), mask=row_ok & dm0)
     if D1 > 0:
         tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(o_ty), mask=row_ok & dm1)
-    tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=rows < seqlen)
+    tl.store(LSE + head * n_tokens + start + rows, m_i + tl.log2(l_i), mask=row_in)
 
 
 @triton.jit
@@ -258,6 +268,7 @@ def _attn_bwd_dkdv_kernel(
     seg_k = cols
     if PACKED:
         seg_k = tl.load(SCHED + start + cols, mask=cols < seqlen, other=-1)
+        col_ok = col_ok & (seg_k >= 0)[:, None]  # keys of segments left to the per-segment kernel
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -388,10 +399,12 @@ def _attn_bwd_dq_kernel(
     dq_base = DQ + start * stride_dqt + head * stride_dqh
 
     rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows[:, None] < seqlen
+    row_in = rows < seqlen
     seg_q = rows
     if PACKED:
-        seg_q = tl.load(SCHED + start + rows, mask=rows < seqlen, other=-1)
+        seg_q = tl.load(SCHED + start + rows, mask=row_in, other=-1)
+        row_in = row_in & (seg_q >= 0)  # rows of segments left to the per-segment kernel are not ours
+    row_ok = row_in[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -437,12 +450,16 @@ def _n_slots(n_tokens: int, n_segments: int, block: int) -> int:
     return triton.cdiv(n_tokens, block) + n_segments
 
 
-def _fill_schedule(sched, cu_seqlens, n_tokens: int, block: int) -> None:
+def _fill_schedule(sched, cu_seqlens, n_tokens: int, block: int, skip_short: bool = False) -> None:
     """sched[s] = (segment, tile) for the s-th tile slot, longest segments first; spare slots get a
-    tile past their segment's end. sched: (>= n_slots, 2) int32. Device ops only: no host sync."""
+    tile past their segment's end. skip_short: no tiles for the segments the packed kernel takes.
+    sched: (>= n_slots, 2) int32. Device ops only: no host sync."""
     n_seg = cu_seqlens.numel() - 1
     n = _n_slots(n_tokens, n_seg, block)
-    tiles = (cu_seqlens[1:] - cu_seqlens[:-1] + block - 1).div(block, rounding_mode="floor").long()  # (B,)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    tiles = (lens + block - 1).div(block, rounding_mode="floor").long()  # (B,)
+    if skip_short:
+        tiles = tiles.masked_fill(lens <= tuned.PACKED_MAX_SEQLEN, 0)
     order = torch.argsort(tiles, descending=True, stable=True)
     tiles = tiles[order]
     ends = tiles.cumsum(0)
@@ -453,23 +470,31 @@ def _fill_schedule(sched, cu_seqlens, n_tokens: int, block: int) -> None:
 
 
 def _segment_ids(cu_seqlens, n_tokens: int):
-    """(T,) int32: seg[t] = b for cu_seqlens[b] <= t < cu_seqlens[b + 1], the packed tiles' table.
+    """(T,) int32, the packed tiles' table: seg[t] = b for cu_seqlens[b] <= t < cu_seqlens[b + 1], or -1
+    where segment b is longer than tuned.PACKED_MAX_SEQLEN (left to the per-segment kernel).
     Device ops only (a mark at each segment end, then a running count): no host sync, O(T) memory."""
     marks = torch.zeros(n_tokens + 1, device=cu_seqlens.device, dtype=torch.int32)
     marks.index_add_(0, cu_seqlens[1:].long(), torch.ones_like(cu_seqlens[1:]))
-    return marks[:n_tokens].cumsum(0, dtype=torch.int32)
+    seg = marks[:n_tokens].cumsum(0, dtype=torch.int32)
+    short = (cu_seqlens[1:] - cu_seqlens[:-1]) <= tuned.PACKED_MAX_SEQLEN
+    return torch.where(short[seg.long()], seg, -1)
 
 
-def packed(max_seqlen: int) -> bool:
-    """Whether a batch runs the packed kernels: every segment at most tuned.PACKED_MAX_SEQLEN tokens (host int)."""
-    return int(max_seqlen) <= tuned.PACKED_MAX_SEQLEN
+def path(max_seqlen: int, n_tokens: int, n_seg: int) -> str:
+    """Which kernels a batch runs, from host ints: "packed" when every segment is at most
+    tuned.PACKED_MAX_SEQLEN tokens; "mixed" (short segments packed, the others per segment: two
+    launches) when longer ones come with a mean length of at most tuned.MIXED_MAX_MEAN, so that short
+    segments are likely many; else "segments" (per-segment tiles only)."""
+    if int(max_seqlen) <= tuned.PACKED_MAX_SEQLEN:
+        return "packed"
+    return "mixed" if n_tokens <= tuned.MIXED_MAX_MEAN * n_seg else "segments"
 
 
-def _schedule_hook(block_key: str):
+def _schedule_hook(block_key: str, skip_short: bool):
     """Autotune pre_hook: the slot table depends on the tile size of the config being launched."""
 
     def hook(nargs):
-        _fill_schedule(nargs["SCHED"], nargs["CU"], nargs["n_tokens"], nargs[block_key])
+        _fill_schedule(nargs["SCHED"], nargs["CU"], nargs["n_tokens"], nargs[block_key], skip_short)
 
     return hook
 
@@ -500,8 +525,9 @@ def autotune_enabled() -> bool:
 
 
 @functools.cache
-def _autotuner(name: str, packed_tiles: bool):
-    hook = None if packed_tiles else _schedule_hook(_TILE_KEY[name])  # packed tiles need no slot table
+def _autotuner(name: str, tiles: str):
+    """tiles: "packed", or "segments" / "long" (the slot table of every segment / of the unpacked ones)."""
+    hook = None if tiles == "packed" else _schedule_hook(_TILE_KEY[name], tiles == "long")
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in SPACES[name]
@@ -516,33 +542,48 @@ def _arch(device_index: int) -> str:
 
 
 def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
-            seg_ids=None) -> None:
+            mode: str, seg_ids) -> None:
+    """Kernel `name` over the batch as `path` chose (mode): packed tiles, per-segment tiles, or both
+    (on disjoint rows: the per-segment launch goes first, so a packed tile writing a long segment's
+    rows would show in the tests)."""
+    if mode != "packed":
+        _launch_segments(name, dtype, n_tokens, n_heads, n_seg, ptrs, rest, meta, bucket, mode == "mixed")
+    if mode != "segments":
+        _launch_packed(name, dtype, n_tokens, n_heads, ptrs, rest, meta, bucket, seg_ids)
+
+
+def _launch_packed(name: str, dtype, n_tokens: int, n_heads: int, ptrs, rest, meta, bucket: int, seg_ids) -> None:
+    """kernel[grid](*ptrs, seg_ids, *rest, **meta, PACKED=True): slot i is tokens [i * tile, (i + 1) * tile).
+    seg_ids from `_segment_ids` stands in SCHED's place. ptrs ends with cu_seqlens. Config as `_launch_segments`."""
+    cu_seqlens = ptrs[-1]
+    key = _TILE_KEY[name]
+    meta = dict(meta, PACKED=True)
+    if autotune_enabled():
+        grid = lambda META: (triton.cdiv(n_tokens, META[key]) * n_heads,)  # noqa: E731
+        _autotuner(name, "packed")[grid](*ptrs, seg_ids, *rest, **meta)
+        return
+    if interpreter_enabled():
+        bm, bn = _INTERP_PACKED[name]
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
+    else:
+        cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket, True)
+    _KERNELS[name][(triton.cdiv(n_tokens, cfg[key]) * n_heads,)](*ptrs, seg_ids, *rest, **meta, **cfg)
+
+
+def _launch_segments(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
+                     skip_short: bool) -> None:
     """kernel[grid](*ptrs, SCHED, *rest, **meta): kernel `name` on its (tile slot x heads) grid, with
-    the slot table for its tile. ptrs ends with cu_seqlens. With seg_ids (`_segment_ids`) the packed
-    kernel instead: slot i is tokens [i * tile, (i + 1) * tile), seg_ids is SCHED.
+    the slot table for its tile (no tiles for short segments when skip_short). ptrs ends with cu_seqlens.
 
     Config: fixed under the interpreter, the autotuner's under MOCA_AUTOTUNE=1, else kernels/tuned.py's."""
     cu_seqlens = ptrs[-1]
     key = _TILE_KEY[name]
-    if seg_ids is not None:
-        meta = dict(meta, PACKED=True)
-        if autotune_enabled():
-            grid = lambda META: (triton.cdiv(n_tokens, META[key]) * n_heads,)  # noqa: E731
-            _autotuner(name, True)[grid](*ptrs, seg_ids, *rest, **meta)
-            return
-        if interpreter_enabled():
-            bm, bn = _INTERP_PACKED[name]
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-        else:
-            cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket, True)
-        _KERNELS[name][(triton.cdiv(n_tokens, cfg[key]) * n_heads,)](*ptrs, seg_ids, *rest, **meta, **cfg)
-        return
     meta = dict(meta, PACKED=False)
     if autotune_enabled():
         tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
         sched = torch.empty((_n_slots(n_tokens, n_seg, tile), 2), device=cu_seqlens.device, dtype=torch.int32)
         grid = lambda META: (_n_slots(n_tokens, n_seg, META[key]) * n_heads,)  # noqa: E731
-        _autotuner(name, False)[grid](*ptrs, sched, *rest, **meta)  # the pre_hook fills sched
+        _autotuner(name, "long" if skip_short else "segments")[grid](*ptrs, sched, *rest, **meta)  # hook fills sched
         return
     if interpreter_enabled():
         bm, bn = _INTERP[name]
@@ -551,7 +592,7 @@ def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, res
         cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket)
     n_slots = _n_slots(n_tokens, n_seg, cfg[key])
     sched = torch.empty((n_slots, 2), device=cu_seqlens.device, dtype=torch.int32)
-    _fill_schedule(sched, cu_seqlens, n_tokens, cfg[key])
+    _fill_schedule(sched, cu_seqlens, n_tokens, cfg[key], skip_short)
     _KERNELS[name][(n_slots * n_heads,)](*ptrs, sched, *rest, **meta, **cfg)
 
 
@@ -578,11 +619,13 @@ def _tiles(*xs):
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-def _meta(dtype, q, k, max_seqlen):
+def _meta(dtype, q, k, max_seqlen, mode):
     """Launch constants shared by the three kernels (q, k: the operands from `_tiles`) and the
     seq bucket of max_seqlen (the config key)."""
     T, _, D = q.shape
-    span = 2 * int(max_seqlen) + 256 if packed(max_seqlen) else max(int(max_seqlen), 1)  # rows a tile's offsets reach
+    span = max(int(max_seqlen), 1)  # rows a tile's offsets reach; a packed tile's: two short segments + a tile
+    if mode != "segments":
+        span = max(span, 2 * min(int(max_seqlen), tuned.PACKED_MAX_SEQLEN) + 256)
     assert max(x.stride(0) for x in (q, k)) * span < 2**31, "segment too long for int32 offsets"
     d0, d1 = _split_head_dim(D)
     meta = dict(
@@ -623,11 +666,12 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     lse = torch.empty((H, T), device=q.device, dtype=torch.float32)
     if T == 0 or n_seg == 0:
         return o.to(dtype), lse
-    meta, bucket = _meta(dtype, q, k, max_seqlen)
-    seg_ids = _segment_ids(cu_seqlens, T) if packed(max_seqlen) else None
+    mode = path(max_seqlen, T, n_seg)
+    meta, bucket = _meta(dtype, q, k, max_seqlen, mode)
+    seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
-            dict(H=H, **meta), bucket, seg_ids)  # fmt: skip
+            dict(H=H, **meta), bucket, mode, seg_ids)  # fmt: skip
     return o.to(dtype), lse
 
 
@@ -643,21 +687,22 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     dv = torch.empty((T, H_kv, D), device=q.device, dtype=q.dtype)
     if T == 0 or n_seg == 0:
         return dq.to(dtype), dk.to(dtype), dv.to(dtype)
-    meta, bucket = _meta(dtype, q, k, max_seqlen)
+    mode = path(max_seqlen, T, n_seg)
+    meta, bucket = _meta(dtype, q, k, max_seqlen, mode)
     delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
     block_t = 64
     _attn_bwd_preprocess[(triton.cdiv(T, block_t), H)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T,
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t,
     )  # fmt: skip
-    seg_ids = _segment_ids(cu_seqlens, T) if packed(max_seqlen) else None
+    seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
     _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta),
-            bucket, seg_ids)
+            bucket, mode, seg_ids)
     _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
-            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, seg_ids)  # fmt: skip
+            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, mode, seg_ids)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

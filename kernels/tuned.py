@@ -25,6 +25,10 @@ KERNELS = ("fwd", "dkdv", "dq")
 # tile, block-diagonal mask): a vision window or a CL text fills a fraction of a tile of its own.
 # Awaiting GPU tuning, like the packed rules below.
 PACKED_MAX_SEQLEN = 64
+# A batch with longer segments too runs both kernels (its short segments packed, the rest per segment)
+# when its mean segment length is at most this (host ints only: T / B), as in a CL batch of MMEB
+# (many 16-64-token texts, some images); longer means run per-segment tiles alone.
+MIXED_MAX_MEAN = 256
 
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages)); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
 _RULES = {

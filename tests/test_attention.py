@@ -177,8 +177,9 @@ def packed_launches(monkeypatch):
 
 
 def test_segment_ids():
-    cu = cu_of([0, 2, 0, 3, 1, 0])
-    assert attention._segment_ids(cu, 6).tolist() == [1, 1, 3, 3, 3, 4]
+    cu = cu_of([0, 2, 0, 3, 1, 0, tuned.PACKED_MAX_SEQLEN + 1, 1])
+    ids = attention._segment_ids(cu, 8 + tuned.PACKED_MAX_SEQLEN).tolist()
+    assert ids == [1, 1, 3, 3, 3, 4, *[-1] * (tuned.PACKED_MAX_SEQLEN + 1), 7]  # -1: long, left to per-segment
 
 
 def test_vision_windows_take_packed_tiles(packed_launches):
@@ -194,8 +195,23 @@ def test_1000_tiny_segments_packed(packed_launches):
     assert packed_launches == [sum(lens)] * 2
 
 
-def test_longer_segments_keep_per_segment_tiles(packed_launches):
-    check([tuned.PACKED_MAX_SEQLEN + 1, 3], 2, 1, 64, torch.float32)
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, dtype",
+    [
+        ([1, 7, 63, 64, 65, 200, 3, 130, 64, 16], 2, 1, 64, torch.float32),  # short and long interleaved
+        ([0, 70, 5, 0, 90, 2, 2, 0], 4, 2, 80, torch.float16),  # empty ones; long segments cut packed tiles
+    ],
+)
+def test_mixed_batch_runs_both_kernels(packed_launches, lens, hq, hkv, d, dtype):
+    """Short segments on packed tiles, long ones per segment, in one batch (a CL batch of MMEB)."""
+    assert attention.path(max(lens), sum(lens), len(lens)) == "mixed"
+    check(lens, hq, hkv, d, dtype)
+    assert packed_launches == [sum(lens)] * 2
+
+
+def test_long_segments_keep_per_segment_tiles(packed_launches):
+    lens = [2 * tuned.MIXED_MAX_MEAN, 1]  # a mean length above MIXED_MAX_MEAN
+    check(lens, 2, 1, 64, torch.float32)
     assert packed_launches == []
 
 
