@@ -119,6 +119,20 @@ def _slot(CU, SCHED, slot, n_tokens, BLOCK: tl.constexpr, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _tile_tokens(SCHED, start, first, n, BLOCK: tl.constexpr, PACKED: tl.constexpr):
+    """(tokens first + [0, BLOCK) of the range at `start`, their segment ids (per segment: the tokens
+    themselves, never compared), which of them this program owns: those in [0, n) and, PACKED, those of
+    a packed segment (the rest belong to the per-segment kernel)."""
+    idx = first + tl.arange(0, BLOCK)
+    own = idx < n
+    seg = idx
+    if PACKED:
+        seg = tl.load(SCHED + start + idx, mask=own, other=-1)
+        own = own & (seg >= 0)
+    return idx, seg, own
+
+
+@triton.jit
 def _same_segment(SEG, seg_q, offs, n, PAD_Q: tl.constexpr):
     """(len(seg_q), len(offs)) mask: query row and key offs (< n, in the range at SEG) share a segment.
     PAD_Q: rows that are not stored (seg_q < 0) see every key, so their scores stay finite."""
@@ -188,12 +202,7 @@ def _attn_fwd_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
     o_base = O + start * stride_ot + head * stride_oh
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_in = rows < seqlen
-    seg_q = rows
-    if PACKED:
-        seg_q = tl.load(SCHED + start + rows, mask=row_in, other=-1)
-        row_in = row_in & (seg_q >= 0)  # rows of segments left to the per-segment kernel are not ours
+    rows, seg_q, row_in = _tile_tokens(SCHED, start, row0, seqlen, BLOCK_M, PACKED)
     row_ok = row_in[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
@@ -263,12 +272,8 @@ def _attn_bwd_dkdv_kernel(
     start, col0, seqlen, n_q = _slot(CU, SCHED, slot, n_tokens, BLOCK_N, PACKED)
     if seqlen <= col0:  # spare slot
         return
-    cols = col0 + tl.arange(0, BLOCK_N)
-    col_ok = cols[:, None] < seqlen
-    seg_k = cols
-    if PACKED:
-        seg_k = tl.load(SCHED + start + cols, mask=cols < seqlen, other=-1)
-        col_ok = col_ok & (seg_k >= 0)[:, None]  # keys of segments left to the per-segment kernel
+    cols, seg_k, col_in = _tile_tokens(SCHED, start, col0, seqlen, BLOCK_N, PACKED)
+    col_ok = col_in[:, None]
     offs_m = tl.arange(0, BLOCK_M)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
@@ -398,12 +403,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + start * stride_vt + kv_head * stride_vh
     dq_base = DQ + start * stride_dqt + head * stride_dqh
 
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_in = rows < seqlen
-    seg_q = rows
-    if PACKED:
-        seg_q = tl.load(SCHED + start + rows, mask=row_in, other=-1)
-        row_in = row_in & (seg_q >= 0)  # rows of segments left to the per-segment kernel are not ours
+    rows, seg_q, row_in = _tile_tokens(SCHED, start, row0, seqlen, BLOCK_M, PACKED)
     row_ok = row_in[:, None]
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
