@@ -9,7 +9,9 @@ Coverage. Attention (fwd, dk/dv, dq, preprocess): head dims 32 (tiny preset), 40
 tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/16 heads, vision),
 2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq buckets 64 and 8192 (they pick different shipped
 configs); every config kernels/tuned.py ships for sm90, per-segment and packed (PACKED, spec suffix
-"packed": several short segments per tile). Specializations that bind identically (groups
+"packed": several short segments per tile), and in bf16 for head dims without a masked tail the TMA
+variant of each for groups 1 and 8 (config suffix "tma": streamed tiles through TMA descriptors;
+not shipped yet, so its spills are reported, not asserted). Specializations that bind identically (groups
 2 and 7 do) are compiled once and listed together. The preprocess kernel is compiled once per head
 dim and dtype (n_tokens = 1001). Losses: the masked-LM forward, d_logits and d_hidden kernels and
 the patch kernel (loss only and loss + gradient, 16-bit and fp32 targets) at every BLOCK_M their
@@ -70,6 +72,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GROUPS = {1: (16, 16), 2: (4, 2), 7: (28, 4), 8: (16, 2)}  # GQA group: (query heads, kv heads)
 SEQ_BUCKETS = (64, 8192)
 CANDIDATE_SUBSET = dict(dtype="bf16", group=8, head_dims=(128,))
+TMA_DTYPES = ("bf16",)  # TMA variants of the shipped configs: bf16 (fp16 binds alike), groups 1 and 8 (vision, 3B)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -82,8 +85,10 @@ def _ptr(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n_tokens: int = 4096,
-               packed: bool = False):
-    """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order."""
+               packed: bool = False, tma: bool = False):
+    """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order; tma: the streamed
+    tiles through TMA descriptors (built as the launcher builds them, on a CPU tensor: only their dtype,
+    block shape and alignment reach the compiler)."""
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
     D = head_dim
@@ -97,17 +102,20 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     bm, bn, warps, stages = cfg
     x, f32, i32 = _ptr(dt), _ptr(torch.float32), _ptr(torch.int32)
     q_st, kv_st = (H * D, D), (H_kv * D, D)
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PACKED=packed, **meta)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, PACKED=packed, TMA=tma, **meta)
+    heads = H_kv if kernel in ("fwd", "dq") else H  # the streamed pair: k, v (fwd, dq) or q, do (dk/dv)
+    streamed = (torch.empty(n_tokens, heads, D, dtype=dt),) * 2 if tma else None
+    descs = attention._descriptors(streamed, bn if kernel in ("fwd", "dq") else bm, d0, d1)
     scalars = (n_tokens, 0.125, 2048)
     if kernel == "fwd":
-        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *q_st, *kv_st, *kv_st, *q_st, *scalars), dict(
-            H=H, **launch)
+        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *descs, *q_st, *kv_st, *kv_st, *q_st,
+                                            *scalars), dict(H=H, **launch)
     grads = (n_tokens, 0.125, 0.09, 2048)
     if kernel == "dkdv":
-        return attention._attn_bwd_dkdv_kernel, (x, x, x, x, f32, f32, x, x, i32, i32, *q_st, *kv_st, *kv_st, *q_st,
-                                                 *kv_st, *kv_st, *grads), dict(H_KV=H_kv, **launch)
-    return attention._attn_bwd_dq_kernel, (x, x, x, x, f32, f32, x, i32, i32, *q_st, *kv_st, *kv_st, *q_st, *q_st,
-                                           *grads), dict(H=H, **launch)
+        return attention._attn_bwd_dkdv_kernel, (x, x, x, x, f32, f32, x, x, i32, i32, *descs, *q_st, *kv_st, *kv_st,
+                                                 *q_st, *kv_st, *kv_st, *grads), dict(H_KV=H_kv, **launch)
+    return attention._attn_bwd_dq_kernel, (x, x, x, x, f32, f32, x, i32, i32, *descs, *q_st, *kv_st, *kv_st, *q_st,
+                                           *q_st, *grads), dict(H=H, **launch)
 
 
 def _loss(kernel: str, dtype: str, rows: int, extra: str = ""):
@@ -215,15 +223,22 @@ def jobs(only: str = "") -> list[dict]:
                 for packed in (False, True):
                     shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed).values())
                                for s in SEQ_BUCKETS}  # fmt: skip
-                    cands = {(*c, s) for c in attention.SPACES[name] for s in attention.STAGES}
+                    cands = {(*c, s, False) for c in attention.SPACES[name] for s in attention.STAGES}
                     if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
                         cands = set()
                     spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")
                     for group in GROUPS:
                         for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
-                            args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=cfg, packed=packed)
-                            label = "{}x{} w{} s{}".format(*cfg)
+                            bmbnws, tma = cfg[:4], cfg[4]
+                            args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=bmbnws, packed=packed,
+                                        tma=tma)
+                            label = "{}x{} w{} s{}".format(*bmbnws) + (" tma" if tma else "")
                             add("attention", f"attn_{name}", args, spec.format(group), label, cfg in shipped)
+                            if not tma and dtype in TMA_DTYPES and group in (1, 8) and sum(attention._split_head_dim(D)) == D:
+                                # the TMA variant (MOCA_ATTN_TMA=1, or a rule's tma flag): compiled, spills reported
+                                args = dict(args, tma=True)
+                                add("attention", f"attn_{name}", args, spec.format(group), label + " tma",
+                                    (*bmbnws, True) in shipped)
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):

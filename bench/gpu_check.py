@@ -28,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
-CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "attention": 75, "recon_loss": 75, "infonce": 60, "embed": 90,
+CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "attention": 100, "recon_loss": 75, "infonce": 60, "embed": 90,
         "cpt": 45, "cl": 90, "serve": 75}
 LOG_LOCK = threading.Lock()
 

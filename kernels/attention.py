@@ -33,6 +33,14 @@ Design decisions a reader must know:
 * Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
   so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
   tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
+* TMA (Hopper). With the config's TMA flag (kernels/tuned.py) or MOCA_ATTN_TMA=1, the operands a kernel
+  streams through its inner loop (k, v in fwd and dq; q, do in dk/dv) load through host-built TMA
+  descriptors over their 2-D (T, heads * D) views instead of masked pointer loads: one bulk copy per
+  tile, no address arithmetic in registers. The copy ignores segments, so a tile running past its
+  segment's end brings in the next segment's tokens (only past T does it read zeros); the masks that
+  already exist make them weigh nothing (-inf scores, P = 0, or an lse of +inf for dk/dv's query rows),
+  and tests/test_attention.py checks that no segment leaks. Views need heads adjacent in a token,
+  16-byte alignment and no masked head-dim tail (`_tma_ok`); others keep pointer loads.
 * Head dims. Tiles cover D as a power-of-two part plus a power-of-two tail (80 = 64 + 16,
   96 = 64 + 32, 128 = 128 + 0): no FLOPs are spent on padding for the vision tower's 80, and
   callers never pad. Odd sizes get a masked tail.
@@ -51,6 +59,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import tuned
 from kernels._backend import interpreter_enabled, resolve
@@ -144,12 +153,26 @@ def _same_segment(SEG, seg_q, offs, n, PAD_Q: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptrs, desc, row, col, mask, TMA: tl.constexpr):
+    """A tile of a streamed operand (k, v in fwd and dq; q, do in dk/dv). TMA: from `desc` at (row, col)
+    of its 2-D (T, heads * D) view: rows past the segment come in too (their scores are masked or their
+    lse is +inf, so they weigh 0), rows past T read 0. Else a pointer load, 0 outside `mask`."""
+    if TMA:
+        x = desc.load([row, col])
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
-               D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-               BLOCK_N: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+               KD0, KD1, VD0, VD1, row, col,
+               D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr,
+               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """Online-softmax steps over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
-    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask)."""
+    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask).
+    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views."""
     for start_n in range(lo, hi, BLOCK_N):
         mask0 = dm0
         mask1 = dm1
@@ -157,10 +180,10 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
             col_ok = (start_n + offs_n) < seqlen
             mask0 = col_ok[:, None] & dm0
             mask1 = col_ok[:, None] & dm1
-        k0 = tl.load(k_ptrs0 + start_n * stride_kt, mask=mask0, other=0.0)
+        k0 = _load_rows(k_ptrs0 + start_n * stride_kt, KD0, row + start_n, col, mask0, TMA)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
         if D1 > 0:
-            k1 = tl.load(k_ptrs1 + start_n * stride_kt, mask=mask1, other=0.0)
+            k1 = _load_rows(k_ptrs1 + start_n * stride_kt, KD1, row + start_n, col + D0, mask1, TMA)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
         if PACKED:
             qk = tl.where(_same_segment(SEG, seg_q, start_n + offs_n, seqlen, True), qk, float("-inf"))
@@ -171,10 +194,10 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(DTYPE).to(q0.dtype)  # P rounded to the input dtype, as the tensor cores take it
-        v0 = tl.load(v_ptrs0 + start_n * stride_vt, mask=mask0, other=0.0)
+        v0 = _load_rows(v_ptrs0 + start_n * stride_vt, VD0, row + start_n, col, mask0, TMA)
         acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
-            v1 = tl.load(v_ptrs1 + start_n * stride_vt, mask=mask1, other=0.0)
+            v1 = _load_rows(v_ptrs1 + start_n * stride_vt, VD1, row + start_n, col + D0, mask1, TMA)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc0, acc1, l_i, m_i
@@ -182,14 +205,15 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, SCHED,
+    Q, K, V, O, LSE, CU, SCHED, KD0, KD1, VD0, VD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_tokens, qk_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """o, lse of one query tile of one head; lse = log2(sum exp2(scores * qk_scale)), fp32."""
+    """o, lse of one query tile of one head; lse = log2(sum exp2(scores * qk_scale)), fp32.
+    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
@@ -226,12 +250,15 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
+    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                                       stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start,
-                                      seg_q, D1, False, DTYPE, DOT_PREC, BLOCK_N, False)  # fmt: skip
+                                      seg_q, KD0, KD1, VD0, VD1, row, col,
+                                      D0, D1, False, DTYPE, DOT_PREC, BLOCK_N, False, TMA)  # fmt: skip
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                                       stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start,
-                                      seg_q, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED)  # fmt: skip
+                                      seg_q, KD0, KD1, VD0, VD1, row, col,
+                                      D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA)  # fmt: skip
 
     inv_l = 1.0 / l_i
     o_ty = O.dtype.element_ty
@@ -257,15 +284,16 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED, QD0, QD1, DOD0, DOD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H_KV, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one key tile of one kv head, summed over every query tile of its GROUP query heads."""
+    """dk, dv of one key tile of one kv head, summed over every query tile of its GROUP query heads.
+    TMA: q and do tiles through the descriptors QD0/QD1, DOD0/DOD1 (head-dim chunks 0 and 1), else None."""
     pid = tl.program_id(0)
     slot = pid // H_KV
     kv_head = pid % H_KV
@@ -305,21 +333,24 @@ def _attn_bwd_dkdv_kernel(
     # Padded query rows read q = do = 0 and lse = +inf, so their column of P^T is exactly 0 and no
     # score mask is needed; padded key rows only touch their own dk/dv rows, which are not stored.
     # Packed tiles mask P^T to the block diagonal on top.
+    # With TMA the rows past the range are real tokens of other segments: their +inf lse zeroes them alike.
     n_m = tl.cdiv(n_q, BLOCK_M)
+    row = start.to(tl.int32)
     for it in range(0, GROUP * n_m):  # one flat loop over (query head of the group, query tile)
         g = it // n_m
         row0 = (it - g * n_m) * BLOCK_M
         row_ok = (row0 + offs_m) < n_q
         q_off = g * stride_qh + row0 * stride_qt
         do_off = g * stride_doh + row0 * stride_dot
-        q0 = tl.load(q_ptrs0 + q_off, mask=row_ok[:, None] & dm0, other=0.0)
-        do0 = tl.load(do_ptrs0 + do_off, mask=row_ok[:, None] & dm0, other=0.0)
+        col = (kv_head * GROUP + g) * HEAD_DIM
+        q0 = _load_rows(q_ptrs0 + q_off, QD0, row + row0, col, row_ok[:, None] & dm0, TMA)
+        do0 = _load_rows(do_ptrs0 + do_off, DOD0, row + row0, col, row_ok[:, None] & dm0, TMA)
         lse = tl.load(lse_ptrs + g * n_tokens + row0, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptrs + g * n_tokens + row0, mask=row_ok, other=0.0)
         qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
         if D1 > 0:
-            q1 = tl.load(q_ptrs1 + q_off, mask=row_ok[:, None] & dm1, other=0.0)
-            do1 = tl.load(do_ptrs1 + do_off, mask=row_ok[:, None] & dm1, other=0.0)
+            q1 = _load_rows(q_ptrs1 + q_off, QD1, row + row0, col + D0, row_ok[:, None] & dm1, TMA)
+            do1 = _load_rows(do_ptrs1 + do_off, DOD1, row + row0, col + D0, row_ok[:, None] & dm1, TMA)
             qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PREC)
         pT = tl.exp2(qkT * qk_scale - lse[None, :])
         if PACKED:
@@ -347,10 +378,12 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
               stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
-              D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-              BLOCK_N: tl.constexpr, PACKED: tl.constexpr):  # fmt: skip
+              KD0, KD1, VD0, VD1, row, col,
+              D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr,
+              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
     """dq accumulation over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
-    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask)."""
+    PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask).
+    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views."""
     for start_n in range(lo, hi, BLOCK_N):
         mask0 = dm0
         mask1 = dm1
@@ -358,13 +391,13 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0,
             col_ok = (start_n + offs_n) < seqlen
             mask0 = col_ok[:, None] & dm0
             mask1 = col_ok[:, None] & dm1
-        k0 = tl.load(k_ptrs0 + start_n * stride_kt, mask=mask0, other=0.0)
-        v0 = tl.load(v_ptrs0 + start_n * stride_vt, mask=mask0, other=0.0)
+        k0 = _load_rows(k_ptrs0 + start_n * stride_kt, KD0, row + start_n, col, mask0, TMA)
+        v0 = _load_rows(v_ptrs0 + start_n * stride_vt, VD0, row + start_n, col, mask0, TMA)
         qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PREC)
         if D1 > 0:
-            k1 = tl.load(k_ptrs1 + start_n * stride_kt, mask=mask1, other=0.0)
-            v1 = tl.load(v_ptrs1 + start_n * stride_vt, mask=mask1, other=0.0)
+            k1 = _load_rows(k_ptrs1 + start_n * stride_kt, KD1, row + start_n, col + D0, mask1, TMA)
+            v1 = _load_rows(v_ptrs1 + start_n * stride_vt, VD1, row + start_n, col + D0, mask1, TMA)
             qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PREC)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PREC)
         p = tl.exp2(qk * qk_scale - lse[:, None])
@@ -381,15 +414,16 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0,
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED, KD0, KD1, VD0, VD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """dq of one query tile of one query head, looping over its segment's key tiles."""
+    """dq of one query tile of one query head, looping over its segment's key tiles.
+    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None."""
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
@@ -429,12 +463,13 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
 
     n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
+    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                          stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
-                         D1, False, DTYPE, DOT_PREC, BLOCK_N, False)  # fmt: skip
+                         KD0, KD1, VD0, VD1, row, col, D0, D1, False, DTYPE, DOT_PREC, BLOCK_N, False, TMA)  # fmt: skip
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                          stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
-                         D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED)  # fmt: skip
+                         KD0, KD1, VD0, VD1, row, col, D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA)  # fmt: skip
 
     dq_ty = DQ.dtype.element_ty
     tl.store(dq_base + rows[:, None] * stride_dqt + d0[None, :], (dq0 * sm_scale).to(dq_ty), mask=row_ok & dm0)
@@ -490,15 +525,6 @@ def path(max_seqlen: int, n_tokens: int, n_seg: int) -> str:
     return "mixed" if n_tokens <= tuned.MIXED_MAX_MEAN * n_seg else "segments"
 
 
-def _schedule_hook(block_key: str, skip_short: bool):
-    """Autotune pre_hook: the slot table depends on the tile size of the config being launched."""
-
-    def hook(nargs):
-        _fill_schedule(nargs["SCHED"], nargs["CU"], nargs["n_tokens"], nargs[block_key], skip_short)
-
-    return hook
-
-
 # Autotune candidates (BLOCK_M, BLOCK_N, warps) x stages 2-4 for MOCA_AUTOTUNE=1, and the space the
 # 16-bit configs of kernels/tuned.py are chosen from (fp32 needs smaller tiles, see there). 8 warps
 # where the fp32 accumulators are large: compiled for sm_90 with bf16 at head dim 128, fwd (128, 64, 8),
@@ -513,6 +539,11 @@ SPACES = {
 STAGES = (2, 3, 4)
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
+# The streamed operands (loaded in the inner loop, through TMA when on): their descriptor arguments,
+# and the config key that gives a streamed tile's rows.
+_STREAMED_ARGS = {"fwd": ("KD0", "KD1", "VD0", "VD1"), "dkdv": ("QD0", "QD1", "DOD0", "DOD1"),
+                  "dq": ("KD0", "KD1", "VD0", "VD1")}
+_STREAM_KEY = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
 # Under the interpreter one fixed config: big enough to be quick there, small enough that the test
 # segments span several tiles (and, packed, that tiles hold several segments and cut some).
 _INTERP = {"fwd": (128, 64), "dkdv": (64, 128), "dq": (128, 64)}
@@ -524,10 +555,50 @@ def autotune_enabled() -> bool:
     return os.environ.get("MOCA_AUTOTUNE", "0") == "1" and not interpreter_enabled()
 
 
+def tma_wanted(shipped: bool) -> bool:
+    """Whether the streamed tiles load through TMA descriptors: MOCA_ATTN_TMA=1 / 0 forces it on / off
+    (benchmarks and tuning, interpreter tests), unset the shipped config's choice holds."""
+    env = os.environ.get("MOCA_ATTN_TMA")
+    return shipped if env is None else env == "1"
+
+
+def _tma_ok(xs, head_dim: int, d0: int, d1: int) -> bool:
+    """Whether 2-D TMA descriptors can view each x (T, H, D) as (T, H * D): heads adjacent within a token,
+    base and rows 16-byte aligned, and no masked head-dim tail (its tile would read the next head)."""
+    return d0 + d1 == head_dim and all(
+        x.stride(2) == 1 and x.stride(1) == head_dim and x.stride(0) >= x.shape[1] * head_dim
+        and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)  # fmt: skip
+
+
+def _descriptors(streamed, rows: int, d0: int, d1: int) -> tuple:
+    """(a0, a1, b0, b1): TMA descriptors of the streamed pair (a, b), each (T, H, D), over its 2-D
+    (T, H * D) view in tiles of rows x d0 and rows x d1 (None when d1 == 0); four Nones when streamed is None."""
+    if streamed is None:
+        return (None,) * 4
+
+    def desc(x, width):
+        return TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1], [rows, width])
+
+    return tuple(desc(x, w) if w else None for x in streamed for w in (d0, d1))
+
+
+def _autotune_hook(name: str, tiles: str):
+    """Autotune pre_hook: the slot table and the descriptors' tiles depend on the config being launched."""
+
+    def hook(nargs):
+        if tiles != "packed":
+            _fill_schedule(nargs["SCHED"], nargs["CU"], nargs["n_tokens"], nargs[_TILE_KEY[name]], tiles == "long")
+        for d in (nargs[arg] for arg in _STREAMED_ARGS[name]):
+            if d is not None:
+                d.block_shape = [nargs[_STREAM_KEY[name]], d.block_shape[1]]
+
+    return hook
+
+
 @functools.cache
 def _autotuner(name: str, tiles: str):
     """tiles: "packed", or "segments" / "long" (the slot table of every segment / of the unpacked ones)."""
-    hook = None if tiles == "packed" else _schedule_hook(_TILE_KEY[name], tiles == "long")
+    hook = _autotune_hook(name, tiles)
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in SPACES[name]
@@ -542,38 +613,58 @@ def _arch(device_index: int) -> str:
 
 
 def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
-            mode: str, seg_ids) -> None:
+            mode: str, seg_ids, streamed) -> None:
     """Kernel `name` over the batch as `path` chose (mode): packed tiles, per-segment tiles, or both
     (on disjoint rows: the per-segment launch goes first, so a packed tile writing a long segment's
-    rows would show in the tests)."""
+    rows would show in the tests). streamed: the pair of tensors the kernel streams when TMA descriptors
+    can view them (`_tma_ok`), else None."""
     if mode != "packed":
-        _launch_segments(name, dtype, n_tokens, n_heads, n_seg, ptrs, rest, meta, bucket, mode == "mixed")
+        _launch_segments(name, dtype, n_tokens, n_heads, n_seg, ptrs, rest, meta, bucket, mode == "mixed", streamed)
     if mode != "segments":
-        _launch_packed(name, dtype, n_tokens, n_heads, ptrs, rest, meta, bucket, seg_ids)
+        _launch_packed(name, dtype, n_tokens, n_heads, ptrs, rest, meta, bucket, seg_ids, streamed)
 
 
-def _launch_packed(name: str, dtype, n_tokens: int, n_heads: int, ptrs, rest, meta, bucket: int, seg_ids) -> None:
-    """kernel[grid](*ptrs, seg_ids, *rest, **meta, PACKED=True): slot i is tokens [i * tile, (i + 1) * tile).
-    seg_ids from `_segment_ids` stands in SCHED's place. ptrs ends with cu_seqlens. Config as `_launch_segments`."""
-    cu_seqlens = ptrs[-1]
+def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
+    """{BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: fixed under the interpreter, else kernels/tuned.py's."""
+    if interpreter_enabled():
+        bm, bn = (_INTERP_PACKED if packed else _INTERP)[name]
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=False)
+    return tuned.attention_config(_arch(device.index), name, meta["HEAD_DIM"], dtype, bucket, packed)
+
+
+def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> None:
+    """kernel[grid](*ptrs, sched, *descriptors, *rest, **meta, **cfg), with TMA where wanted and possible."""
+    cfg = dict(cfg)
+    tma = tma_wanted(cfg.pop("TMA")) and streamed is not None
+    descs = _descriptors(streamed if tma else None, cfg[_STREAM_KEY[name]], meta["D0"], meta["D1"])
+    _KERNELS[name][(grid,)](*ptrs, sched, *descs, *rest, **meta, TMA=tma, **cfg)
+
+
+def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -> None:
+    """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_ATTN_TMA says (off when unset), tiles as the autotuner picks."""
+    tma = streamed is not None and tma_wanted(False)
+    descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
+    _autotuner(name, tiles)[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
+
+
+def _launch_packed(name: str, dtype, n_tokens: int, n_heads: int, ptrs, rest, meta, bucket: int, seg_ids,
+                   streamed) -> None:
+    """Packed tiles: slot i is tokens [i * tile, (i + 1) * tile); seg_ids from `_segment_ids` stands in
+    SCHED's place. ptrs ends with cu_seqlens. Config as `_launch_segments`."""
     key = _TILE_KEY[name]
     meta = dict(meta, PACKED=True)
     if autotune_enabled():
         grid = lambda META: (triton.cdiv(n_tokens, META[key]) * n_heads,)  # noqa: E731
-        _autotuner(name, "packed")[grid](*ptrs, seg_ids, *rest, **meta)
+        _autotuned(name, "packed", grid, ptrs, seg_ids, rest, meta, streamed)
         return
-    if interpreter_enabled():
-        bm, bn = _INTERP_PACKED[name]
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-    else:
-        cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket, True)
-    _KERNELS[name][(triton.cdiv(n_tokens, cfg[key]) * n_heads,)](*ptrs, seg_ids, *rest, **meta, **cfg)
+    cfg = _config(name, dtype, ptrs[-1].device, meta, bucket, True)
+    _run(name, triton.cdiv(n_tokens, cfg[key]) * n_heads, ptrs, seg_ids, rest, meta, cfg, streamed)
 
 
 def _launch_segments(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
-                     skip_short: bool) -> None:
-    """kernel[grid](*ptrs, SCHED, *rest, **meta): kernel `name` on its (tile slot x heads) grid, with
-    the slot table for its tile (no tiles for short segments when skip_short). ptrs ends with cu_seqlens.
+                     skip_short: bool, streamed) -> None:
+    """Kernel `name` on its (tile slot x heads) grid, with the slot table for its tile (no tiles for
+    short segments when skip_short). ptrs ends with cu_seqlens.
 
     Config: fixed under the interpreter, the autotuner's under MOCA_AUTOTUNE=1, else kernels/tuned.py's."""
     cu_seqlens = ptrs[-1]
@@ -583,17 +674,13 @@ def _launch_segments(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, 
         tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
         sched = torch.empty((_n_slots(n_tokens, n_seg, tile), 2), device=cu_seqlens.device, dtype=torch.int32)
         grid = lambda META: (_n_slots(n_tokens, n_seg, META[key]) * n_heads,)  # noqa: E731
-        _autotuner(name, "long" if skip_short else "segments")[grid](*ptrs, sched, *rest, **meta)  # hook fills sched
+        _autotuned(name, "long" if skip_short else "segments", grid, ptrs, sched, rest, meta, streamed)  # hook fills sched
         return
-    if interpreter_enabled():
-        bm, bn = _INTERP[name]
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1)
-    else:
-        cfg = tuned.attention_config(_arch(cu_seqlens.device.index), name, meta["HEAD_DIM"], dtype, bucket)
+    cfg = _config(name, dtype, cu_seqlens.device, meta, bucket, False)
     n_slots = _n_slots(n_tokens, n_seg, cfg[key])
     sched = torch.empty((n_slots, 2), device=cu_seqlens.device, dtype=torch.int32)
     _fill_schedule(sched, cu_seqlens, n_tokens, cfg[key], skip_short)
-    _KERNELS[name][(n_slots * n_heads,)](*ptrs, sched, *rest, **meta, **cfg)
+    _run(name, n_slots * n_heads, ptrs, sched, rest, meta, cfg, streamed)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -670,8 +757,9 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     meta, bucket = _meta(dtype, q, k, max_seqlen, mode)
     seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
+    streamed = (k, v) if _tma_ok((k, v), meta["HEAD_DIM"], meta["D0"], meta["D1"]) else None
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
-            dict(H=H, **meta), bucket, mode, seg_ids)  # fmt: skip
+            dict(H=H, **meta), bucket, mode, seg_ids, streamed)  # fmt: skip
     return o.to(dtype), lse
 
 
@@ -698,11 +786,13 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
+    tma_ok = functools.partial(_tma_ok, head_dim=D, d0=meta["D0"], d1=meta["D1"])
     _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta),
-            bucket, mode, seg_ids)
+            bucket, mode, seg_ids, (q, do) if tma_ok((q, do)) else None)
     _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
-            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, mode, seg_ids)  # fmt: skip
+            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, mode, seg_ids,
+            (k, v) if tma_ok((k, v)) else None)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

@@ -30,7 +30,9 @@ PACKED_MAX_SEQLEN = 64
 # (many 16-64-token texts, some images); longer means run per-segment tiles alone.
 MIXED_MAX_MEAN = 256
 
-# (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages)); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N for dkdv.
+# (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma])); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N
+# for dkdv. tma (default False): the streamed tiles (k, v in fwd and dq; q, do in dk/dv) load through TMA
+# descriptors where the tensors allow (kernels/attention.py `_tma_ok`); MOCA_ATTN_TMA=1 / 0 overrides.
 _RULES = {
     "sm90": {
         # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim
@@ -93,9 +95,9 @@ def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packe
 
 def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int,
                      packed: bool = False) -> dict:
-    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages} of attention kernel `kernel` (one of KERNELS),
-    of its packed-tile variant when `packed`."""
+    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA} of attention kernel `kernel` (one of
+    KERNELS), of its packed-tile variant when `packed`."""
     rules = _RULES.get(arch, _RULES["default"])[kernel]
-    bm, bn, warps, stages = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed))
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages, *tma = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, TMA=bool(tma and tma[0]))
 

@@ -215,6 +215,71 @@ def test_long_segments_keep_per_segment_tiles(packed_launches):
     assert packed_launches == []
 
 
+# ----------------------------------------------------------------------------- TMA descriptors (streamed tiles)
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """TMA forced on (MOCA_ATTN_TMA=1, as a benchmark or a tuned config asks): records, per kernel launch,
+    whether its streamed tiles came through descriptors. TMA tiles read past a segment's end into the next
+    segment's tokens, where pointer loads read zeros: only the score masks keep those out."""
+    monkeypatch.setenv("MOCA_ATTN_TMA", "1")
+    calls = []
+
+    def spy(streamed, rows, d0, d1):
+        calls.append(streamed is not None)
+        return descriptors(streamed, rows, d0, d1)
+
+    descriptors = attention._descriptors
+    monkeypatch.setattr(attention, "_descriptors", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, dtype, kernels",
+    [
+        ([300, 1, 257, 97, 700], 4, 2, 64, torch.float32, "segments"),
+        ([1, 7, 63, 64, 2, 30, 64], 2, 1, 80, torch.float16, "packed"),  # head dim 80: two descriptors (64 + 16)
+        ([1, 7, 63, 64, 65, 200, 3, 130, 64, 16], 8, 1, 96, torch.float32, "mixed"),
+        ([0, 800, 0], 2, 2, 128, torch.float16, "segments"),  # many key tiles; empty segments at both ends
+    ],
+)
+def test_tma_matches_fp64(tma_launches, lens, hq, hkv, d, dtype, kernels):
+    assert attention.path(max(lens), sum(lens), len(lens)) == kernels
+    check(lens, hq, hkv, d, dtype)
+    assert tma_launches == [True] * 3 * (2 if kernels == "mixed" else 1)  # fwd, dk/dv, dq; each twice when mixed
+
+
+def test_tma_segments_do_not_leak(tma_launches):
+    """The segment after a changed one starts inside the changed one's last tiles: with TMA they load it."""
+    lens = [200, 345, 290]  # per-segment tiles (mean > MIXED_MAX_MEAN): tiles run past each segment's end
+    q, k, v, cu, max_len = make_inputs(lens, 2, 2, 64, torch.float32)
+    out = varlen_attention(q, k, v, cu, max_len, backend="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[200:545] += 3.0
+    v2[200:545] -= 1.0
+    out2 = varlen_attention(q, k2, v2, cu, max_len, backend="triton")
+    assert torch.equal(out[:200], out2[:200]) and torch.equal(out[545:], out2[545:])
+    assert not torch.allclose(out[200:545], out2[200:545])
+    assert tma_launches == [True, True]
+
+
+def test_tma_falls_back_on_a_masked_head_dim(tma_launches):
+    """Head dim 40 (32 + a 16-wide tail masked to 8): a 16-column tile would read the next head, so pointer loads."""
+    check([9, 70, 3], 2, 1, 40, torch.float32)
+    assert tma_launches == [False] * 6  # a mixed batch: both kernels
+
+
+def test_tma_needs_aligned_heads_in_a_token():
+    x = torch.empty(10, 4, 64)
+    assert attention._tma_ok((x, x), 64, 64, 0)
+    assert attention._tma_ok((x[:, :2],), 64, 64, 0)  # a head slice of a fused projection: heads still adjacent
+    assert not attention._tma_ok((x.transpose(0, 1).contiguous().transpose(0, 1),), 64, 64, 0)  # head-major
+    assert not attention._tma_ok((torch.empty(10, 4, 72)[..., :64],), 64, 64, 0)  # heads 72 apart
+    assert not attention._tma_ok((x.expand(10, 4, 64)[:1].expand(10, 4, 64),), 64, 64, 0)  # rows overlap (stride 0)
+    assert not attention._tma_ok((torch.empty(40 * 4 * 64 + 1)[1:].view(40, 4, 64),), 64, 64, 0)  # base misaligned
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -271,3 +336,21 @@ def test_gpu_long_segments(lens):
     truth = [t.double() for t in truth]
     for name, e_ours, e_ref in zip(("out", "dq", "dk", "dv"), errors(ours, truth), errors(ref, truth)):
         assert e_ours <= 2 * e_ref + TOL[dtype], f"{name}: ours {e_ours:.3g} vs reference {e_ref:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_gpu_tma(tma_launches, d):
+    """The TMA variant on the GPU (what MOCA_ATTN_TMA=1 benchmarks): per-segment, packed and mixed batches,
+    and k/v as strided views of a fused qkv projection (row stride > heads x head dim)."""
+    for lens in ([*MIXED, 1000, 16, 33, 600], AWKWARD * 20, [*AWKWARD, 300, 2, 700] * 4):
+        check(lens, 16, 2, d, torch.bfloat16, device="cuda")
+    T, hq, hkv = 1300, 16, 2
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (x.unflatten(1, (-1, d)) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    cu = cu_of([300, 1000], "cuda")
+    do = torch.randn(q.shape, device="cuda", dtype=torch.float64)
+    ours = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, 1000), q, k, v, do)
+    truth = fwd_bwd(lambda a, b, c: dense_fp64(a, b, c, cu), q.double(), k.double(), v.double(), do)
+    assert max(errors(ours, truth)) < 3e-2
+    assert all(tma_launches)

@@ -74,6 +74,9 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 for bucket in (64, 8192):
                     cfg = tuned.attention_config("sm90", name, 128, dtype, bucket, packed)
-                    assert "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg) in compiled[packed]
+                    label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                    assert label + (" tma" if cfg["TMA"] else "") in compiled[packed]
+                    if dtype == torch.bfloat16:  # the TMA variant of every shipped bf16 config
+                        assert label + " tma" in compiled[packed]
         candidates = {f"{bm}x{bn} w{w} s{s}" for bm, bn, w in SPACES[name] for s in STAGES}
         assert candidates <= compiled[False], candidates - compiled[False]
