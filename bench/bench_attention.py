@@ -1,7 +1,7 @@
 """Attention benchmark: packed varlen bidirectional attention, ours against the peers in one run.
 
 Providers: ours (Triton, the shipped configs; CUDA only, the interpreter is no speed path), ours_tma (the
-same with the streamed tiles through TMA descriptors, MOCA_ATTN_TMA=1), the torch reference (SDPA per
+same with the streamed tiles through TMA descriptors, MOCA_TMA=1), the torch reference (SDPA per
 segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
 padding mask, and flash-attn / xformers when importable. Shapes: uniform 4096-token segments, a
@@ -16,7 +16,6 @@ peers that need it) outside the timed region; forward is timed without autograd,
 torch.autograd.grad on a retained graph. Peak memory is above what was allocated before the call.
 """
 
-import contextlib
 import inspect
 import os
 import random
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import peak_gib, time_ms  # noqa: E402
+from common import peak_gib, time_ms, with_env  # noqa: E402
 
 from kernels.attention import path, varlen_attention, varlen_attention_torch  # noqa: E402
 
@@ -141,26 +140,8 @@ def providers(device: str) -> dict:
 
 # Environment a provider runs under, forward and backward (the backward reads it at launch too); None unsets.
 # ours: the shipped configs (kernels/tuned.py) as they are; ours_tma: their tiles with TMA forced on.
-PROVIDER_ENV = {"ours": {"MOCA_ATTN_TMA": None}, "ours_tma": {"MOCA_ATTN_TMA": "1"}}
+PROVIDER_ENV = {"ours": {"MOCA_TMA": None}, "ours_tma": {"MOCA_TMA": "1"}}
 OURS = tuple(PROVIDER_ENV)
-
-
-@contextlib.contextmanager
-def _environment(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-
-    def put(items):
-        for k, v in items:
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-    put(values.items())
-    try:
-        yield
-    finally:
-        put(saved.items())
 
 
 def _measure(fn, inputs, device, quick):
@@ -193,7 +174,7 @@ def run(device: str, quick: bool) -> list[dict]:
         for name, prepare in providers(device).items():
             try:
                 fn, inputs = prepare(q, k, v, cu, lens)
-                with _environment(PROVIDER_ENV.get(name, {})):
+                with with_env(PROVIDER_ENV.get(name, {})):
                     fwd_ms, fwd_peak, bwd_ms, bwd_peak = _measure(fn, inputs, device, quick)
             except (RuntimeError, NotImplementedError, ValueError) as e:  # a peer without this shape/device
                 rows.append(dict(provider=name, shape=desc, note=f"{type(e).__name__}: {str(e)[:60]}"))

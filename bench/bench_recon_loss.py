@@ -6,7 +6,8 @@ mem_x = (inputs + peak extra) / (inputs + gradients), the issue's target being <
 fwd+bwd ms / floor ms, the floor being 6·M·V·H flops at the bf16 (CPU: fp32) GEMM rate that a
 torch.matmul of 8192^3 (CPU: 512^3) reaches in the same run (its own "gemm" row).
 Providers: ours (the default, grad_in_forward=False: logits recomputed in the backward, the memory-lean
-path), ours-grad-in-forward (3 GEMMs, fp32 d_weight accumulator: opt-in until measured); torch naive
+path), ours-grad-in-forward (3 GEMMs, fp32 d_weight accumulator: opt-in until measured), each also as
+"-tma" (GPU: MOCA_TMA=1, the Triton GEMMs' operands through TMA descriptors, BLOCK_K 64); torch naive
 (bf16 logits + F.cross_entropy); on GPU also torch's own chunked
 F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy and
 cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact") where
@@ -28,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import peak_gib, time_ms
+from common import peak_gib, time_ms, with_env
 import triton
 
 from kernels import masked_lm_loss, masked_patch_loss
@@ -53,11 +54,13 @@ def _lm_providers(device: str) -> dict:
     """name -> loss(hidden (M, H), weight (V, H), labels (M,)) with -100 = ignored."""
     out = {
         "ours": masked_lm_loss,
+        "ours-tma": masked_lm_loss,  # run under PROVIDER_ENV
         "ours-grad-in-forward": lambda h, w, t: masked_lm_loss(h, w, t, grad_in_forward=True),
+        "ours-grad-in-forward-tma": lambda h, w, t: masked_lm_loss(h, w, t, grad_in_forward=True),
         "torch-naive": lambda h, w, t: F.cross_entropy((h @ w.t()).float(), t),
     }
-    if device != "cuda":  # torch's chunked op takes seconds on even the quick CPU shape
-        return out
+    if device != "cuda":  # torch's chunked op takes seconds on even the quick CPU shape; no TMA on a CPU
+        return {k: v for k, v in out.items() if not k.endswith("-tma")}
     if hasattr(F, "linear_cross_entropy"):
         opts = torch.nn.LinearCrossEntropyOptions()
         out["torch-lce"] = lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=-100, options=opts)
@@ -76,6 +79,12 @@ def _lm_providers(device: str) -> dict:
     except ImportError:
         pass
     return out
+
+
+# Environment a provider runs under, forward and backward (None unsets): ours as shipped, or with the
+# GEMM operands forced through TMA descriptors.
+PROVIDER_ENV = {name: {"MOCA_TMA": "1" if name.endswith("-tma") else None}
+                for name in ("ours", "ours-tma", "ours-grad-in-forward", "ours-grad-in-forward-tma")}
 
 
 def _measure(loss_fn, params, rest, device, repeats):
@@ -105,10 +114,14 @@ def _dw_gemm_rows(M, H, V, dtype, device) -> list[dict]:
         z = torch.randn(n, V, device=device).to(dtype)
         h = torch.randn(n, H, device=device).to(dtype)
         acc = torch.zeros(V, H, device=device)
-        cfg = _rl._acc_cfg(dtype, V, H, n, True)
+        cfg, tma = _rl._acc_cfg(dtype, V, H, n, True), _rl._acc_cfg(dtype, V, H, n, True, tma=True)
         grid = (triton.cdiv(H, cfg["BLOCK_N"]), triton.cdiv(V, cfg["BLOCK_M"]))
+        descs = (_rl._desc(z, tma["BLOCK_K"], tma["BLOCK_M"]), _rl._desc(h, tma["BLOCK_K"], tma["BLOCK_N"]))
         impls = {
-            "ours-triton": lambda: _rl._mm_acc_kernel[grid](acc, z, h, V, H, n, 1, V, H, 1, **cfg),
+            "ours-triton": lambda: _rl._mm_acc_kernel[grid](acc, z, h, None, None, V, H, n, 1, V, H, 1, A_T=True,
+                                                            **cfg),
+            "ours-triton-tma": lambda: _rl._mm_acc_kernel[grid](acc, z, h, *descs, V, H, n, 1, V, H, 1, A_T=True,
+                                                                **tma),
             "cublas-fp32-out": lambda: torch.addmm(acc, z.t(), h, out_dtype=torch.float32, out=acc),
         }
         for name, fn in impls.items():
@@ -127,7 +140,8 @@ def _dw_gemm_rows(M, H, V, dtype, device) -> list[dict]:
 def _row(op, provider, shape, loss_fn, params, rest, device, repeats, flops, gemm_tflops=None):
     row = {"op": op, "provider": provider, "shape": "x".join(map(str, shape))}
     try:
-        row.update(_measure(loss_fn, params, rest, device, repeats))
+        with with_env(PROVIDER_ENV.get(provider, {})):
+            row.update(_measure(loss_fn, params, rest, device, repeats))
     except torch.OutOfMemoryError as e:
         row["error"] = f"OOM: {str(e)[:60]}"
         torch.cuda.empty_cache()
@@ -176,34 +190,35 @@ def run(device: str, quick: bool) -> list[dict]:
         )
         targets = torch.randn(N, D, device=device, generator=gen).to(dtype)
         naive = lambda h, w, b, t: F.mse_loss(F.linear(h, w, b).float(), t.float())  # noqa: E731
-        for name, fn in {"ours": masked_patch_loss, "torch-naive": naive}.items():
+        patch = {"ours": masked_patch_loss, "ours-tma": masked_patch_loss, "torch-naive": naive}
+        for name, fn in patch.items() if device == "cuda" else {"ours": masked_patch_loss, "torch-naive": naive}.items():
             rows.append(_row("patch", name, (N, H), fn, params, (targets,), device, repeats, 6 * N * D * H, gemm))
     return rows
 
 
 def summary(rows: list[dict]) -> dict:
-    """Per LM shape: fwd+bwd speed of ours against each peer (x > 1: ours faster), among them the saving
-    against the release's all-positions computation ("@all", the issue wants >= 2), ours' time over the
-    floor (<= 1.3 wanted) and peak memory against inputs + gradients (<= 1.1 wanted); per patch shape,
-    naive torch's time over ours (>= 1.5 wanted)."""
+    """Per LM shape, for ours and each of its variants (-tma, -grad-in-forward): fwd+bwd speed against each
+    peer (x > 1: ours faster), among them the saving against the release's all-positions computation
+    ("@all", the issue wants >= 2), time over the floor (<= 1.3 wanted) and peak memory against inputs +
+    gradients (<= 1.1 wanted); per patch shape, naive torch's time over ours (>= 1.5 wanted)."""
     out = {}
     by = {(r["op"], r["provider"], r["shape"]): r for r in rows if "ms_fwd_bwd" in r}
+    ours = tuple(PROVIDER_ENV)
     for (op, prov, shape), r in by.items():
-        if prov != "ours":
+        if prov not in ours:
             continue
         if op == "patch":
             naive = by.get(("patch", "torch-naive", shape))
             if naive:
-                out[f"patch {shape} naive/ours"] = naive["ms_fwd_bwd"] / r["ms_fwd_bwd"]
+                out[f"patch {shape} naive/{prov}"] = naive["ms_fwd_bwd"] / r["ms_fwd_bwd"]
             continue
         M = int(shape.split("x")[0])
         for (op2, peer, shape2), p in by.items():
             same = shape2 == shape
             release = peer.endswith("@all") and shape2 == f"{round(M / MASK_RATE)}x{shape.split('x', 1)[1]}"
-            if op2 == "lm" and peer != "ours" and (same or release):
-                out[f"{shape} vs {peer}"] = p["ms_fwd_bwd"] / r["ms_fwd_bwd"]
-        if r.get("x_floor") is not None:
-            out[f"{shape} ours x_floor"] = r["x_floor"]
-        if r.get("mem_x") is not None:
-            out[f"{shape} ours mem_x"] = r["mem_x"]
+            if op2 == "lm" and peer not in ours and (same or release):
+                out[f"{shape} {prov} vs {peer}"] = p["ms_fwd_bwd"] / r["ms_fwd_bwd"]
+        for key in ("x_floor", "mem_x"):
+            if r.get(key) is not None:
+                out[f"{shape} {prov} {key}"] = r[key]
     return out

@@ -4,13 +4,35 @@ GPU code is timed with `triton.testing.do_bench` (CUDA events, warm-up, median o
 repeats); CPU code with wall-clock over several repeats, median reported.
 """
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
 
 import torch
+
+
+@contextlib.contextmanager
+def with_env(values: dict):
+    """Environment variables set for the block (None: unset), restored after: a provider's knobs
+    (MOCA_TMA, ...) must hold over its backward too, which launches kernels outside its forward."""
+    saved = {k: os.environ.get(k) for k in values}
+
+    def put(items):
+        for k, v in items:
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    put(values.items())
+    try:
+        yield
+    finally:
+        put(saved.items())
 
 
 def sync(device: str) -> None:

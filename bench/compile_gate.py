@@ -9,19 +9,21 @@ Coverage. Attention (fwd, dk/dv, dq, preprocess): head dims 32 (tiny preset), 40
 tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/16 heads, vision),
 2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq buckets 64 and 8192 (they pick different shipped
 configs); every config kernels/tuned.py ships for sm90, per-segment and packed (PACKED, spec suffix
-"packed": several short segments per tile), and in bf16 for head dims without a masked tail the TMA
-variant of each for groups 1 and 8 (config suffix "tma": streamed tiles through TMA descriptors;
-not shipped yet, so its spills are reported, not asserted). Specializations that bind identically (groups
-2 and 7 do) are compiled once and listed together. The preprocess kernel is compiled once per head
-dim and dtype (n_tokens = 1001). Losses: the masked-LM forward, d_logits and d_hidden kernels and
-the patch kernel (loss only and loss + gradient, 16-bit and fp32 targets) at every BLOCK_M their
-launcher picks (16..128), the gradient-in-forward LM epilogue (lm_ce_grad) and its d_weight GEMM
-(mm_acc_dw: the d_hidden kernel on a transposed operand), InfoNCE forward (with and without hard
-negatives) and d_scores, each in fp16, bf16 and fp32, with the configs their launchers use on a GPU. Autotune candidates: every one of `SPACES` x
-`STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text tower, the most
-register-hungry); the whole candidate cross product would take hours on two cores. All in all 608
-compiles: 8 min wall cold for the 514 attention ones alone on the 2-core dev box (shared), ~15 s from
-Triton's cache.
+"packed": several short segments per tile); in bf16, for head dims without a masked tail and groups
+1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors).
+Specializations that bind identically (groups 2 and 7 do) are compiled once and listed together.
+The preprocess kernel is compiled once per head dim and dtype (n_tokens = 1001). Losses: the
+masked-LM forward, d_logits and d_hidden kernels and the patch kernel (loss only and loss +
+gradient, 16-bit and fp32 targets) at every BLOCK_M their launcher picks (16..128), the
+gradient-in-forward LM epilogue (lm_ce_grad) and its d_weight GEMM (mm_acc_dw: the d_hidden kernel
+on a transposed operand), InfoNCE forward (with and without hard negatives) and d_scores, each in
+fp16, bf16 and fp32, with the configs their launchers use on a GPU; in bf16 also the TMA variant of
+each LM and patch GEMM (suffix "tma", BLOCK_K 64). A TMA variant counts as shipped only where the
+shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA); until then its spills are
+reported, not asserted. Autotune candidates: every one of `SPACES` x `STAGES`, for a representative
+subset only (bf16, group 8, head dim 128: the text tower, the most register-hungry); the whole
+candidate cross product would take hours on two cores. All in all 766 compiles: about 6 min wall
+cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
@@ -53,6 +55,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,7 +75,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GROUPS = {1: (16, 16), 2: (4, 2), 7: (28, 4), 8: (16, 2)}  # GQA group: (query heads, kv heads)
 SEQ_BUCKETS = (64, 8192)
 CANDIDATE_SUBSET = dict(dtype="bf16", group=8, head_dims=(128,))
-TMA_DTYPES = ("bf16",)  # TMA variants of the shipped configs: bf16 (fp16 binds alike), groups 1 and 8 (vision, 3B)
+TMA_DTYPES = ("bf16",)  # TMA variants: bf16 (fp16 binds alike); attention for groups 1 and 8 (vision, 3B)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -118,10 +121,15 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
                                            *q_st, *grads), dict(H=H, **launch)
 
 
-def _loss(kernel: str, dtype: str, rows: int, extra: str = ""):
-    """(jit fn, args, kwargs) of one loss-kernel launch with its launcher's GPU config for `rows` rows."""
+def _loss(kernel: str, dtype: str, rows: int, extra: str = "", tma: bool = False):
+    """(jit fn, args, kwargs) of one loss-kernel launch with its launcher's GPU config for `rows` rows;
+    tma: the GEMM operands through TMA descriptors (built on a CPU tensor, as for attention)."""
     dt = DTYPES[dtype]
     x, f32, i64 = _ptr(dt), _ptr(torch.float32), _ptr(torch.int64)
+
+    def desc(shape, block):  # a row-major (rows, cols) operand in blocks of `block`
+        return TensorDescriptor(x, list(shape), [shape[1], 1], list(block)) if tma else None
+
     if kernel.startswith("infonce"):
         cfg = infonce._config(dt)
         B, D = rows, 2048
@@ -134,26 +142,33 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = ""):
         return infonce._infonce_dscores_kernel, (x, x, f32, x, B, B, D, B, 0, 0.1), cfg
     M, H, V, P = rows, 2048, 151936, 4 * 1176
     if kernel.startswith("patch"):
-        cfg = recon_loss._launch_cfg(dt, M, P, True)
+        cfg = recon_loss._launch_cfg(dt, M, P, True, tma)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         t = _ptr(torch.float32 if extra == "fp32-targets" else dt)
         grad = kernel == "patch_loss_grad"
-        return recon_loss._patch_kernel, (x, x, x, t, f32, x if grad else f32, 1e-8, M, P, H), dict(WRITE_GRAD=grad,
-                                                                                                   **cfg)
+        return recon_loss._patch_kernel, (x, x, x, t, f32, x if grad else f32, desc((M, H), (bm, bk)),
+                                          desc((P, H), (bn, bk)), 1e-8, M, P, H), dict(WRITE_GRAD=grad, **cfg)
     if kernel == "lm_ce_grad":
         return recon_loss._lm_ce_grad_kernel, (x, i64, f32, f32, 1.0 / M, V), dict(BLOCK_V=4096, num_warps=8)
     if kernel == "mm_acc_dw":  # gradient-in-forward: d_weight (V, H) fp32 += d_logits^T (V, rows) @ hidden
         n = recon_loss._row_chunk(M, V, H)
-        return recon_loss._mm_acc_kernel, (f32, x, x, V, H, n, 1, V, H, 1), recon_loss._acc_cfg(dt, V, H, n, True)
-    cfg = recon_loss._launch_cfg(dt, M, V, True)
+        cfg = recon_loss._acc_cfg(dt, V, H, n, True, tma)
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        return recon_loss._mm_acc_kernel, (f32, x, x, desc((n, V), (bk, bm)), desc((n, H), (bk, bn)), V, H, n, 1, V,
+                                           H, 1), dict(cfg, A_T=True)
+    cfg = recon_loss._launch_cfg(dt, M, V, True, tma)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    hw = (desc((M, H), (bm, bk)), desc((V, H), (bn, bk)))
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     if kernel == "lm_fwd":
         m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
         per_split = triton.cdiv(v_tiles, min(v_tiles, max(1, triton.cdiv(2 * SMS, m_tiles))))
-        return recon_loss._lm_fwd_kernel, (x, x, i64, f32, f32, M, V, H, per_split), cfg
+        return recon_loss._lm_fwd_kernel, (x, x, i64, f32, f32, *hw, M, V, H, per_split), cfg
     vc = recon_loss._vocab_chunk(M, V, H, cfg["BLOCK_N"])
     if kernel == "lm_dlogits":
-        return recon_loss._lm_dlogits_kernel, (x, x, i64, f32, f32, x, M, H, vc, vc), cfg
-    return recon_loss._mm_acc_kernel, (f32, x, x, M, H, vc, vc, 1, H, 1), cfg
+        return recon_loss._lm_dlogits_kernel, (x, x, i64, f32, f32, x, *hw, M, H, vc, vc), cfg
+    ab = (desc((M, vc), (bm, bk)), desc((vc, H), (bk, bn)))
+    return recon_loss._mm_acc_kernel, (f32, x, x, *ab, M, H, vc, vc, 1, H, 1), dict(cfg, A_T=False)
 
 
 def _launch(job: dict):
@@ -235,7 +250,7 @@ def jobs(only: str = "") -> list[dict]:
                             label = "{}x{} w{} s{}".format(*bmbnws) + (" tma" if tma else "")
                             add("attention", f"attn_{name}", args, spec.format(group), label, cfg in shipped)
                             if not tma and dtype in TMA_DTYPES and group in (1, 8) and sum(attention._split_head_dim(D)) == D:
-                                # the TMA variant (MOCA_ATTN_TMA=1, or a rule's tma flag): compiled, spills reported
+                                # the TMA variant (MOCA_TMA=1, or a rule's tma flag): compiled, spills reported
                                 args = dict(args, tma=True)
                                 add("attention", f"attn_{name}", args, spec.format(group), label + " tma",
                                     (*bmbnws, True) in shipped)
@@ -243,16 +258,19 @@ def jobs(only: str = "") -> list[dict]:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):
                 for extra in ("", "fp32-targets") if name.startswith("patch") and dtype != "fp32" else ("",):
-                    cfg = recon_loss._launch_cfg(DTYPES[dtype], rows, 1, True)
-                    add("loss", name, dict(kernel=name, dtype=dtype, rows=rows, extra=extra),
-                        f"{dtype} M={rows} {extra}".strip(), _cfg_label(cfg), True)
+                    for tma in (False, True) if dtype in TMA_DTYPES and rows != 29 else (False,):
+                        cfg = recon_loss._launch_cfg(DTYPES[dtype], rows, 1, True, tma)
+                        add("loss", name, dict(kernel=name, dtype=dtype, rows=rows, extra=extra, tma=tma),
+                            f"{dtype} M={rows} {extra}".strip(), _cfg_label(cfg), tma == recon_loss.SHIPPED_TMA)
         # gradient-in-forward LM: the row epilogue (config independent of M) and the d_weight GEMM, whose
         # reduction length is the row chunk (M = 1: one row; 4096 and 16384: the 3B chunk sizes)
         add("loss", "lm_ce_grad", dict(kernel="lm_ce_grad", dtype=dtype, rows=4096), dtype, "4096 w8", True)
         for rows in (1, 4096, 16384):
-            cfg = recon_loss._acc_cfg(DTYPES[dtype], 151936, 2048, recon_loss._row_chunk(rows, 151936, 2048), True)
-            add("loss", "mm_acc_dw", dict(kernel="mm_acc_dw", dtype=dtype, rows=rows), f"{dtype} M={rows}",
-                _cfg_label(cfg), True)
+            for tma in (False, True) if dtype in TMA_DTYPES else (False,):
+                cfg = recon_loss._acc_cfg(DTYPES[dtype], 151936, 2048, recon_loss._row_chunk(rows, 151936, 2048),
+                                          True, tma)
+                add("loss", "mm_acc_dw", dict(kernel="mm_acc_dw", dtype=dtype, rows=rows, tma=tma), f"{dtype} M={rows}",
+                    _cfg_label(cfg), tma == recon_loss.SHIPPED_TMA)
         for name, extra in (("infonce_fwd", ""), ("infonce_fwd", "neg"), ("infonce_dscores", "")):
             add("loss", name, dict(kernel=name, dtype=dtype, rows=4096, extra=extra), f"{dtype} B=4096 {extra}".strip(),
                 _cfg_label(infonce._config(DTYPES[dtype])), True)
@@ -268,7 +286,8 @@ def jobs(only: str = "") -> list[dict]:
 
 
 def _cfg_label(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    tma = " tma" if cfg.get("TMA") else ""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{tma}"
 
 
 def failures(rows: list[dict]) -> list[str]:

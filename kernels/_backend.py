@@ -15,6 +15,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tma_wanted(shipped: bool) -> bool:
+    """Whether a Triton kernel streams its tiles through TMA descriptors (Hopper's bulk tensor copies):
+    MOCA_TMA=1 / 0 forces it on / off (benchmarks and tuning, interpreter tests), unset the shipped
+    config's choice holds. Launchers still fall back to pointer loads where a tensor's layout cannot
+    have a descriptor."""
+    env = os.environ.get("MOCA_TMA")
+    return shipped if env is None else env == "1"
+
+
+def tma_aligned(x: torch.Tensor) -> bool:
+    """A 2-D TMA descriptor over x's (rows, row stride) layout is legal: last dim contiguous, base and
+    rows 16-byte aligned, rows not overlapping."""
+    return (x.stride(-1) == 1 and x.stride(0) >= x.shape[-1] and x.stride(0) * x.element_size() % 16 == 0
+            and x.data_ptr() % 16 == 0)
+
+
 def resolve(backend: str | None, x: torch.Tensor) -> str:
     if backend is None:
         return "triton" if (x.is_cuda or interpreter_enabled()) else "torch"

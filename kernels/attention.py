@@ -33,7 +33,7 @@ Design decisions a reader must know:
 * Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
   so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
   tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
-* TMA (Hopper). With the config's TMA flag (kernels/tuned.py) or MOCA_ATTN_TMA=1, the operands a kernel
+* TMA (Hopper). With the config's TMA flag (kernels/tuned.py) or MOCA_TMA=1, the operands a kernel
   streams through its inner loop (k, v in fwd and dq; q, do in dk/dv) load through host-built TMA
   descriptors over their 2-D (T, heads * D) views instead of masked pointer loads: one bulk copy per
   tile, no address arithmetic in registers. The copy ignores segments, so a tile running past its
@@ -62,7 +62,7 @@ from torch.autograd.function import once_differentiable
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import tuned
-from kernels._backend import interpreter_enabled, resolve
+from kernels._backend import interpreter_enabled, resolve, tma_aligned, tma_wanted
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -555,19 +555,11 @@ def autotune_enabled() -> bool:
     return os.environ.get("MOCA_AUTOTUNE", "0") == "1" and not interpreter_enabled()
 
 
-def tma_wanted(shipped: bool) -> bool:
-    """Whether the streamed tiles load through TMA descriptors: MOCA_ATTN_TMA=1 / 0 forces it on / off
-    (benchmarks and tuning, interpreter tests), unset the shipped config's choice holds."""
-    env = os.environ.get("MOCA_ATTN_TMA")
-    return shipped if env is None else env == "1"
-
-
 def _tma_ok(xs, head_dim: int, d0: int, d1: int) -> bool:
     """Whether 2-D TMA descriptors can view each x (T, H, D) as (T, H * D): heads adjacent within a token,
     base and rows 16-byte aligned, and no masked head-dim tail (its tile would read the next head)."""
     return d0 + d1 == head_dim and all(
-        x.stride(2) == 1 and x.stride(1) == head_dim and x.stride(0) >= x.shape[1] * head_dim
-        and x.stride(0) * x.element_size() % 16 == 0 and x.data_ptr() % 16 == 0 for x in xs)  # fmt: skip
+        x.stride(1) == head_dim and x.stride(0) >= x.shape[1] * head_dim and tma_aligned(x) for x in xs)
 
 
 def _descriptors(streamed, rows: int, d0: int, d1: int) -> tuple:
@@ -641,7 +633,7 @@ def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> 
 
 
 def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -> None:
-    """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_ATTN_TMA says (off when unset), tiles as the autotuner picks."""
+    """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_TMA says (off when unset), tiles as the autotuner picks."""
     tma = streamed is not None and tma_wanted(False)
     descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
     _autotuner(name, tiles)[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)

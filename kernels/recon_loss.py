@@ -48,6 +48,12 @@ Design decisions a reader must know:
   d_weight, fp32 accumulation over N inside one GEMM) and a reduction d_bias, scaled by grad_output.
 * Torch references (`_lm_*_torch`, `_patch_*_torch`) do the same maths plainly, the LM one in
   chunks of rows so that (M, V) never exists either; they are the CPU backend and the oracle.
+* TMA (Hopper, opt-in until a GPU run decides: SHIPPED_TMA, MOCA_TMA=1). The Triton GEMMs (logits
+  tiles, d_logits, d_hidden / d_weight accumulation, patch projection) can take their operand tiles
+  through host-built TMA descriptors instead of pointer loads: reads past an operand's edge (rows,
+  columns, the K tail) come back as zeros, so no wrapped indices or K masks, and no pointer tiles in
+  registers, which leaves room for BLOCK_K = 64 (the compile gate: no spills). An operand whose rows
+  are not 16-byte multiples (an odd vocabulary's d_logits) keeps pointer loads.
 * Interpreter (UPCAST): Triton's CPU interpreter gets 16-bit arithmetic wrong, so there every tile
   is cast to fp32 right after loading; on the GPU 16-bit tiles go to the tensor cores as they are.
 """
@@ -57,8 +63,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._backend import resolve
+from kernels._backend import resolve, tma_aligned, tma_wanted
 
 _REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
 _DOWNCAST_SLAB = 1 << 24  # elements per step of the in-place d_weight downcast (a 64 MiB fp32 temporary)
@@ -88,12 +95,35 @@ def _tile_matmul(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_
 
 
 @triton.jit
-def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, M, V, H, tiles_per_split,
+def _tile_matmul_tma(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, A_T: tl.constexpr,
+                     B_T: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 + a[off_m:, :K] @ b[:K, off_n:] through TMA descriptors: a_desc over a
+    (M, K), or over a^T's storage (K, M) when A_T; b_desc over b (K, N), or over b^T's (N, K) when B_T.
+    Rows, columns and K past the descriptors' shapes read 0: no masks, no wrapped indices."""
+    for k0 in range(0, K, BLOCK_K):
+        if A_T:
+            a = tl.trans(a_desc.load([k0, off_m]))
+        else:
+            a = a_desc.load([off_m, k0])
+        if B_T:
+            b = tl.trans(b_desc.load([off_n, k0]))
+        else:
+            b = b_desc.load([k0, off_n])
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, h_desc, w_desc, M, V, H, tiles_per_split,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """One row tile x one vocabulary split: online lse and target logit over the split's columns.
 
     h: (M, H); w: (V, H); tgt: (M,) int64; lse, tgt_logit: (S, M) fp32 partials.
+    TMA: h and w tiles through h_desc (blocks BLOCK_M x BLOCK_K) and w_desc (BLOCK_N x BLOCK_K), else None.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -108,8 +138,12 @@ def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, M, V, H, tiles
     for v0 in range(v_lo, v_hi, BLOCK_N):
         cols = v0 + tl.arange(0, BLOCK_N)
         col_ok = cols < V
-        z = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % M, cols % V, H, H, 1, 1, H,
-                         BLOCK_K, UPCAST, PREC)
+        if TMA:
+            z = _tile_matmul_tma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_desc, w_desc, pid_m * BLOCK_M, v0, H,
+                                 BLOCK_K, False, True, UPCAST, PREC)
+        else:
+            z = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % M, cols % V, H, H, 1, 1,
+                             H, BLOCK_K, UPCAST, PREC)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
@@ -121,12 +155,13 @@ def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, M, V, H, tiles
 
 
 @triton.jit
-def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, M, H, v0, n_cols,
+def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, h_desc, w_desc, M, H, v0, n_cols,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr):
+                       UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """d_logits for vocabulary columns v0 .. v0 + n_cols: (softmax - onehot) * scale.
 
     h: (M, H); w: (V, H); tgt, lse: (M,); scale: (1,) fp32 = upstream grad / M; dz: (M, n_cols).
+    TMA: as `_lm_fwd_kernel` (columns past the chunk read real w rows: computed, never stored).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -135,8 +170,12 @@ def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, M, H, 
     local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = local < n_cols
     cols = v0 + local
-    z = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % M, v0 + local % n_cols, H,
-                     H, 1, 1, H, BLOCK_K, UPCAST, PREC)
+    if TMA:
+        z = _tile_matmul_tma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_desc, w_desc, pid_m * BLOCK_M,
+                             v0 + pid_n * BLOCK_N, H, BLOCK_K, False, True, UPCAST, PREC)
+    else:
+        z = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % M, v0 + local % n_cols, H,
+                         H, 1, 1, H, BLOCK_K, UPCAST, PREC)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))  # rows past M: p = 0, no overflow
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     p = tl.exp(z - lse[:, None])
@@ -146,19 +185,24 @@ def _lm_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, M, H, 
 
 
 @triton.jit
-def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, a_desc, b_desc, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, A_T: tl.constexpr):
     """c (M, N) fp32 row-major += a (M, K) @ b (K, N), a and b strided: d_hidden += d_logits @ weight[chunk]
-    (recompute path), d_weight += d_logits^T @ hidden[chunk] (gradient-in-forward path)."""
+    (recompute path), d_weight += d_logits^T @ hidden[chunk] (gradient-in-forward path).
+    TMA: a and b tiles through a_desc (over a, or over a^T's storage when A_T) and b_desc (over b)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     col_ok = cols < N
-    acc = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), a_ptr, b_ptr, rows % M, cols % N, K,
-                       stride_am, stride_ak, stride_bk, stride_bn, BLOCK_K, UPCAST, PREC)
+    if TMA:
+        acc = _tile_matmul_tma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), a_desc, b_desc, pid_m * BLOCK_M,
+                               pid_n * BLOCK_N, K, BLOCK_K, A_T, False, UPCAST, PREC)
+    else:
+        acc = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), a_ptr, b_ptr, rows % M, cols % N, K,
+                           stride_am, stride_ak, stride_bk, stride_bn, BLOCK_K, UPCAST, PREC)
     # c is read after the loop: loading it first would keep a second tile of pointers alive (spills)
     ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
@@ -195,13 +239,13 @@ def _lm_ce_grad_kernel(z_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, inv_m, V, BLOCK_V
 
 
 @triton.jit
-def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, sum_ptr, grad_ptr, grad_scale, N, D, H,
+def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, sum_ptr, grad_ptr, h_desc, w_desc, grad_scale, N, D, H,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  WRITE_GRAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  WRITE_GRAD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """Residual r = h @ w^T + b - t of one (row, column) tile, in fp32, in one pass: its sum of squares
     to sum (row tiles, column tiles) fp32 and, WRITE_GRAD, grad (N, D) = grad_scale * r in the input dtype.
 
-    h: (N, H); w: (D, H); b: (D,); t: (N, D).
+    h: (N, H); w: (D, H); b: (D,); t: (N, D). TMA: h and w tiles as in `_lm_fwd_kernel`.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -210,8 +254,12 @@ def _patch_kernel(h_ptr, w_ptr, b_ptr, t_ptr, sum_ptr, grad_ptr, grad_scale, N, 
     row_ok = rows < N
     col_ok = cols < D
     ok = row_ok[:, None] & col_ok[None, :]
-    pred = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % N, cols % D, H, H, 1, 1, H,
-                        BLOCK_K, UPCAST, PREC)
+    if TMA:
+        pred = _tile_matmul_tma(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_desc, w_desc, pid_m * BLOCK_M,
+                                pid_n * BLOCK_N, H, BLOCK_K, False, True, UPCAST, PREC)
+    else:
+        pred = _tile_matmul(tl.zeros((BLOCK_M, BLOCK_N), tl.float32), h_ptr, w_ptr, rows % N, cols % D, H, H, 1, 1,
+                            H, BLOCK_K, UPCAST, PREC)
     pred += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     r = tl.where(ok, pred - tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32), 0.0)
@@ -225,22 +273,39 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool) -> dict:
-    """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time.
+def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool, tma: bool = False) -> dict:
+    """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time; TMA: the
+    operand tiles through TMA descriptors (`_use_tma`).
 
-    GPU: tensor-core tiles, BLOCK_K = 32 keeping the loops free of register spills on sm_90 (fp32's
-    exact FMA dots need 64 x 16 slices for that), checked by bench/compile_gate.py. Interpreter: its
+    GPU: tensor-core tiles, BLOCK_K = 32 keeping the pointer-load loops free of register spills on sm_90
+    (fp32's exact FMA dots need 64 x 16 slices for that); TMA loads hold no pointer tiles in registers,
+    which leaves room for BLOCK_K = 64 in 16-bit. Checked by bench/compile_gate.py. Interpreter: its
     cost is per tile op, not per flop, so few wide tiles (but >= 4 across cols, so that small tests
     still cross tile and split borders) and fp32 maths.
     """
     bm = max(16, min(128, triton.next_power_of_2(rows)))
     if gpu:
         fp32 = dtype == torch.float32
-        return dict(BLOCK_M=bm, BLOCK_N=64 if fp32 else 128, BLOCK_K=16 if fp32 else 32, UPCAST=False,
-                    PREC="ieee" if fp32 else "tf32",
+        return dict(BLOCK_M=bm, BLOCK_N=64 if fp32 else 128, BLOCK_K=16 if fp32 else (64 if tma else 32),
+                    UPCAST=False, PREC="ieee" if fp32 else "tf32", TMA=tma,
                     num_warps=8 if bm >= 64 else 4, num_stages=3)
     return dict(BLOCK_M=bm, BLOCK_N=max(16, min(4096, triton.next_power_of_2(triton.cdiv(cols, 4)))),
-                BLOCK_K=128, UPCAST=True, PREC="ieee")
+                BLOCK_K=128, UPCAST=True, PREC="ieee", TMA=tma)
+
+
+# The loss GEMMs' shipped TMA choice on a GPU: off until a GPU run shows the bench's ours_tma rows ahead
+# (MOCA_TMA=1 / 0 overrides it, see kernels/_backend.py).
+SHIPPED_TMA = False
+
+
+def _use_tma(*xs) -> bool:
+    """TMA for the loss GEMMs: wanted (MOCA_TMA, else SHIPPED_TMA) and legal for every 2-D operand."""
+    return tma_wanted(SHIPPED_TMA) and all(tma_aligned(x) for x in xs)
+
+
+def _desc(x, rows: int, cols: int):
+    """TMA descriptor over the 2-D tensor x in blocks of rows x cols; None when x is None."""
+    return None if x is None else TensorDescriptor(x, list(x.shape), [x.stride(0), 1], [rows, cols])
 
 
 def _vocab_chunk(M: int, V: int, H: int, block: int) -> int:
@@ -255,7 +320,9 @@ def _lm_fwd_triton(h, w, tgt):
     """-> (lse, target logit), both (M,) fp32. h: (M, H); w: (V, H); tgt: (M,) int64."""
     M, H = h.shape
     V = w.shape[0]
-    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda)
+    tma = _use_tma(h, w)
+    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda, tma)
+    descs = (_desc(h, cfg["BLOCK_M"], cfg["BLOCK_K"]), _desc(w, cfg["BLOCK_N"], cfg["BLOCK_K"])) if tma else (None,) * 2
     m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     programs = 2 * _sm_count(h.device.index) if h.is_cuda else 4
@@ -263,7 +330,7 @@ def _lm_fwd_triton(h, w, tgt):
     splits = triton.cdiv(v_tiles, per_split)
     lse = torch.empty(splits, M, dtype=torch.float32, device=h.device)
     tgt_logit = torch.empty_like(lse)
-    _lm_fwd_kernel[(m_tiles, splits)](h, w, tgt, lse, tgt_logit, M, V, H, per_split, **cfg)
+    _lm_fwd_kernel[(m_tiles, splits)](h, w, tgt, lse, tgt_logit, *descs, M, V, H, per_split, **cfg)
     return torch.logsumexp(lse, 0), tgt_logit.sum(0)
 
 
@@ -271,11 +338,12 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
     """-> (d_hidden, d_weight) in the input dtype. scale: (1,) fp32 = upstream grad / M."""
     M, H = h.shape
     V = w.shape[0]
-    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    cfg = _launch_cfg(h.dtype, M, V, h.is_cuda, _use_tma(h, w))
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    descs = (_desc(h, bm, bk), _desc(w, bn, bk)) if cfg["TMA"] else (None,) * 2
     vc = _vocab_chunk(M, V, H, bn)
     # the d_hidden GEMM reduces over the vocabulary: under the interpreter its wide tile goes to K
-    acc_cfg = dict(cfg, BLOCK_N=cfg["BLOCK_K"], BLOCK_K=bn) if cfg["UPCAST"] else cfg
+    acc_cfg = dict(cfg, BLOCK_N=bk, BLOCK_K=bn) if cfg["UPCAST"] else cfg
     # Peak extra memory is the two gradients plus fp32 (M, H): the d_logits chunks live in the storage
     # of d_hidden's output (vc <= H), which receives its final value only after the last chunk.
     dh = torch.empty_like(h)
@@ -285,10 +353,15 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
     for v0 in range(0, V, vc):
         n = min(vc, V - v0)
         dz = dz_buf[: M * n].view(M, n)
-        _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, M, H, v0, n, **cfg)
+        _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, *descs, M, H, v0, n,
+                                                                      **cfg)
         torch.mm(dz.t(), h, out=dw[v0 : v0 + n])
         grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(M, bm))
-        _mm_acc_kernel[grid](dh32, dz, w[v0 : v0 + n], M, H, n, n, 1, H, 1, **acc_cfg)
+        w_chunk = w[v0 : v0 + n]
+        tma = cfg["TMA"] and _use_tma(dz, w_chunk)  # a chunk's d_logits rows may not be 16-byte multiples
+        ab = (_desc(dz, bm, acc_cfg["BLOCK_K"]), _desc(w_chunk, acc_cfg["BLOCK_K"], acc_cfg["BLOCK_N"])) if tma else (
+            None, None)
+        _mm_acc_kernel[grid](dh32, dz, w_chunk, *ab, M, H, n, n, 1, H, 1, **dict(acc_cfg, TMA=tma), A_T=False)
     return dh.copy_(dh32), dw
 
 
@@ -298,14 +371,14 @@ def _row_chunk(M: int, V: int, H: int) -> int:
     return min(M, max(64, (M + V) * H // (5 * V) // 64 * 64))
 
 
-def _acc_cfg(dtype: torch.dtype, rows: int, cols: int, K: int, gpu: bool) -> dict:
+def _acc_cfg(dtype: torch.dtype, rows: int, cols: int, K: int, gpu: bool, tma: bool = False) -> dict:
     """Tiles of `_mm_acc_kernel` for a (rows x cols) fp32 output reducing over K: the GEMM tiles of
     `_launch_cfg` on a GPU, under the interpreter few wide tiles (its cost is per tile op)."""
     if gpu:
-        return _launch_cfg(dtype, rows, cols, True)
+        return _launch_cfg(dtype, rows, cols, True, tma)
     return dict(BLOCK_M=max(16, min(1024, triton.next_power_of_2(rows))),
                 BLOCK_N=max(16, min(256, triton.next_power_of_2(cols))),
-                BLOCK_K=max(16, min(128, triton.next_power_of_2(K))), UPCAST=True, PREC="ieee")
+                BLOCK_K=max(16, min(128, triton.next_power_of_2(K))), UPCAST=True, PREC="ieee", TMA=tma)
 
 
 def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
@@ -325,7 +398,8 @@ def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
     dh = torch.empty_like(h) if need_dh else None
     dw32 = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_dw else None
     ce_cfg = dict(BLOCK_V=4096, num_warps=8) if h.is_cuda else dict(BLOCK_V=max(16, triton.next_power_of_2(V // 4)))
-    acc_cfg = _acc_cfg(h.dtype, V, H, rows, h.is_cuda)
+    tma = need_dw and _use_tma(h, z_buf.view(rows, V))  # a chunk's rows start at multiples of V elements
+    acc_cfg = _acc_cfg(h.dtype, V, H, rows, h.is_cuda, tma)
     acc_grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(V, acc_cfg["BLOCK_M"]))
     for r0 in range(0, M, rows):
         n = min(rows, M - r0)
@@ -335,8 +409,10 @@ def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
         _lm_ce_grad_kernel[(n,)](z, tgt[r0 : r0 + n], lse[r0 : r0 + n], tgt_logit[r0 : r0 + n], 1.0 / M, V, **ce_cfg)
         if need_dh:
             torch.mm(z, w, out=dh[r0 : r0 + n])
-        if need_dw:  # a = d_logits^T: (V, n) with strides (1, V)
-            _mm_acc_kernel[acc_grid](dw32, z, hc, V, H, n, 1, V, H, 1, **acc_cfg)
+        if need_dw:  # a = d_logits^T: (V, n) with strides (1, V); with TMA its descriptor is over z itself
+            bm, bn, bk = acc_cfg["BLOCK_M"], acc_cfg["BLOCK_N"], acc_cfg["BLOCK_K"]
+            ab = (_desc(z, bk, bm), _desc(hc, bk, bn)) if tma else (None, None)
+            _mm_acc_kernel[acc_grid](dw32, z, hc, *ab, V, H, n, 1, V, H, 1, **acc_cfg, A_T=True)
     return lse, tgt_logit, dh, dw32
 
 
@@ -387,11 +463,13 @@ def _patch_triton(h, w, b, t, need_grad):
     (N, D) in the input dtype, or None). h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
     N, H = h.shape
     D = w.shape[0]
-    cfg = _launch_cfg(h.dtype, N, D, h.is_cuda)
+    cfg = _launch_cfg(h.dtype, N, D, h.is_cuda, _use_tma(h, w))
+    descs = (_desc(h, cfg["BLOCK_M"], cfg["BLOCK_K"]), _desc(w, cfg["BLOCK_N"], cfg["BLOCK_K"])) if cfg["TMA"] else (
+        None, None)
     grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
     partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
     g = torch.empty(N, D, dtype=h.dtype, device=h.device) if need_grad else None
-    _patch_kernel[grid](h, w, b, t, partial, partial if g is None else g, 2.0 / (N * D), N, D, H,
+    _patch_kernel[grid](h, w, b, t, partial, partial if g is None else g, *descs, 2.0 / (N * D), N, D, H,
                         WRITE_GRAD=need_grad, **cfg)
     return partial.sum(), g
 

@@ -32,7 +32,7 @@ MIXED_MAX_MEAN = 256
 
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma])); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N
 # for dkdv. tma (default False): the streamed tiles (k, v in fwd and dq; q, do in dk/dv) load through TMA
-# descriptors where the tensors allow (kernels/attention.py `_tma_ok`); MOCA_ATTN_TMA=1 / 0 overrides.
+# descriptors where the tensors allow (kernels/attention.py `_tma_ok`); MOCA_TMA=1 / 0 overrides.
 _RULES = {
     "sm90": {
         # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim

@@ -124,16 +124,21 @@ def test_torch_reference_matches_fp64(dtype):
     assert max(errors(ref, truth)) < tol
 
 
-def test_segments_do_not_leak():
-    """Changing one segment's keys/values leaves every other segment's output bit-identical."""
-    q, k, v, cu, max_len = make_inputs([20, 45, 9], 2, 2, 64, torch.float32)
+def assert_segments_do_not_leak(lens):
+    """Changing the middle segment's keys/values leaves every other segment's output bit-identical."""
+    q, k, v, cu, max_len = make_inputs(lens, 2, 2, 64, torch.float32)
+    lo, hi = lens[0], lens[0] + lens[1]
     out = varlen_attention(q, k, v, cu, max_len, backend="triton")
     k2, v2 = k.clone(), v.clone()
-    k2[20:65] += 3.0
-    v2[20:65] -= 1.0
+    k2[lo:hi] += 3.0
+    v2[lo:hi] -= 1.0
     out2 = varlen_attention(q, k2, v2, cu, max_len, backend="triton")
-    assert torch.equal(out[:20], out2[:20]) and torch.equal(out[65:], out2[65:])
-    assert not torch.allclose(out[20:65], out2[20:65])
+    assert torch.equal(out[:lo], out2[:lo]) and torch.equal(out[hi:], out2[hi:])
+    assert not torch.allclose(out[lo:hi], out2[lo:hi])
+
+
+def test_segments_do_not_leak():
+    assert_segments_do_not_leak([20, 45, 9])
 
 
 # ----------------------------------------------------------------------------- packed tiles (short segments)
@@ -220,10 +225,10 @@ def test_long_segments_keep_per_segment_tiles(packed_launches):
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """TMA forced on (MOCA_ATTN_TMA=1, as a benchmark or a tuned config asks): records, per kernel launch,
+    """TMA forced on (MOCA_TMA=1, as a benchmark or a tuned config asks): records, per kernel launch,
     whether its streamed tiles came through descriptors. TMA tiles read past a segment's end into the next
     segment's tokens, where pointer loads read zeros: only the score masks keep those out."""
-    monkeypatch.setenv("MOCA_ATTN_TMA", "1")
+    monkeypatch.setenv("MOCA_TMA", "1")
     calls = []
 
     def spy(streamed, rows, d0, d1):
@@ -252,15 +257,7 @@ def test_tma_matches_fp64(tma_launches, lens, hq, hkv, d, dtype, kernels):
 
 def test_tma_segments_do_not_leak(tma_launches):
     """The segment after a changed one starts inside the changed one's last tiles: with TMA they load it."""
-    lens = [200, 345, 290]  # per-segment tiles (mean > MIXED_MAX_MEAN): tiles run past each segment's end
-    q, k, v, cu, max_len = make_inputs(lens, 2, 2, 64, torch.float32)
-    out = varlen_attention(q, k, v, cu, max_len, backend="triton")
-    k2, v2 = k.clone(), v.clone()
-    k2[200:545] += 3.0
-    v2[200:545] -= 1.0
-    out2 = varlen_attention(q, k2, v2, cu, max_len, backend="triton")
-    assert torch.equal(out[:200], out2[:200]) and torch.equal(out[545:], out2[545:])
-    assert not torch.allclose(out[200:545], out2[200:545])
+    assert_segments_do_not_leak([200, 345, 290])  # per-segment tiles (mean > MIXED_MAX_MEAN), run past each end
     assert tma_launches == [True, True]
 
 
@@ -341,7 +338,7 @@ def test_gpu_long_segments(lens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_gpu_tma(tma_launches, d):
-    """The TMA variant on the GPU (what MOCA_ATTN_TMA=1 benchmarks): per-segment, packed and mixed batches,
+    """The TMA variant on the GPU (what MOCA_TMA=1 benchmarks): per-segment, packed and mixed batches,
     and k/v as strided views of a fused qkv projection (row stride > heads x head dim)."""
     for lens in ([*MIXED, 1000, 16, 33, 600], AWKWARD * 20, [*AWKWARD, 300, 2, 700] * 4):
         check(lens, 16, 2, d, torch.bfloat16, device="cuda")

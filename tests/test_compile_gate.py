@@ -80,3 +80,6 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
                         assert label + " tma" in compiled[packed]
         candidates = {f"{bm}x{bn} w{w} s{s}" for bm, bn, w in SPACES[name] for s in STAGES}
         assert candidates <= compiled[False], candidates - compiled[False]
+    for name in ("lm_fwd", "lm_dlogits", "mm_acc", "mm_acc_dw", "patch_loss", "patch_loss_grad"):
+        configs = {r["config"] for r in rows if r["kernel"] == name and r["spec"].startswith("bf16")}
+        assert any(c.endswith(" tma") for c in configs) and any(not c.endswith(" tma") for c in configs), name

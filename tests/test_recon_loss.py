@@ -62,6 +62,43 @@ LM_PATHS = {"triton": ("triton", True), "triton-recompute": ("triton", False), "
 @pytest.mark.parametrize("path", LM_PATHS)
 @pytest.mark.parametrize("M,H,V,dtype", LM_CASES)
 def test_lm_loss_matches_float64(path, M, H, V, dtype):
+    check_lm_path(path, M, H, V, dtype)
+
+
+@pytest.fixture
+def tma_descriptors(monkeypatch):
+    """MOCA_TMA=1: the loss GEMMs' operands through TMA descriptors where their layout allows; records
+    the shape of every tensor a descriptor was built over."""
+    monkeypatch.setenv("MOCA_TMA", "1")
+    built = []
+
+    def spy(x, rows, cols):
+        if x is not None:
+            built.append(tuple(x.shape))
+        return desc(x, rows, cols)
+
+    desc = recon_loss._desc
+    monkeypatch.setattr(recon_loss, "_desc", spy)
+    return built
+
+
+@pytest.mark.parametrize("path", ["triton", "triton-recompute"])
+@pytest.mark.parametrize("M,H,V,dtype", [(97, 64, 1003, torch.float32), (7, 80, 1024, torch.float16),
+                                         (37, 320, 1024, torch.float32), (37, 96, 151936, torch.float32)])
+def test_lm_tma_matches_float64(tma_descriptors, path, M, H, V, dtype):
+    """TMA tiles read zeros past every edge where pointer loads wrap and mask. Recompute: the logits GEMMs
+    of forward and backward through descriptors over hidden and weight. Gradient in forward (logits by
+    torch.mm): d_weight += d_logits^T @ hidden through one over the (rows, V) logits chunk, whose rows
+    are 16-byte multiples only for some V (else pointer loads)."""
+    check_lm_path(path, M, H, V, dtype)
+    if path == "triton-recompute":
+        assert (M, H) in tma_descriptors and (V, H) in tma_descriptors
+    else:
+        aligned = V * dtype.itemsize % 16 == 0
+        assert ((M, V) in tma_descriptors and (M, H) in tma_descriptors) == aligned, tma_descriptors
+
+
+def check_lm_path(path, M, H, V, dtype):
     backend, gif = LM_PATHS[path]
     hidden, weight, targets = lm_inputs(M, H, V, dtype)
     g = torch.tensor(0.7, device=DEV)
@@ -276,6 +313,12 @@ def test_patch_loss_matches_float64(backend, N, H, dtype, target_dtype):
         assert rel_err(o, t) <= 2 * rel_err(n, t) + FLOOR[dtype], (i, rel_err(o, t), rel_err(n, t))
 
 
+@pytest.mark.parametrize("N,H,dtype,target_dtype", [PATCH_CASES[1], PATCH_CASES[3], PATCH_CASES[5]])
+def test_patch_tma_matches_float64(tma_descriptors, N, H, dtype, target_dtype):
+    test_patch_loss_matches_float64("triton", N, H, dtype, target_dtype)
+    assert tma_descriptors == [(N, H), (D, H)]
+
+
 def test_patch_loss_by_hand():
     """Zero projection: prediction = bias = 0, loss = mean(t^2), d_bias = -2 * t.sum(0) / (N * D), d_hidden = 0."""
     N, H = 7, 96
@@ -319,12 +362,17 @@ def fp32_reference(hidden, weight, targets):
 
 
 @pytest.mark.gpu
-def test_gpu_lm_bf16_real_shape():
-    hidden, weight, targets = lm_inputs(4096, 2048, 151936, torch.bfloat16, "cuda")
+@pytest.mark.parametrize("tma", ["shipped", "1"])
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_gpu_lm_bf16_real_shape(monkeypatch, tma, grad_in_forward):
+    """The 3B shape (odd M: partial row tiles), as shipped and with TMA forced on (MOCA_TMA=1)."""
+    if tma != "shipped":
+        monkeypatch.setenv("MOCA_TMA", tma)
+    hidden, weight, targets = lm_inputs(4093, 2048, 151936, torch.bfloat16, "cuda")
     truth = fp32_reference(hidden, weight, targets)
     g = torch.tensor(1.0, device="cuda")
     naive = grads(lambda h, w: naive_lm(h, w, targets), (hidden, weight), g)
-    ours = grads(lambda h, w: masked_lm_loss(h, w, targets), (hidden, weight), g)
+    ours = grads(lambda h, w: masked_lm_loss(h, w, targets, grad_in_forward=grad_in_forward), (hidden, weight), g)
     check_lm(ours, naive, truth, torch.bfloat16)
 
 
@@ -385,7 +433,10 @@ def test_gpu_lm_matches_peers_bf16(peer):
 
 
 @pytest.mark.gpu
-def test_gpu_patch_bf16_real_shape():
+@pytest.mark.parametrize("tma", ["shipped", "1"])
+def test_gpu_patch_bf16_real_shape(monkeypatch, tma):
+    if tma != "shipped":
+        monkeypatch.setenv("MOCA_TMA", tma)
     hidden, weight, bias, targets = patch_inputs(4099, 2048, torch.bfloat16, torch.bfloat16, "cuda")
     g = torch.tensor(0.1, device="cuda")
     params = (hidden, weight, bias)
