@@ -666,7 +666,8 @@ def _launch_segments(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, 
         tile = min((bm, bn)[key == "BLOCK_N"] for bm, bn, _ in SPACES[name])  # sizes the table for any candidate
         sched = torch.empty((_n_slots(n_tokens, n_seg, tile), 2), device=cu_seqlens.device, dtype=torch.int32)
         grid = lambda META: (_n_slots(n_tokens, n_seg, META[key]) * n_heads,)  # noqa: E731
-        _autotuned(name, "long" if skip_short else "segments", grid, ptrs, sched, rest, meta, streamed)  # hook fills sched
+        tiles = "long" if skip_short else "segments"
+        _autotuned(name, tiles, grid, ptrs, sched, rest, meta, streamed)  # its pre-hook fills sched
         return
     cfg = _config(name, dtype, cu_seqlens.device, meta, bucket, False)
     n_slots = _n_slots(n_tokens, n_seg, cfg[key])

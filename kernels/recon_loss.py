@@ -342,8 +342,11 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     descs = (_desc(h, bm, bk), _desc(w, bn, bk)) if cfg["TMA"] else (None,) * 2
     vc = _vocab_chunk(M, V, H, bn)
-    # the d_hidden GEMM reduces over the vocabulary: under the interpreter its wide tile goes to K
-    acc_cfg = dict(cfg, BLOCK_N=bk, BLOCK_K=bn) if cfg["UPCAST"] else cfg
+
+    def acc_cfg_for(tma: bool) -> dict:  # the d_hidden GEMM reduces over V: the interpreter's wide tile goes to K
+        c = _launch_cfg(h.dtype, M, V, h.is_cuda, tma)
+        return dict(c, BLOCK_N=c["BLOCK_K"], BLOCK_K=c["BLOCK_N"]) if c["UPCAST"] else c
+
     # Peak extra memory is the two gradients plus fp32 (M, H): the d_logits chunks live in the storage
     # of d_hidden's output (vc <= H), which receives its final value only after the last chunk.
     dh = torch.empty_like(h)
@@ -356,12 +359,12 @@ def _lm_bwd_triton(h, w, tgt, lse, scale):
         _lm_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(M, bm))](h, w, tgt, lse, scale, dz, *descs, M, H, v0, n,
                                                                       **cfg)
         torch.mm(dz.t(), h, out=dw[v0 : v0 + n])
-        grid = (triton.cdiv(H, acc_cfg["BLOCK_N"]), triton.cdiv(M, bm))
         w_chunk = w[v0 : v0 + n]
         tma = cfg["TMA"] and _use_tma(dz, w_chunk)  # a chunk's d_logits rows may not be 16-byte multiples
-        ab = (_desc(dz, bm, acc_cfg["BLOCK_K"]), _desc(w_chunk, acc_cfg["BLOCK_K"], acc_cfg["BLOCK_N"])) if tma else (
-            None, None)
-        _mm_acc_kernel[grid](dh32, dz, w_chunk, *ab, M, H, n, n, 1, H, 1, **dict(acc_cfg, TMA=tma), A_T=False)
+        acc = acc_cfg_for(tma)
+        ab = (_desc(dz, bm, acc["BLOCK_K"]), _desc(w_chunk, acc["BLOCK_K"], acc["BLOCK_N"])) if tma else (None, None)
+        grid = (triton.cdiv(H, acc["BLOCK_N"]), triton.cdiv(M, bm))
+        _mm_acc_kernel[grid](dh32, dz, w_chunk, *ab, M, H, n, n, 1, H, 1, **acc, A_T=False)
     return dh.copy_(dh32), dw
 
 

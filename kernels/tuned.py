@@ -38,7 +38,9 @@ _RULES = {
         # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim
         # 128; 64-token segments (vision windows) would leave half of such a tile empty. Head dims that
         # are not a multiple of 16 (72) need masked, unvectorised loads, which spill the wider tiles.
-        # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills.
+        # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills, with
+        # both the Triton here and the GPU image's 3.6 (whose ptxas spilled the 16x32 dk/dv tile and the
+        # pipelined 32x16 dq one: bench/results/sm90-compile-gate-triton3.6.json).
         # Packed tiles (awaiting GPU tuning): the long-segment configs, as a packed tile is as full as a
         # long segment's (zero spills in the gate with the packed kernels' block-diagonal mask).
         "fwd": [
@@ -52,19 +54,19 @@ _RULES = {
             (dict(), (128, 64, 8, 3)),
         ],
         "dkdv": [
-            (dict(packed=True, dtype=torch.float32), (16, 32, 8, 2)),
+            (dict(packed=True, dtype=torch.float32), (16, 16, 8, 2)),
             (dict(packed=True, masked=True), (32, 64, 8, 3)),
             (dict(packed=True), (32, 128, 8, 3)),
-            (dict(dtype=torch.float32), (16, 32, 8, 2)),
+            (dict(dtype=torch.float32), (16, 16, 8, 2)),
             (dict(masked=True, max_seq=64), (32, 64, 8, 3)),
             (dict(max_seq=64), (32, 64, 4, 3)),
             (dict(), (32, 128, 8, 3)),
         ],
         "dq": [
-            (dict(packed=True, dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(packed=True, dtype=torch.float32), (32, 16, 8, 1)),
             (dict(packed=True, masked=True), (128, 16, 8, 3)),
             (dict(packed=True), (128, 32, 8, 3)),
-            (dict(dtype=torch.float32), (32, 16, 8, 2)),
+            (dict(dtype=torch.float32), (32, 16, 8, 1)),
             (dict(masked=True, max_seq=64), (64, 32, 8, 3)),
             (dict(masked=True), (128, 16, 8, 3)),
             (dict(max_seq=64), (64, 32, 4, 3)),
