@@ -1,8 +1,9 @@
 """Attention benchmark: packed varlen bidirectional attention, ours against the peers in one run.
 
 Providers: ours (Triton, the shipped configs; CUDA only, the interpreter is no speed path), ours_tma (the
-same with the streamed tiles through TMA descriptors, MOCA_TMA=1), the torch reference (SDPA per
-segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
+same with the streamed tiles through TMA descriptors, MOCA_TMA=1), ours_fused_dq (the backward's dq added
+by the dk/dv kernel with atomics, no dq kernel, MOCA_FUSED_DQ=1; its forward is ours'), the torch
+reference (SDPA per segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
 padding mask, and flash-attn / xformers when importable. Shapes: uniform 4096-token segments, a
 mixed MMEB-like batch (16-64-token texts plus 256-1024-token images) at head dim 128 and 80, a CL
@@ -131,16 +132,22 @@ def providers(device: str) -> dict:
         out["xformers"] = xformers
     except ImportError:
         pass
-    out["ours_tma"] = ours  # run under PROVIDER_ENV: streamed tiles through TMA descriptors
+    for name in PROVIDER_ENV:  # the variants of ours, told apart by their environment
+        out[name] = ours
     if device != "cuda":  # the Triton interpreter is a correctness path, not a speed path
-        out.pop("ours")
-        out.pop("ours_tma")
+        for name in PROVIDER_ENV:
+            out.pop(name)
     return out
 
 
 # Environment a provider runs under, forward and backward (the backward reads it at launch too); None unsets.
-# ours: the shipped configs (kernels/tuned.py) as they are; ours_tma: their tiles with TMA forced on.
-PROVIDER_ENV = {"ours": {"MOCA_TMA": None}, "ours_tma": {"MOCA_TMA": "1"}}
+# ours: the shipped configs (kernels/tuned.py) as they are; ours_tma: their tiles with TMA forced on;
+# ours_fused_dq: the fused dq forced on (the dk/dv tiles tuned.py gives it), TMA as shipped.
+PROVIDER_ENV = {
+    "ours": {"MOCA_TMA": None, "MOCA_FUSED_DQ": None},
+    "ours_tma": {"MOCA_TMA": "1", "MOCA_FUSED_DQ": None},
+    "ours_fused_dq": {"MOCA_TMA": None, "MOCA_FUSED_DQ": "1"},
+}
 OURS = tuple(PROVIDER_ENV)
 
 
@@ -191,13 +198,14 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
-    """The issue's targets (#14, H100/H200, bf16), for ours and ours_tma: TFLOP/s on the uniform D128 batch
+    """The issue's targets (#14, H100/H200, bf16), for each variant of ours (key suffix: its name after
+    "ours"): TFLOP/s on the uniform D128 batch
     (>= 600 fwd / 520 bwd) and on vision windows (>= 60 fwd); head dim 80 over head dim 128 on the mixed
     batch (>= 0.8); and the smallest ratio over the best peer across shapes (>= 1.0 in each pass)."""
     rate = {(r["provider"], r["shape"].split()[0], r["pass"]): r["tflops"] for r in rows if "tflops" in r}
     out = {}
     for ours in OURS:
-        tag = "" if ours == "ours" else "_tma"
+        tag = ours[len("ours"):]
         for pass_ in ("fwd", "bwd"):
             for shape in ("uniform-4096", "vision-window", "mmeb-mixed"):
                 if (ours, shape, pass_) in rate:

@@ -10,7 +10,9 @@ tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/1
 2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq buckets 64 and 8192 (they pick different shipped
 configs); every config kernels/tuned.py ships for sm90, per-segment and packed (PACKED, spec suffix
 "packed": several short segments per tile); in bf16, for head dims without a masked tail and groups
-1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors).
+1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors);
+dk/dv with the fused dq (suffix "fused_dq": dq added with atomics, MOCA_FUSED_DQ=1) at the tiles
+tuned.py gives it, in bf16 (and fp16 once tuned.FUSED_DQ ships it), with and without TMA.
 Specializations that bind identically (groups 2 and 7 do) are compiled once and listed together.
 The preprocess kernel is compiled once per head dim and dtype (n_tokens = 1001). Losses: the
 masked-LM forward, d_logits and d_hidden kernels and the patch kernel (loss only and loss +
@@ -19,10 +21,10 @@ gradient-in-forward LM epilogue (lm_ce_grad) and its d_weight GEMM (mm_acc_dw: t
 on a transposed operand), InfoNCE forward (with and without hard negatives) and d_scores, each in
 fp16, bf16 and fp32, with the configs their launchers use on a GPU; in bf16 also the TMA variant of
 each LM and patch GEMM (suffix "tma", BLOCK_K 64). A TMA variant counts as shipped only where the
-shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA); until then its spills are
-reported, not asserted. Autotune candidates: every one of `SPACES` x `STAGES`, for a representative
+shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA), a fused-dq one only where
+tuned.FUSED_DQ is on; until then their spills are reported, not asserted. Autotune candidates: every one of `SPACES` x `STAGES`, for a representative
 subset only (bf16, group 8, head dim 128: the text tower, the most register-hungry); the whole
-candidate cross product would take hours on two cores. All in all 766 compiles: about 6 min wall
+candidate cross product would take hours on two cores. All in all 842 compiles: about 6 min wall
 cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
@@ -93,10 +95,10 @@ def _ptr(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n_tokens: int = 4096,
-               packed: bool = False, tma: bool = False):
+               packed: bool = False, tma: bool = False, fused_dq: bool = False):
     """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order; tma: the streamed
     tiles through TMA descriptors (built as the launcher builds them, on a CPU tensor: only their dtype,
-    block shape and alignment reach the compiler)."""
+    block shape and alignment reach the compiler); fused_dq: dk/dv also adds dq into its fp32 buffer."""
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
     D = head_dim
@@ -120,8 +122,10 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
                                             *scalars), dict(H=H, **launch)
     grads = (n_tokens, 0.125, 0.09, 2048)
     if kernel == "dkdv":
-        return attention._attn_bwd_dkdv_kernel, (x, x, x, x, f32, f32, x, x, i32, i32, *descs, *q_st, *kv_st, *kv_st,
-                                                 *q_st, *kv_st, *kv_st, *grads), dict(H_KV=H_kv, **launch)
+        dq = f32 if fused_dq else None
+        return attention._attn_bwd_dkdv_kernel, (x, x, x, x, f32, f32, x, x, dq, i32, i32, *descs, *q_st, *kv_st,
+                                                 *kv_st, *q_st, *kv_st, *kv_st, *q_st, *grads), dict(
+            H_KV=H_kv, FUSED_DQ=fused_dq, **launch)
     return attention._attn_bwd_dq_kernel, (x, x, x, x, f32, f32, x, i32, i32, *descs, *q_st, *kv_st, *kv_st, *q_st,
                                            *q_st, *grads), dict(H=H, **launch)
 
@@ -226,6 +230,17 @@ def compile_job(job: dict) -> dict:
 # ----------------------------------------------------------------------------- the job list
 
 
+def _attention_kernels(dtype: str):
+    """(kernel, packed, fused_dq) to compile in `dtype`: every kernel per segment and packed, and dk/dv with
+    the fused dq (MOCA_FUSED_DQ=1; 16-bit only) in both 16-bit dtypes where tuned.py ships it, else in the
+    TMA dtypes (bf16)."""
+    for name in tuned.KERNELS:
+        for packed in (False, True):
+            yield name, packed, False
+            if name == "dkdv" and dtype != "fp32" and (tuned.FUSED_DQ[ARCH] or dtype in TMA_DTYPES):
+                yield name, packed, True
+
+
 def jobs(only: str = "") -> list[dict]:
     """Every launch to compile (of the kernels whose name contains `only`), identical bindings merged
     (their specializations listed together)."""
@@ -239,27 +254,28 @@ def jobs(only: str = "") -> list[dict]:
         for dtype in DTYPES:
             add("attention", "attn_preprocess", dict(kernel="preprocess", head_dim=D, dtype=dtype, group=8, cfg=None),
                 f"D={D} {dtype}", "64x D", True)
-            for name in tuned.KERNELS:
-                for packed in (False, True):
-                    shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed).values())
-                               for s in SEQ_BUCKETS}  # fmt: skip
-                    cands = {(*c, s, False) for c in attention.SPACES[name] for s in attention.STAGES}
-                    if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
-                        cands = set()
-                    spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")
-                    for group in GROUPS:
-                        for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
-                            bmbnws, tma = cfg[:4], cfg[4]
+            unmasked = sum(attention._split_head_dim(D)) == D
+            for name, packed, fused in _attention_kernels(dtype):
+                # configs the launchers take (the fused dq's only count as shipped where tuned.py turns it on)
+                shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed, fused).values())
+                           for s in SEQ_BUCKETS}  # fmt: skip
+                ships = fused == (name == "dkdv" and tuned.FUSED_DQ[ARCH])
+                cands = {(*c, s, False) for c in attention.SPACES[name] for s in attention.STAGES}
+                if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
+                    cands = set()
+                spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")
+                for group in GROUPS:
+                    for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
+                        bmbnws, tma = cfg[:4], cfg[4]
+                        variants = [tma]
+                        if not tma and dtype in TMA_DTYPES and group in (1, 8) and unmasked:
+                            variants.append(True)  # the TMA variant (MOCA_TMA=1, or a rule's tma flag)
+                        for tma in variants:
                             args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=bmbnws, packed=packed,
-                                        tma=tma)
-                            label = "{}x{} w{} s{}".format(*bmbnws) + (" tma" if tma else "")
-                            add("attention", f"attn_{name}", args, spec.format(group), label, cfg in shipped)
-                            unmasked = sum(attention._split_head_dim(D)) == D
-                            if not tma and dtype in TMA_DTYPES and group in (1, 8) and unmasked:
-                                # the TMA variant (MOCA_TMA=1, or a rule's tma flag)
-                                args = dict(args, tma=True)
-                                add("attention", f"attn_{name}", args, spec.format(group), label + " tma",
-                                    (*bmbnws, True) in shipped)
+                                        tma=tma, fused_dq=fused)
+                            label = "{}x{} w{} s{}".format(*bmbnws) + " tma" * tma + " fused_dq" * fused
+                            add("attention", f"attn_{name}", args, spec.format(group), label,
+                                ships and (*bmbnws, tma) in shipped)
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):

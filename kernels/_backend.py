@@ -15,12 +15,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tma_wanted(shipped: bool) -> bool:
-    """Whether a Triton kernel streams its tiles through TMA descriptors (Hopper's bulk tensor copies):
-    MOCA_TMA=1 / 0 forces it on / off (benchmarks and tuning, interpreter tests), unset the shipped
-    config's choice holds. Launchers still fall back to pointer loads where a tensor's layout cannot
-    have a descriptor."""
-    env = os.environ.get("MOCA_TMA")
+def switch(name: str, shipped: bool) -> bool:
+    """A kernel variant's on/off knob: the environment variable `name` = 1 / 0 forces it (benchmarks,
+    tuning, interpreter tests), unset the shipped choice holds. The knobs: MOCA_TMA (Hopper TMA
+    descriptors for the streamed tiles of attention and of the loss GEMMs; launchers still fall back to
+    pointer loads where a tensor's layout cannot have a descriptor) and MOCA_FUSED_DQ (attention's dq
+    accumulated atomically by the dk/dv kernel, kernels/attention.py)."""
+    env = os.environ.get(name)
     return shipped if env is None else env == "1"
 
 

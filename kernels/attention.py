@@ -45,7 +45,12 @@ Design decisions a reader must know:
   96 = 64 + 32, 128 = 128 + 0): no FLOPs are spent on padding for the vision tower's 80, and
   callers never pad. Odd sizes get a masked tail.
 * Backward. A dk/dv program owns one key tile of one kv head and loops over every query tile
-  of its group of query heads, so GQA needs no atomics; dq is a second kernel over query tiles.
+  of its group of query heads, so GQA needs no atomics; dq is a second kernel over query tiles, which
+  recomputes the score and dP tiles (7 GEMMs per tile pair in all). With the fused dq (16-bit inputs;
+  kernels/tuned.py FUSED_DQ, MOCA_FUSED_DQ=1) the dk/dv program also adds dS K for each query tile it
+  visits into an fp32 (T, Hq, D) buffer with relaxed atomics, as flash-attn 2/3 do (5 GEMMs, no dq
+  kernel; the fp32 sum order then varies run to run). Every tile must then run exactly once: the slot
+  table's spare slots exit at once, as do tiles of segments left to the other tiling.
 * Interpreter. Triton's CPU interpreter gets bf16 arithmetic wrong (triton-lang/triton#11584):
   there the launchers hand the kernels fp32 copies, and the kernels still round P and dS through
   the input dtype (the DTYPE constexpr), so the interpreter reproduces the GPU's rounding.
@@ -62,7 +67,7 @@ from torch.autograd.function import once_differentiable
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels import tuned
-from kernels._backend import interpreter_enabled, resolve, tma_aligned, tma_wanted
+from kernels._backend import interpreter_enabled, resolve, switch, tma_aligned
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -284,16 +289,18 @@ def _attn_bwd_preprocess(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SCHED, QD0, QD1, DOD0, DOD1,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU, SCHED, QD0, QD1, DOD0, DOD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H_KV, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, TMA: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one key tile of one kv head, summed over every query tile of its GROUP query heads.
-    TMA: q and do tiles through the descriptors QD0/QD1, DOD0/DOD1 (head-dim chunks 0 and 1), else None."""
+    TMA: q and do tiles through the descriptors QD0/QD1, DOD0/DOD1 (head-dim chunks 0 and 1), else None.
+    FUSED_DQ: also this key tile's share of dq, dS K * sm_scale per query tile visited, added with relaxed
+    atomics into DQ, an fp32 (T, Hq, D) buffer zeroed by the launcher (no dq kernel then); else DQ is None."""
     pid = tl.program_id(0)
     slot = pid // H_KV
     kv_head = pid % H_KV
@@ -365,6 +372,16 @@ def _attn_bwd_dkdv_kernel(
         dk0 = tl.dot(dsT, q0, dk0, input_precision=DOT_PREC)
         if D1 > 0:
             dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
+        if FUSED_DQ:  # dS = 0 on rows of other segments (PACKED) and past the range (TMA; those not added)
+            ds = tl.trans(dsT)
+            dq_ptrs = (DQ + start * stride_dqt + (kv_head * GROUP + g) * stride_dqh
+                       + (row0 + offs_m)[:, None] * stride_dqt)
+            dq_mask = row_ok[:, None]
+            tl.atomic_add(dq_ptrs + d0[None, :], tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale,
+                          mask=dq_mask & dm0, sem="relaxed")
+            if D1 > 0:
+                tl.atomic_add(dq_ptrs + d1[None, :], tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale,
+                              mask=dq_mask & dm1, sem="relaxed")
 
     dk_ptrs = DK + start * stride_dkt + kv_head * stride_dkh + cols[:, None] * stride_dkt
     dv_ptrs = DV + start * stride_dvt + kv_head * stride_dvh + cols[:, None] * stride_dvt
@@ -492,15 +509,15 @@ def _fill_schedule(sched, cu_seqlens, n_tokens: int, block: int, skip_short: boo
     n_seg = cu_seqlens.numel() - 1
     n = _n_slots(n_tokens, n_seg, block)
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    tiles = (lens + block - 1).div(block, rounding_mode="floor").long()  # (B,)
-    if skip_short:
-        tiles = tiles.masked_fill(lens <= tuned.PACKED_MAX_SEQLEN, 0)
+    full = (lens + block - 1).div(block, rounding_mode="floor").long()  # (B,) tiles covering each segment
+    tiles = full.masked_fill(lens <= tuned.PACKED_MAX_SEQLEN, 0) if skip_short else full  # tiles launched
     order = torch.argsort(tiles, descending=True, stable=True)
-    tiles = tiles[order]
-    ends = tiles.cumsum(0)
+    ends = tiles[order].cumsum(0)
     slot = torch.arange(n, device=sched.device)
     rank = torch.searchsorted(ends, slot, right=True).clamp_(max=n_seg - 1)
-    tile = slot - ends[rank] + tiles[rank]  # >= tiles[rank] (so skipped) for spare slots
+    # Spare slots land on the last segment in order, at a tile >= its full count, so they exit at once
+    # (also when that segment is a skipped short one: counting from its launched 0 tiles would run it).
+    tile = slot - ends[rank] + full[order][rank]
     sched[:n].copy_(torch.stack((order[rank], tile), 1))
 
 
@@ -589,19 +606,28 @@ def _autotune_hook(name: str, tiles: str):
 
 @functools.cache
 def _autotuner(name: str, tiles: str):
-    """tiles: "packed", or "segments" / "long" (the slot table of every segment / of the unpacked ones)."""
+    """tiles: "packed", or "segments" / "long" (the slot table of every segment / of the unpacked ones).
+    dk/dv's fused dq buffer, which its launches add to, is restored after every timing run."""
     hook = _autotune_hook(name, tiles)
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn, w in SPACES[name]
         for s in STAGES
     ]
-    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"])(_KERNELS[name])
+    restore = ["DQ"] if name == "dkdv" else None
+    return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"], restore_value=restore)(_KERNELS[name])
 
 
 @functools.cache
 def _arch(device_index: int) -> str:
     return tuned.arch_name(torch.cuda.get_device_capability(device_index))
+
+
+def _fused_dq(device, dtype) -> bool:
+    """Whether the backward accumulates dq in the dk/dv kernel: 16-bit inputs only, as kernels/tuned.py
+    FUSED_DQ ships it or MOCA_FUSED_DQ forces it."""
+    shipped = device.type == "cuda" and tuned.FUSED_DQ.get(_arch(device.index), False)
+    return dtype != torch.float32 and switch("MOCA_FUSED_DQ", shipped)
 
 
 def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, rest, meta, bucket: int,
@@ -621,20 +647,21 @@ def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
     if interpreter_enabled():
         bm, bn = (_INTERP_PACKED if packed else _INTERP)[name]
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=False)
-    return tuned.attention_config(_arch(device.index), name, meta["HEAD_DIM"], dtype, bucket, packed)
+    return tuned.attention_config(_arch(device.index), name, meta["HEAD_DIM"], dtype, bucket, packed,
+                                  meta.get("FUSED_DQ", False))
 
 
 def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> None:
     """kernel[grid](*ptrs, sched, *descriptors, *rest, **meta, **cfg), with TMA where wanted and possible."""
     cfg = dict(cfg)
-    tma = tma_wanted(cfg.pop("TMA")) and streamed is not None
+    tma = switch("MOCA_TMA", cfg.pop("TMA")) and streamed is not None
     descs = _descriptors(streamed if tma else None, cfg[_STREAM_KEY[name]], meta["D0"], meta["D1"])
     _KERNELS[name][(grid,)](*ptrs, sched, *descs, *rest, **meta, TMA=tma, **cfg)
 
 
 def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -> None:
     """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_TMA says (off when unset), tiles as the autotuner picks."""
-    tma = streamed is not None and tma_wanted(False)
+    tma = streamed is not None and switch("MOCA_TMA", False)
     descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
     _autotuner(name, tiles)[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
 
@@ -757,13 +784,15 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
 
 
 def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    """do/q/o: (T, Hq, D), k/v: (T, Hkv, D), lse: (Hq, T) -> dq (T, Hq, D), dk, dv (T, Hkv, D)."""
+    """do/q/o: (T, Hq, D), k/v: (T, Hkv, D), lse: (Hq, T) -> dq (T, Hq, D), dk, dv (T, Hkv, D).
+    dq: by the dq kernel, or (`_fused_dq`) summed by the dk/dv kernel into an fp32 buffer, then rounded once."""
     dtype = q.dtype
     q, k, v, o, do = _tiles(q, k, v, o, do)
     T, H, D = q.shape
     H_kv = k.shape[1]
     n_seg = cu_seqlens.numel() - 1
-    dq = torch.empty((T, H, D), device=q.device, dtype=q.dtype)
+    fused = _fused_dq(q.device, dtype)
+    dq = torch.zeros((T, H, D), device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
     dk = torch.empty((T, H_kv, D), device=q.device, dtype=q.dtype)
     dv = torch.empty((T, H_kv, D), device=q.device, dtype=q.dtype)
     if T == 0 or n_seg == 0:
@@ -780,12 +809,13 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     common = (T, scale * LOG2E, scale, bucket)
     tma_ok = functools.partial(_tma_ok, head_dim=D, d0=meta["D0"], d1=meta["D1"])
-    _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, cu_seqlens),
-            (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *common), dict(H_KV=H_kv, **meta),
-            bucket, mode, seg_ids, (q, do) if tma_ok((q, do)) else None)
-    _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens),
-            (*strides, dq.stride(0), dq.stride(1), *common), dict(H=H, **meta), bucket, mode, seg_ids,
-            (k, v) if tma_ok((k, v)) else None)  # fmt: skip
+    dq_strides = (dq.stride(0), dq.stride(1))
+    _launch("dkdv", dtype, T, H_kv, n_seg, (q, k, v, do, lse, delta, dk, dv, dq if fused else None, cu_seqlens),
+            (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq_strides, *common),
+            dict(H_KV=H_kv, FUSED_DQ=fused, **meta), bucket, mode, seg_ids, (q, do) if tma_ok((q, do)) else None)
+    if not fused:
+        _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens), (*strides, *dq_strides, *common),
+                dict(H=H, **meta), bucket, mode, seg_ids, (k, v) if tma_ok((k, v)) else None)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._backend import resolve, tma_aligned, tma_wanted
+from kernels._backend import resolve, switch, tma_aligned
 
 _REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
 _DOWNCAST_SLAB = 1 << 24  # elements per step of the in-place d_weight downcast (a 64 MiB fp32 temporary)
@@ -300,7 +300,7 @@ SHIPPED_TMA = False
 
 def _use_tma(*xs) -> bool:
     """TMA for the loss GEMMs: wanted (MOCA_TMA, else SHIPPED_TMA) and legal for every 2-D operand."""
-    return tma_wanted(SHIPPED_TMA) and all(tma_aligned(x) for x in xs)
+    return switch("MOCA_TMA", SHIPPED_TMA) and all(tma_aligned(x) for x in xs)
 
 
 def _desc(x, rows: int, cols: int):

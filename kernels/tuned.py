@@ -7,8 +7,9 @@ autotuner back over the candidates `SPACES` (kernels/attention.py) for tuning an
 `TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
-`dtype` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0) or `packed` (the packed-tile
-kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run), and the last rule has none.
+`dtype` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0), `packed` (the packed-tile
+kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or `fused_dq` (dk/dv adding dq
+too, FUSED_DQ below), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
 Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89
 (untuned, and not compiled by the gate, which targets sm90 only).
@@ -29,6 +30,15 @@ PACKED_MAX_SEQLEN = 64
 # when its mean segment length is at most this (host ints only: T / B), as in a CL batch of MMEB
 # (many 16-64-token texts, some images); longer means run per-segment tiles alone.
 MIXED_MAX_MEAN = 256
+
+# The backward's dq for 16-bit inputs, per architecture (off everywhere until a GPU run times it;
+# MOCA_FUSED_DQ=1 / 0 overrides). Off: the dq kernel recomputes the score and dP tiles, 7 GEMMs per
+# (query tile, key tile) pair in all. On: each dk/dv program also forms dS K for the query tiles it visits
+# and adds it into an fp32 (T, Hq, D) buffer with relaxed atomics, as flash-attn 2 and 3 do: 5 GEMMs and
+# no second kernel, for atomics traffic and a dq whose fp32 sum order varies from run to run. fp32 inputs
+# always take the dq kernel: theirs is the exact, deterministic path, and no fp32 dk/dv tile with the
+# fused dq was free of spills under both Triton 3.6 and 3.9.
+FUSED_DQ = {"sm90": False}
 
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma])); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N
 # for dkdv. tma (default False): the streamed tiles (k, v in fwd and dq; q, do in dk/dv) load through TMA
@@ -53,7 +63,11 @@ _RULES = {
             (dict(max_seq=64), (64, 64, 4, 3)),
             (dict(), (128, 64, 8, 3)),
         ],
+        # dk/dv with the fused dq (FUSED_DQ): the dS K tile and its atomics cost registers, so smaller tiles
+        # than without (32x128 w8 spills at head dims 72, 80 and 96 with it): the spill-free ones in the gate.
         "dkdv": [
+            (dict(fused_dq=True, masked=True), (16, 16, 8, 2)),
+            (dict(fused_dq=True), (32, 64, 8, 2)),
             (dict(packed=True, dtype=torch.float32), (16, 16, 8, 2)),
             (dict(packed=True, masked=True), (32, 64, 8, 3)),
             (dict(packed=True), (32, 128, 8, 3)),
@@ -86,9 +100,10 @@ def arch_name(capability: tuple[int, int]) -> str:
     return f"sm{capability[0]}{capability[1]}"
 
 
-def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packed: bool) -> bool:
+def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packed: bool, fused_dq: bool) -> bool:
     return (
         cond.get("packed", packed) == packed
+        and cond.get("fused_dq", fused_dq) == fused_dq
         and cond.get("dtype", dtype) == dtype
         and seq_bucket <= cond.get("max_seq", seq_bucket)
         and cond.get("masked", head_dim % 16 != 0) == (head_dim % 16 != 0)
@@ -96,10 +111,11 @@ def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packe
 
 
 def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int,
-                     packed: bool = False) -> dict:
+                     packed: bool = False, fused_dq: bool = False) -> dict:
     """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA} of attention kernel `kernel` (one of
-    KERNELS), of its packed-tile variant when `packed`."""
+    KERNELS), of its packed-tile variant when `packed`, of dk/dv with the fused dq when `fused_dq`."""
     rules = _RULES.get(arch, _RULES["default"])[kernel]
-    bm, bn, warps, stages, *tma = next(cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed))
+    bm, bn, warps, stages, *tma = next(
+        cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed, fused_dq))
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, TMA=bool(tma and tma[0]))
 

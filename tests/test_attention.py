@@ -277,6 +277,65 @@ def test_tma_needs_aligned_heads_in_a_token():
     assert not attention._tma_ok((torch.empty(40 * 4 * 64 + 1)[1:].view(40, 4, 64),), 64, 64, 0)  # base misaligned
 
 
+# ----------------------------------------------------------------------------- fused dq (atomics in dk/dv)
+
+
+@pytest.fixture
+def fused_dq(monkeypatch):
+    """MOCA_FUSED_DQ=1 (as a benchmark or tuned.FUSED_DQ asks): the dk/dv kernel adds dq with atomics.
+    Records the backward kernels launched."""
+    monkeypatch.setenv("MOCA_FUSED_DQ", "1")
+    calls = []
+
+    def spy(name, *args, **kwargs):
+        if name != "fwd":
+            calls.append(name)
+        return run(name, *args, **kwargs)
+
+    run = attention._run
+    monkeypatch.setattr(attention, "_run", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, dtype, kernels, tma",
+    [
+        (MIXED, 2, 2, 64, torch.float16, "mixed", False),
+        ([300, 1, 257, 97, 700], 4, 2, 80, torch.float16, "segments", False),  # several key tiles add to each row
+        ([300, 1, 257, 97, 700], 2, 1, 128, torch.float16, "segments", True),  # TMA tiles read past segment ends
+        ([1, 7, 63, 64, 2, 30, 64], 8, 1, 64, torch.float16, "packed", False),  # GQA 8: 8 heads' dq per program
+        ([1, 7, 63, 64, 2, 30, 64], 4, 2, 80, torch.bfloat16, "packed", True),
+        ([33, 1, 70], 4, 2, 96, torch.float16, "mixed", False),
+        ([9, 70, 3], 2, 1, 40, torch.float16, "mixed", False),  # masked head-dim tail
+        ([0, 5, 0, 40, 0], 2, 1, 128, torch.float16, "packed", False),  # empty segments
+    ],
+)
+def test_fused_dq_matches_fp64(fused_dq, monkeypatch, lens, hq, hkv, d, dtype, kernels, tma):
+    monkeypatch.setenv("MOCA_TMA", "1" if tma else "0")
+    assert attention.path(max(lens), sum(lens), len(lens)) == kernels
+    check(lens, hq, hkv, d, dtype)
+    assert fused_dq == ["dkdv"] * (2 if kernels == "mixed" else 1)  # no dq kernel
+
+
+def test_fused_dq_leaves_fp32_to_the_dq_kernel(fused_dq):
+    check([9, 70, 3], 2, 1, 64, torch.float32)
+    assert fused_dq == ["dkdv", "dkdv", "dq", "dq"]  # a mixed batch: both tilings, each with its dq kernel
+
+
+def test_schedule_runs_every_tile_once():
+    """The per-segment kernels' slot table: each tile of each launched segment exactly once, nothing for
+    spare slots or for the short segments left to the packed kernel (a tile run twice would add its dq twice)."""
+    lens = [0, 3, 200, 64, 65, 1, 130, 2]
+    block, T = 64, sum(lens)
+    for skip_short in (False, True):
+        n = attention._n_slots(T, len(lens), block)
+        sched = torch.empty(n, 2, dtype=torch.int32)
+        attention._fill_schedule(sched, cu_of(lens), T, block, skip_short)
+        ran = sorted((seg, tile) for seg, tile in sched.tolist() if tile * block < lens[seg])
+        launched = [i for i, n in enumerate(lens) if not (skip_short and n <= tuned.PACKED_MAX_SEQLEN)]
+        assert ran == sorted((i, t) for i in launched for t in range(-(-lens[i] // block)))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -360,3 +419,14 @@ def test_gpu_tma(tma_launches, d):
     for name, e_ours, e_ref in zip(("out", "d_qkv"), errors(ours, truth), errors(ref, truth)):
         assert e_ours <= 2 * e_ref + TOL[torch.bfloat16], f"{name}: ours {e_ours:.3g} vs reference {e_ref:.3g}"
     assert all(tma_launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, tma", [(64, "0"), (80, "1"), (128, "0"), (128, "1")])
+def test_gpu_fused_dq(fused_dq, monkeypatch, d, tma):
+    """The fused dq on the GPU (what MOCA_FUSED_DQ=1 benchmarks), with its own tuned tiles: per-segment
+    (a 4096-token segment: its 64 key tiles add into each of its dq rows), packed and mixed batches."""
+    monkeypatch.setenv("MOCA_TMA", tma)
+    for lens in ([4096, *MIXED, 1000, 16, 33, 600], AWKWARD * 20, [*AWKWARD, 300, 2, 700] * 4):
+        check(lens, 16, 2, d, torch.bfloat16, device="cuda")
+    assert fused_dq and "dq" not in fused_dq

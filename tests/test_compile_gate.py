@@ -4,9 +4,8 @@ The Triton interpreter accepts code that the real compiler rejects (issue #12: a
 read by a jitted kernel), so the CPU tests of the kernels cannot see that class of fault. This runs
 bench/compile_gate.py in a subprocess with TRITON_INTERPRET=0 (conftest turns the interpreter on in
 this process, and triton.jit picks interpreter or compiler when the kernel modules are imported),
-and checks its rows: coverage is in that script's docstring. Cold, it compiles 608 kernels (8 min
-wall for the 514 attention ones on two cores); Triton's cache makes later runs take ~15 s for
-unchanged kernels.
+and checks its rows: coverage is in that script's docstring. Cold, it compiles 842 kernels (5 min
+wall on two cores); Triton's cache makes later runs take ~15 s for unchanged kernels.
 """
 
 import json
@@ -78,6 +77,12 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
                     assert label + (" tma" if cfg["TMA"] else "") in compiled[packed]
                     if dtype == torch.bfloat16:  # the TMA variant of every shipped bf16 config
                         assert label + " tma" in compiled[packed]
+                    if name == "dkdv" and dtype != torch.float32:  # with the fused dq (MOCA_FUSED_DQ=1)
+                        cfg = tuned.attention_config("sm90", name, 128, dtype, bucket, packed, fused_dq=True)
+                        label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages}".format(**cfg)
+                        if dtype == torch.bfloat16 or tuned.FUSED_DQ["sm90"]:
+                            assert label + " fused_dq" in compiled[packed]
+                            assert label + " tma fused_dq" in compiled[packed]
         candidates = {f"{bm}x{bn} w{w} s{s}" for bm, bn, w in SPACES[name] for s in STAGES}
         assert candidates <= compiled[False], candidates - compiled[False]
     for name in ("lm_fwd", "lm_dlogits", "mm_acc", "mm_acc_dw", "patch_loss", "patch_loss_grad"):
