@@ -22,10 +22,10 @@ on a transposed operand), InfoNCE forward (with and without hard negatives) and 
 fp16, bf16 and fp32, with the configs their launchers use on a GPU; in bf16 also the TMA variant of
 each LM and patch GEMM (suffix "tma", BLOCK_K 64). A TMA variant counts as shipped only where the
 shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA), a fused-dq one only where
-tuned.FUSED_DQ is on; until then their spills are reported, not asserted. Autotune candidates: every one of `SPACES` x `STAGES`, for a representative
-subset only (bf16, group 8, head dim 128: the text tower, the most register-hungry); the whole
-candidate cross product would take hours on two cores. All in all 842 compiles: about 6 min wall
-cold on the 2-core dev box, ~10 s from Triton's cache.
+tuned.FUSED_DQ is on; until then their spills are reported, not asserted. Autotune candidates: every
+one of `SPACES` x `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text
+tower, the most register-hungry); the whole candidate cross product would take hours on two cores.
+All in all 842 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
