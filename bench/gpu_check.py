@@ -2,14 +2,18 @@
 
 1. setup: the wheels carried in .whl/ (`bench/gpu_wheels.sh` fetches them on a machine with a package
    index) are installed to /tmp/moca-site and put on PYTHONPATH; moca._C is built in place.
-2. at once, since neither times anything: the GPU tests (`pytest -m gpu`, in parallel processes) and the
-   embedded pipeline on CUDA (CPT, then CL with its before/after precision@1 table, then `python -m moca.embed`).
+2. at once, since none of them times anything: the GPU tests (`pytest -m gpu`, in parallel processes), the
+   embedded pipeline on CUDA (CPT, then CL with its before/after precision@1 table, then `python -m moca.embed`)
+   and, niced on the spare cores, the sm_90 compile gate (bench/compile_gate.py) under this machine's Triton and
+   ptxas. The gate binds and keys each kernel as a launch does, and every step runs with the same
+   Triton cache settings, so the benchmarks' first launches load what it compiled instead of compiling
+   within their caps.
 3. every sub-benchmark of bench/throughput.py at full shapes, one at a time, each under its own cap, in
    PRIORITY order (the kernels of the open issues first; the deadline cuts the tail).
 Every step runs under a cap and a global deadline, so the command always ends with a report: a step out of
-time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md (also
-copied, with the full log, to $OUT when set: the device tool brings back what is there) and prints a
-short summary last.
+time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md, and the
+gate's rows as <device>-<date>-compile-gate.json (all also copied, with the full log, to $OUT when set: the
+device tool brings back what is there) and prints a short summary last.
 
     python3 bench/gpu_check.py [--deadline 540] [--skip-tests] [--bench NAME ...]
 """
@@ -21,16 +25,18 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
-CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "attention": 130, "recon_loss": 100, "infonce": 60, "embed": 90,
-        "cpt": 45, "cl": 90, "serve": 75}
+CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 100, "infonce": 60,
+        "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
 # Benchmarks in this order, so that the deadline cuts the least wanted: the open kernel issues' first.
 PRIORITY = ["attention", "recon_loss", "infonce", "embed", "cl", "cpt", "serve"]
 LOG_LOCK = threading.Lock()
@@ -42,7 +48,9 @@ class Run:
     def __init__(self, deadline_s: float, log_path: str):
         self.t0, self.deadline = time.monotonic(), time.monotonic() + deadline_s
         self.log = open(log_path, "w")
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0")
+        # TRITON_DEFAULT_FP_FUSION is in Triton's cache key when set: set alike for every step (the gate sets
+        # it), so that a kernel compiled by one step is a cache hit for the others. Its value is the default.
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
 
     def say(self, msg: str) -> None:
         line = f"[gpu-check {time.monotonic() - self.t0:6.1f}s] {msg}"
@@ -115,6 +123,36 @@ def tests(run: Run, result: dict) -> None:
     result.update(res)
 
 
+def gate(run: Run, result: dict, path: str, stop: threading.Event) -> None:
+    """The sm_90 compile gate on this machine, niced on the cores the tests leave, its rows to path. It stops
+    when `stop` is set (the tests and the pipeline are over: the benchmarks must have the CPU to themselves);
+    what it compiled by then stays in Triton's cache."""
+    jobs = max(2, (os.cpu_count() or 8) - 6)
+    cmd = ["nice", "-n", "10", sys.executable, "bench/compile_gate.py", "--jobs", str(jobs), "--json", path]
+    run.say(f"gate: {' '.join(cmd)} (until the tests end, cap {CAPS['gate']} s)")
+    t = time.monotonic()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run.env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own process group: the compile workers stop with it
+        while proc.poll() is None and not stop.wait(1.0) and time.monotonic() - t < CAPS["gate"]:
+            pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            status = "stopped when the tests ended (what it compiled is cached)"
+        else:
+            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+        out.seek(0)
+        text = "\n".join(line for line in out.read().splitlines() if not line.startswith("|"))  # rows: in path
+    secs = time.monotonic() - t
+    with LOG_LOCK:
+        run.log.write(f"----- gate output (table rows left out) -----\n{text}\n----- end gate ({status}) -----\n")
+    run.say(f"gate: {status} in {secs:.1f} s")
+    m = re.search(r"(\d+) compiles, (\d+) failures", text)
+    result.update(status=status, seconds=round(secs, 1), compiles=int(m[1]) if m else None,
+                  failures=int(m[2]) if m else None, tail=text[-3000:])
+
+
 def benchmarks(run: Run, names: list[str], tmp: str) -> dict:
     out = {}
     for name in names:
@@ -134,6 +172,9 @@ def markdown(report: dict) -> str:
              ", ".join(f"{k}={v}" for k, v in env.items()), ""]
     t = report["tests"]
     lines += [f"GPU tests: {t.get('status')}, {t.get('counts')} in {t.get('seconds')} s", ""]
+    g = report["gate"]
+    lines += [f"sm_90 compile gate here: {g.get('status')}, {g.get('compiles')} compiles, {g.get('failures')} "
+              f"failures in {g.get('seconds')} s (rows: {os.path.basename(report['gate_rows'])})", ""]
     p = report["pipeline"]
     lines += ["Embedded pipeline on CUDA: " + ", ".join(f"{k} {p[k]['status']} ({p[k]['seconds']} s)"
                                                      for k in ("cpt", "cl", "embed_cli") if k in p), ""]
@@ -185,16 +226,21 @@ def main(argv=None) -> int:
     os.makedirs(results_dir, exist_ok=True)
     stem = os.path.join(results_dir, f"{device}-{date}")
     run = Run(args.deadline, stem + ".log")
-    report = {"date": date, "environment": environment("cuda"), "tests": {}, "pipeline": {}, "benchmarks": {}}
+    report = {"date": date, "environment": environment("cuda"), "tests": {}, "pipeline": {}, "gate": {},
+              "gate_rows": stem + "-compile-gate.json", "benchmarks": {}}
     report["setup"] = setup(run)
     if report["setup"]["status"] == "ok":
         workers = [threading.Thread(target=pipeline, args=(run, report["pipeline"]))]
         if not args.skip_tests:
             workers.append(threading.Thread(target=tests, args=(run, report["tests"])))
-        for w in workers:
+        stop_gate = threading.Event()
+        gate_worker = threading.Thread(target=gate, args=(run, report["gate"], report["gate_rows"], stop_gate))
+        for w in (*workers, gate_worker):
             w.start()
         for w in workers:
             w.join()
+        stop_gate.set()
+        gate_worker.join()
         names = args.bench or sorted(available(), key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
         report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem))
     for b in report["benchmarks"].values():
@@ -206,12 +252,15 @@ def main(argv=None) -> int:
         f.write(markdown(report))
     run.log.close()
     if os.environ.get("OUT"):
-        for ext in (".json", ".md", ".log"):
-            shutil.copy(stem + ext, os.environ["OUT"])
+        for path in (stem + ".json", stem + ".md", stem + ".log", report["gate_rows"]):
+            if os.path.exists(path):
+                shutil.copy(path, os.environ["OUT"])
 
     print("\n===== gpu-check summary =====")
     t = report["tests"]
     print(f"tests: {t.get('status', 'not run')} {t.get('counts', '')}")
+    g = report["gate"]
+    print(f"compile gate: {g.get('status', 'not run')} {g.get('compiles')} compiles, {g.get('failures')} failures")
     p = report["pipeline"]
     if "eval" in p:
         print(f"embedded CL mean precision@1: before {p['eval']['before']['mean_precision@1']:.3f}, "
