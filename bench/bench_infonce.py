@@ -1,6 +1,7 @@
 """InfoNCE forward + backward: ours against naive torch (matmul + cross-entropy) and Inf-CL.
 
-Rows per (B, D, r): "ours" (Triton on CUDA, the blocked torch path on CPU), "torch_naive"
+Rows per (B, D, r): "ours" (Triton on CUDA, the blocked torch path on CPU), "ours-tma" (CUDA, MOCA_TMA=1:
+the score GEMMs' operands through TMA descriptors), "torch_naive"
 (the full (B, B + r) logit matrix; OOM is reported, not fatal), "inf_cl" (its single-GPU
 `cal_flash_loss`, CUDA only, r = 0 only since it has no hard negatives, fp32 inside) and
 "gemm": the time of ONE B x B x D matmul, measured in the same run on an 8192^2 block and
@@ -13,7 +14,7 @@ tflops counts those 3. Batches on GPU: 4096, 32768 and 262144 (naive torch repor
 import torch
 import torch.nn.functional as F
 
-from common import peak_gib, time_ms
+from common import peak_gib, time_ms, with_env
 from kernels import infonce
 
 TAU = 0.03
@@ -83,6 +84,8 @@ def run(device: str, quick: bool) -> list[dict]:
         batches = [512] if quick else [1024, 4096]
         ours = _ours("torch")  # the interpreter is for tests, not timings
     providers = [("ours", ours), ("torch_naive", _naive)]
+    if device == "cuda":
+        providers.insert(1, ("ours-tma", ours))  # run under MOCA_TMA=1
     inf_cl = _inf_cl() if device == "cuda" else None
     if inf_cl is not None:
         providers.append(("inf_cl", inf_cl))
@@ -98,7 +101,8 @@ def run(device: str, quick: bool) -> list[dict]:
                     continue
                 row = dict(provider=name, shape=f"B={B} D={D}", r=r, dtype=str(dtype).split(".")[-1])
                 try:
-                    fwd_ms, ms, peak = _measure(fn, xs, device)
+                    with with_env({"MOCA_TMA": "1" if name == "ours-tma" else None}):
+                        fwd_ms, ms, peak = _measure(fn, xs, device)
                     tflops = 3 * 2 * B * B * D / ms / 1e9
                     row.update(fwd_ms=fwd_ms, ms=ms, x_2gemm=ms / (2 * gemm), tflops=tflops, peak_gib=peak)
                 except torch.OutOfMemoryError:
@@ -111,13 +115,14 @@ def run(device: str, quick: bool) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> dict:
-    """ours vs naive time at each (B, r), and ours' time in units of two B^2 D GEMMs."""
+    """ours (and ours-tma) vs naive time at each (B, r), and their time in units of two B^2 D GEMMs."""
     out = {}
-    ours = {(r["shape"], r["r"]): r for r in rows if r["provider"] == "ours" and r.get("ms")}
-    for r in rows:
-        key = (r["shape"], r["r"])
-        if r["provider"] == "torch_naive" and r.get("ms") and key in ours:
-            out[f"infonce naive/ours {r['shape']} r={r['r']}"] = r["ms"] / ours[key]["ms"]
-    for (shape, r), row in ours.items():
-        out[f"infonce ours x_2gemm {shape} r={r}"] = row["x_2gemm"]
+    for variant in ("ours", "ours-tma"):
+        ours = {(r["shape"], r["r"]): r for r in rows if r["provider"] == variant and r.get("ms")}
+        for r in rows:
+            key = (r["shape"], r["r"])
+            if r["provider"] == "torch_naive" and r.get("ms") and key in ours:
+                out[f"infonce naive/{variant} {r['shape']} r={r['r']}"] = r["ms"] / ours[key]["ms"]
+        for (shape, r), row in ours.items():
+            out[f"infonce {variant} x_2gemm {shape} r={r}"] = row["x_2gemm"]
     return out

@@ -142,13 +142,14 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = "", tma: bool = False
     if kernel.startswith("infonce"):
         cfg = infonce._config(dt)
         B, D = rows, 2048
+        qt = (desc((B, D), (cfg["BLOCK_M"], cfg["BLOCK_K"])), desc((B, D), (cfg["BLOCK_N"], cfg["BLOCK_K"])))
         if kernel == "infonce_fwd":
             r = 2 if extra == "neg" else 1
             row_tiles = key_tiles = triton.cdiv(B, cfg["BLOCK_M"])
             per_split = triton.cdiv(key_tiles, min(key_tiles, triton.cdiv(2 * SMS, row_tiles)))
-            return infonce._infonce_fwd_kernel, (x, x, x, f32, f32, f32, f32, B, D, per_split, 0.1), dict(
-                R=r, HAS_NEG=r > 1, **cfg)
-        return infonce._infonce_dscores_kernel, (x, x, f32, x, B, B, D, B, 0, 0.1), cfg
+            return infonce._infonce_fwd_kernel, (x, x, x, f32, f32, f32, f32, *qt, B, D, per_split, 0.1), dict(
+                R=r, HAS_NEG=r > 1, TMA=tma, **cfg)
+        return infonce._infonce_dscores_kernel, (x, x, f32, x, *qt, B, B, D, B, 0, 0.1), dict(TMA=tma, **cfg)
     M, H, V, P = rows, 2048, 151936, 4 * 1176
     if kernel.startswith("patch"):
         cfg = recon_loss._launch_cfg(dt, M, P, True, tma)
@@ -294,8 +295,10 @@ def jobs(only: str = "") -> list[dict]:
                 add("loss", "mm_acc_dw", dict(kernel="mm_acc_dw", dtype=dtype, rows=rows, tma=tma), f"{dtype} M={rows}",
                     _cfg_label(cfg), tma == recon_loss.SHIPPED_TMA)
         for name, extra in (("infonce_fwd", ""), ("infonce_fwd", "neg"), ("infonce_dscores", "")):
-            add("loss", name, dict(kernel=name, dtype=dtype, rows=4096, extra=extra), f"{dtype} B=4096 {extra}".strip(),
-                _cfg_label(infonce._config(DTYPES[dtype])), True)
+            for tma in (False, True) if dtype in TMA_DTYPES else (False,):
+                add("loss", name, dict(kernel=name, dtype=dtype, rows=4096, extra=extra, tma=tma),
+                    f"{dtype} B=4096 {extra}".strip(), _cfg_label(dict(infonce._config(DTYPES[dtype]), TMA=tma)),
+                    tma == recon_loss.SHIPPED_TMA)
     merged = {}
     for job in out:
         key = _key(job)

@@ -25,6 +25,10 @@ cross-entropy over the B queries. No (B x B) score matrix ever exists:
   256 rows, and adding each block's dS^T Q into dt would read and write the fp32 (B, D) dt once
   per 256 rows (1024 x 4 GiB of traffic), far more than the recompute GEMM it saves.
 
+* TMA (Hopper, opt-in like the LM loss's GEMMs: recon_loss.SHIPPED_TMA, MOCA_TMA=1): both kernels can
+  take their score tiles' operands through host-built TMA descriptors over q and t (or the backward's
+  row chunks of them) instead of masked pointer loads; reads past the edges, the K tail too, are zeros.
+
 The torch backend runs the same blocked algorithm with torch ops in fp32; it is the CPU
 path. Across ranks, `gathered_infonce` gathers with autograd (`gather_with_grad`).
 """
@@ -35,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels._backend import interpreter_enabled, resolve
-from kernels.recon_loss import _scaled_downcast
+from kernels.recon_loss import _desc, _scaled_downcast, _tile_matmul_tma, _use_tma
 
 LOG2E = 1.4426950408889634
 # Jitted code may read a module global only if it is a tl.constexpr: the sm_90 compiler refuses a
@@ -46,9 +50,17 @@ _CHUNK = 8192
 
 
 @triton.jit
-def _score_tile(Q, T, rows, cols, n_rows, n_cols, D,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """fp32 (BM, BN) tile of Q[rows] @ T[cols]^T; rows >= n_rows and cols >= n_cols read as zeros."""
+def _score_tile(Q, T, QD, TD, row0, col0, n_rows, n_cols, D,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr):
+    """fp32 (BM, BN) tile of Q[rows] @ T[cols]^T, rows = row0 + [0, BM), cols = col0 + [0, BN); rows >= n_rows
+    and cols >= n_cols read as zeros. TMA: through the descriptors QD over Q (n_rows, D) in BM x BK blocks
+    and TD over T (n_cols, D) in BN x BK blocks, whose reads past the edges (the K tail too) are zeros."""
+    if TMA:
+        return _tile_matmul_tma(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), QD, TD, row0, col0, D, BLOCK_K,
+                                False, True, False, INPUT_PRECISION)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    cols = col0 + tl.arange(0, BLOCK_N)
     q_rows = Q + rows.to(tl.int64)[:, None] * D  # int64: B * D passes 2^31 at B = 1M, D = 2048
     t_cols = T + cols.to(tl.int64)[None, :] * D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -77,16 +89,17 @@ def _row_dot(Q, X, x_row_stride, rows, B, D, BLOCK_M: tl.constexpr, BLOCK_K: tl.
 
 @triton.jit
 def _infonce_fwd_kernel(
-    Q, T, NEG, M_OUT, L_OUT, POS, NEG_DOT,
+    Q, T, NEG, M_OUT, L_OUT, POS, NEG_DOT, QD, TD,
     B, D, tiles_per_split, qk_scale,
     R: tl.constexpr, HAS_NEG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Program (m, s): query tile m against key tiles [s*tiles_per_split, (s+1)*tiles_per_split).
 
     Writes the partial base-2 running max and sum of that range to M_OUT[s], L_OUT[s] (B,);
     split 0 also writes the raw positive dots POS (B,) and hard-negative dots NEG_DOT (B, R)
-    and folds the negatives into its partial.
+    and folds the negatives into its partial. TMA: score tiles through QD, TD (`_score_tile`), else None.
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -109,7 +122,8 @@ def _infonce_fwd_kernel(
     end = tl.minimum(start + tiles_per_split, n_tiles)
     for nt in range(start, end):
         cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        s = _score_tile(Q, T, rows, cols, B, B, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION) * qk_scale
+        s = _score_tile(Q, T, QD, TD, pid_m * BLOCK_M, nt * BLOCK_N, B, B, D, BLOCK_M, BLOCK_N, BLOCK_K,
+                        INPUT_PRECISION, TMA) * qk_scale
         s = tl.where(cols[None, :] < B, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
@@ -120,14 +134,17 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _infonce_dscores_kernel(
-    Q, T, LSE, DS,
+    Q, T, LSE, DS, QD, TD,
     C, N, D, ds_stride, diag_offset, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """DS[i, j] = exp(q_i.t_j / tau - lse_i) - [i + diag_offset == j] for a (C, N) block."""
+    """DS[i, j] = exp(q_i.t_j / tau - lse_i) - [i + diag_offset == j] for a (C, N) block.
+    TMA: score tiles through QD, TD (`_score_tile`), else None."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _score_tile(Q, T, rows, cols, C, N, D, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    acc = _score_tile(Q, T, QD, TD, tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N, C, N, D, BLOCK_M, BLOCK_N,
+                      BLOCK_K, INPUT_PRECISION, TMA)
     lse2 = tl.load(LSE + rows, mask=rows < C, other=0.0) * _LOG2E_JIT
     p = tl.exp2(acc * qk_scale - lse2[:, None])
     p = tl.where(rows[:, None] + diag_offset == cols[None, :], p - 1.0, p)
@@ -136,13 +153,21 @@ def _infonce_dscores_kernel(
 
 
 def _config(dtype: torch.dtype) -> dict:
-    """Tile sizes: small in the interpreter (fast tests), GEMM-sized on a GPU."""
+    """Tile sizes: small in the interpreter (fast tests), GEMM-sized on a GPU; the same with TMA (`_descs`)."""
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if interpreter_enabled():
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=precision)
     if dtype == torch.float32:  # exact FMA dots: wider tiles spill on sm_90 (bench/compile_gate.py, triton 3.6 too)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=8, num_stages=3)
+
+
+def _descs(q, t, cfg) -> tuple:
+    """(QD, TD, TMA): TMA descriptors of the score GEMM's operands q (rows, D) and t (cols, D) in the tiles of
+    cfg, where MOCA_TMA / recon_loss.SHIPPED_TMA want them and the layouts allow; else None, None, False."""
+    if not _use_tma(q, t):
+        return None, None, False
+    return _desc(q, cfg["BLOCK_M"], cfg["BLOCK_K"]), _desc(t, cfg["BLOCK_N"], cfg["BLOCK_K"]), True
 
 
 def _forward_triton(q, t, neg, temperature):
@@ -159,10 +184,11 @@ def _forward_triton(q, t, neg, temperature):
     l_part = torch.empty_like(m_part)
     pos = torch.empty(B, device=q.device, dtype=torch.float32)
     neg_dot = torch.empty(B, r, device=q.device, dtype=torch.float32) if r else None
+    qd, td, tma = _descs(q, t, cfg)
     _infonce_fwd_kernel[(row_tiles, n_split)](
-        q, t, neg if r else q, m_part, l_part, pos, neg_dot if r else pos,
+        q, t, neg if r else q, m_part, l_part, pos, neg_dot if r else pos, qd, td,
         B, D, tiles_per_split, LOG2E / temperature,
-        R=max(r, 1), HAS_NEG=r > 0, **cfg,
+        R=max(r, 1), HAS_NEG=r > 0, TMA=tma, **cfg,
     )
     m_max = m_part.max(dim=0).values
     lse = (m_max + torch.log2((l_part * torch.exp2(m_part - m_max)).sum(dim=0))) / LOG2E
@@ -196,8 +222,9 @@ def _dscores_triton(qc, tc, lse_c, diag_offset, temperature, out):
     ds = out[:C, :N]
     cfg = _config(qc.dtype)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    qd, td, tma = _descs(qc, tc, cfg)
     _infonce_dscores_kernel[grid](
-        qc, tc, lse_c, ds, C, N, D, ds.stride(0), diag_offset, LOG2E / temperature, **cfg
+        qc, tc, lse_c, ds, qd, td, C, N, D, ds.stride(0), diag_offset, LOG2E / temperature, TMA=tma, **cfg
     )
     return ds
 

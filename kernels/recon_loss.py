@@ -293,8 +293,8 @@ def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool, tma: bool =
                 BLOCK_K=128, UPCAST=True, PREC="ieee", TMA=tma)
 
 
-# The loss GEMMs' shipped TMA choice on a GPU: off until a GPU run shows the bench's ours_tma rows ahead
-# (MOCA_TMA=1 / 0 overrides it, see kernels/_backend.py).
+# The loss GEMMs' shipped TMA choice on a GPU (these and InfoNCE's score GEMMs): off until a GPU run shows
+# the benches' ours-tma rows ahead (MOCA_TMA=1 / 0 overrides it, see kernels/_backend.py).
 SHIPPED_TMA = False
 
 

@@ -87,6 +87,31 @@ def test_blocked_backward_and_large_logits(backend, monkeypatch):
     check_against_oracle([q, t, neg], backend, temperature=0.05)
 
 
+@pytest.fixture
+def tma_descs(monkeypatch):
+    """MOCA_TMA=1: records, per score-GEMM launch, whether its operands came through TMA descriptors."""
+    monkeypatch.setenv("MOCA_TMA", "1")
+    calls = []
+
+    def spy(q, t, cfg):
+        out = descs(q, t, cfg)
+        calls.append(out[2])
+        return out
+
+    descs = infonce_mod._descs
+    monkeypatch.setattr(infonce_mod, "_descs", spy)
+    return calls
+
+
+@pytest.mark.parametrize("B, D, r", [(7, 64, 0), (300, 80, 2), (97, 72, 1)])
+def test_tma_matches_float64(tma_descs, monkeypatch, B, D, r):
+    """Score tiles through TMA descriptors: rows, key columns and the K tail (D = 80, 72 with BLOCK_K 64) past
+    the operands' edges read zeros; the blocked backward's descriptors view row chunks at an offset."""
+    monkeypatch.setattr(infonce_mod, "_CHUNK", 128)
+    check_against_oracle(make_inputs(B, D, r), "triton")
+    assert tma_descs and all(tma_descs)  # the forward and every backward block
+
+
 @pytest.mark.parametrize("frozen", ["q", "t_neg"])
 def test_partial_requires_grad(frozen):
     q, t, neg = make_inputs(37, 64, 2)
@@ -109,9 +134,11 @@ def test_rejects_mismatched_negatives():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B, D, r", [(4096, 2048, 2), (9001, 1000, 1), (257, 80, 0)])
-def test_gpu_matches_float64(B, D, r, dtype, monkeypatch):
+def test_gpu_matches_float64(B, D, r, dtype, tma, monkeypatch):
+    monkeypatch.setenv("MOCA_TMA", tma)
     if B > 8192:
         monkeypatch.setattr(infonce_mod, "_CHUNK", 4096)  # exercise the blocked backward on a GPU
     check_against_oracle(make_inputs(B, D, r, dtype=dtype, device="cuda"), "triton")
