@@ -20,6 +20,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _shipped_kernel_variants(monkeypatch):
+    """Every test starts from the shipped kernel variants whatever the shell exports (MOCA_TMA, MOCA_FUSED_DQ,
+    MOCA_AUTOTUNE); the tests of a variant set its knob themselves."""
+    for knob in ("MOCA_TMA", "MOCA_FUSED_DQ", "MOCA_AUTOTUNE"):
+        monkeypatch.delenv(knob, raising=False)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
