@@ -146,7 +146,7 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = "", tma: bool = False
         if kernel == "infonce_fwd":
             r = 2 if extra == "neg" else 1
             row_tiles = key_tiles = triton.cdiv(B, cfg["BLOCK_M"])
-            per_split = triton.cdiv(key_tiles, min(key_tiles, triton.cdiv(2 * SMS, row_tiles)))
+            per_split = recon_loss._cols_per_split(row_tiles, key_tiles, 2 * SMS)
             return infonce._infonce_fwd_kernel, (x, x, x, f32, f32, f32, f32, *qt, B, D, per_split, 0.1), dict(
                 R=r, HAS_NEG=r > 1, TMA=tma, **cfg)
         return infonce._infonce_dscores_kernel, (x, x, f32, x, *qt, B, B, D, B, 0, 0.1), dict(TMA=tma, **cfg)
@@ -172,7 +172,7 @@ def _loss(kernel: str, dtype: str, rows: int, extra: str = "", tma: bool = False
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     if kernel == "lm_fwd":
         m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
-        per_split = triton.cdiv(v_tiles, min(v_tiles, max(1, triton.cdiv(2 * SMS, m_tiles))))
+        per_split = recon_loss._cols_per_split(m_tiles, v_tiles, 2 * SMS)
         return recon_loss._lm_fwd_kernel, (x, x, i64, f32, f32, *hw, M, V, H, per_split), cfg
     vc = recon_loss._vocab_chunk(M, V, H, cfg["BLOCK_N"])
     if kernel == "lm_dlogits":

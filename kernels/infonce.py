@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kernels._backend import interpreter_enabled, resolve
-from kernels.recon_loss import _desc, _scaled_downcast, _tile_matmul_tma, _use_tma
+from kernels.recon_loss import _cols_per_split, _desc, _scaled_downcast, _sm_count, _tile_matmul_tma, _use_tma
 
 LOG2E = 1.4426950408889634
 # Jitted code may read a module global only if it is a tl.constexpr: the sm_90 compiler refuses a
@@ -95,14 +95,15 @@ def _infonce_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Program (m, s): query tile m against key tiles [s*tiles_per_split, (s+1)*tiles_per_split).
+    """Program (s, m), s fastest (recon_loss._cols_per_split): query tile m against key tiles
+    [s*tiles_per_split, (s+1)*tiles_per_split).
 
     Writes the partial base-2 running max and sum of that range to M_OUT[s], L_OUT[s] (B,);
     split 0 also writes the raw positive dots POS (B,) and hard-negative dots NEG_DOT (B, R)
     and folds the negatives into its partial. TMA: score tiles through QD, TD (`_score_tile`), else None.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -175,9 +176,8 @@ def _forward_triton(q, t, neg, temperature):
     B, D = q.shape
     cfg = _config(q.dtype)
     row_tiles, key_tiles = triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(B, cfg["BLOCK_N"])
-    # Split the key range so that small batches still fill the machine.
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 2
-    tiles_per_split = triton.cdiv(key_tiles, min(key_tiles, triton.cdiv(2 * sms, row_tiles)))
+    # Split the key range so that small batches fill the machine and the query tiles in flight stay in L2.
+    tiles_per_split = _cols_per_split(row_tiles, key_tiles, 2 * _sm_count(q.device.index) if q.is_cuda else 4)
     n_split = triton.cdiv(key_tiles, tiles_per_split)
     r = 0 if neg is None else neg.shape[1]
     m_part = torch.empty(n_split, B, device=q.device, dtype=torch.float32)
@@ -185,7 +185,7 @@ def _forward_triton(q, t, neg, temperature):
     pos = torch.empty(B, device=q.device, dtype=torch.float32)
     neg_dot = torch.empty(B, r, device=q.device, dtype=torch.float32) if r else None
     qd, td, tma = _descs(q, t, cfg)
-    _infonce_fwd_kernel[(row_tiles, n_split)](
+    _infonce_fwd_kernel[(n_split, row_tiles)](
         q, t, neg if r else q, m_part, l_part, pos, neg_dot if r else pos, qd, td,
         B, D, tiles_per_split, LOG2E / temperature,
         R=max(r, 1), HAS_NEG=r > 0, TMA=tma, **cfg,

@@ -25,7 +25,8 @@ Design decisions a reader must know:
   memory within 1.1 x (inputs + gradients) and rounds the fp32 d_weight once. One Triton kernel multiplies
   a row tile of hidden by vocabulary tiles and folds the fp32 logits into an online log-sum-exp,
   picking up the target's logit on the way; only (S, M) partials survive, S being the number of
-  vocabulary splits that small M needs to fill the GPU. The forward keeps the (M,) lse.
+  vocabulary splits (`_cols_per_split`: enough to fill the GPU and to keep the row tiles in flight in L2,
+  each being re-read for every vocabulary tile). The forward keeps the (M,) lse.
 * LM backward of `grad_in_forward=False`, the memory-lean path (4 GEMMs). d_hidden needs every
   vocabulary row and d_weight every hidden row, and H (2048..3584) is far too wide to keep either
   fp32 accumulator in registers, so a fully fused backward has to read-modify-write (BM + BV) x H
@@ -120,13 +121,14 @@ def _tile_matmul_tma(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr
 def _lm_fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, h_desc, w_desc, M, V, H, tiles_per_split,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-    """One row tile x one vocabulary split: online lse and target logit over the split's columns.
+    """One vocabulary split (program_id 0, fastest: `_cols_per_split`) x one row tile: online lse and target
+    logit over the split's columns.
 
     h: (M, H); w: (V, H); tgt: (M,) int64; lse, tgt_logit: (S, M) fp32 partials.
     TMA: h and w tiles through h_desc (blocks BLOCK_M x BLOCK_K) and w_desc (BLOCK_N x BLOCK_K), else None.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -273,6 +275,24 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Row tiles in flight at once in the online-lse GEMMs (LM forward, InfoNCE forward): 16 row tiles of a
+# 2048-wide bf16 input are 8 MiB, well inside the 50 MiB L2 of an H100/H200.
+_L2_ROW_TILES = 16
+
+
+def _cols_per_split(row_tiles: int, col_tiles: int, programs: int) -> int:
+    """Column tiles per split of an online-lse GEMM whose program holds one row tile and streams its split's
+    column tiles, the split index fastest in launch order. programs: about how many run at once (2 per SM).
+
+    Each column tile re-reads the program's whole row tile (BLOCK_M x K: 512 KiB at K = 2048 in bf16), so
+    the row tiles in flight must stay in L2: enough splits that the programs in flight share at most
+    _L2_ROW_TILES of them (and fill the GPU when rows are few). With one or two splits, row tile fastest,
+    every row tile of M = 16384 would be in flight at once (64 MiB) and each column tile would fetch its
+    rows from HBM again (~80 GB per LM forward at 16384 x 2048 x 151936)."""
+    splits = max(triton.cdiv(programs, row_tiles), triton.cdiv(programs, _L2_ROW_TILES))
+    return triton.cdiv(col_tiles, min(col_tiles, splits))
+
+
 def _launch_cfg(dtype: torch.dtype, rows: int, cols: int, gpu: bool, tma: bool = False) -> dict:
     """Tiles of a (rows x cols) output, BLOCK_M x BLOCK_N each, reducing BLOCK_K at a time; TMA: the
     operand tiles through TMA descriptors (`_use_tma`).
@@ -326,11 +346,11 @@ def _lm_fwd_triton(h, w, tgt):
     m_tiles = triton.cdiv(M, cfg["BLOCK_M"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_N"])
     programs = 2 * _sm_count(h.device.index) if h.is_cuda else 4
-    per_split = triton.cdiv(v_tiles, min(v_tiles, max(1, triton.cdiv(programs, m_tiles))))
+    per_split = _cols_per_split(m_tiles, v_tiles, programs)
     splits = triton.cdiv(v_tiles, per_split)
     lse = torch.empty(splits, M, dtype=torch.float32, device=h.device)
     tgt_logit = torch.empty_like(lse)
-    _lm_fwd_kernel[(m_tiles, splits)](h, w, tgt, lse, tgt_logit, *descs, M, V, H, per_split, **cfg)
+    _lm_fwd_kernel[(splits, m_tiles)](h, w, tgt, lse, tgt_logit, *descs, M, V, H, per_split, **cfg)
     return torch.logsumexp(lse, 0), tgt_logit.sum(0)
 
 

@@ -110,6 +110,21 @@ def check_lm_path(path, M, H, V, dtype):
     check_lm(ours, naive, truth, dtype)
 
 
+@pytest.mark.parametrize("row_tiles, col_tiles", [(128, 1187), (32, 1187), (1, 1187), (2048, 2048), (256, 256), (4, 3)])
+def test_vocab_splits_fill_the_gpu_and_keep_row_tiles_in_l2(row_tiles, col_tiles):
+    """The online-lse GEMMs' split (LM forward at M / 128 row tiles of a 151936 vocabulary, InfoNCE forward):
+    every column tile in one split, at least a program per SM of an H100/H200 (132; 2 per SM asked), and with
+    the split index fastest at most ~_L2_ROW_TILES row tiles among the programs in flight (each re-reads its
+    row tile per column tile)."""
+    programs = 264
+    per = recon_loss._cols_per_split(row_tiles, col_tiles, programs)
+    splits = math.ceil(col_tiles / per)
+    assert (splits - 1) * per < col_tiles <= splits * per
+    assert splits * row_tiles >= min(programs // 2, row_tiles * col_tiles)
+    if col_tiles * recon_loss._L2_ROW_TILES >= programs:
+        assert programs / splits <= recon_loss._L2_ROW_TILES + 1
+
+
 def test_lm_backends_agree():
     hidden, weight, targets = lm_inputs(131, 96, 1000, torch.float32)
     a = grads(lambda h, w: masked_lm_loss(h, w, targets, backend="triton"), (hidden, weight), torch.tensor(1.0))
