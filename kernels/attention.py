@@ -373,15 +373,16 @@ def _attn_bwd_dkdv_kernel(
         if D1 > 0:
             dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT_PREC)
         if FUSED_DQ:  # dS = 0 on rows of other segments (PACKED) and past the range (TMA; those not added)
-            ds = tl.trans(dsT)
+            # dq^T = K^T dS^T: the head dim (>= 64) on the MMA's M side runs on wgmma, where dS (BLOCK_M rows,
+            # 32 in the shipped tiles) on the left would take mma.sync
             dq_ptrs = (DQ + start * stride_dqt + (kv_head * GROUP + g) * stride_dqh
-                       + (row0 + offs_m)[:, None] * stride_dqt)
-            dq_mask = row_ok[:, None]
-            tl.atomic_add(dq_ptrs + d0[None, :], tl.dot(ds, k0, input_precision=DOT_PREC) * sm_scale,
-                          mask=dq_mask & dm0, sem="relaxed")
+                       + (row0 + offs_m)[None, :] * stride_dqt)
+            dq_mask = row_ok[None, :]
+            tl.atomic_add(dq_ptrs + d0[:, None], tl.dot(tl.trans(k0), dsT, input_precision=DOT_PREC) * sm_scale,
+                          mask=dq_mask & tl.trans(dm0), sem="relaxed")
             if D1 > 0:
-                tl.atomic_add(dq_ptrs + d1[None, :], tl.dot(ds, k1, input_precision=DOT_PREC) * sm_scale,
-                              mask=dq_mask & dm1, sem="relaxed")
+                tl.atomic_add(dq_ptrs + d1[:, None], tl.dot(tl.trans(k1), dsT, input_precision=DOT_PREC) * sm_scale,
+                              mask=dq_mask & tl.trans(dm1), sem="relaxed")
 
     dk_ptrs = DK + start * stride_dkt + kv_head * stride_dkh + cols[:, None] * stride_dkt
     dv_ptrs = DV + start * stride_dvt + kv_head * stride_dvh + cols[:, None] * stride_dvt

@@ -63,8 +63,8 @@ _RULES = {
             (dict(max_seq=64), (64, 64, 4, 3)),
             (dict(), (128, 64, 8, 3)),
         ],
-        # dk/dv with the fused dq (FUSED_DQ): the dS K tile and its atomics cost registers, so smaller tiles
-        # than without (32x128 w8 spills at head dims 72, 80 and 96 with it): the spill-free ones in the gate.
+        # dk/dv with the fused dq (FUSED_DQ): the dq tile and its atomics cost registers, so smaller tiles than
+        # without (32x128 w8 spills with it at head dims 72 and 128, under Triton 3.6 or 3.9): spill-free in the gate.
         "dkdv": [
             (dict(fused_dq=True, masked=True), (16, 16, 8, 2)),
             (dict(fused_dq=True), (32, 64, 8, 2)),
