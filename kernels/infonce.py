@@ -333,7 +333,10 @@ def gather_with_grad(x):
         return x
     import torch.distributed._functional_collectives as fc
 
-    return fc.wait_tensor(fc.all_gather_single(x.contiguous(), 0, dist.group.WORLD))
+    # the autograd-aware gather: all_gather_single in newer torch (2.13 here), all_gather_tensor_autograd in
+    # older releases (the GPU image's 2.11; deprecated in 2.13, hence not used where the new name exists)
+    gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor_autograd
+    return fc.wait_tensor(gather(x.contiguous(), 0, dist.group.WORLD))
 
 
 class _ScaleGrad(torch.autograd.Function):

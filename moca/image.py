@@ -1,9 +1,12 @@
 """Image loading and Qwen2-VL image preprocessing (pixels -> raw 14x14 patches).
 
 Bit-for-bit equal to transformers' `Qwen2VLImageProcessor` (PIL/numpy backend): alpha is
-composited onto white, `smart_resize` picks a size whose sides are multiples of
-patch*merge (28) with the pixel count in [min_pixels, max_pixels], PIL bicubic resizes,
-then rescale (float64 * 1/255 -> float32) and CLIP normalisation (float32).
+composited onto white (as transformers' convert_to_rgb does in newer 5.x releases, 5.24 here; older
+ones, the 4.50 the reference release ran and 5.17 among them, drop the alpha band by PIL's
+convert("RGB"), so RGBA, LA and transparent-palette images differ from the release's pixels);
+`smart_resize` picks a size whose sides are multiples of patch*merge (28) with the pixel count in
+[min_pixels, max_pixels], PIL bicubic resizes, then rescale (float64 * 1/255 -> float32) and CLIP
+normalisation (float32).
 Key design decision: rescale+normalise of a uint8 pixel has only 256 possible results
 per channel, so it is a lookup table computed with transformers' exact float ops; the
 patch reordering runs on the uint8 image (1 byte per value) and the table gather
