@@ -188,9 +188,8 @@ def _launch(job: dict):
 # ----------------------------------------------------------------------------- binding and compiling
 
 
-def _bind(job: dict):
-    """(fn, signature, constexprs, attrs, options): what the JIT would compile for this launch."""
-    fn, args, kwargs = _launch(job)
+def bind(fn, args, kwargs):
+    """(fn, signature, constexprs, attrs, options): what the JIT would compile for fn[grid](*args, **kwargs)."""
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
@@ -198,10 +197,15 @@ def _bind(job: dict):
     return fn, signature, constexprs, attrs, options
 
 
-def _key(job: dict) -> str:
-    fn, signature, constexprs, attrs, options = _bind(job)
+def launch_key(fn, args, kwargs) -> str:
+    """What tells two launches apart in Triton's cache (equal keys: one compile serves both)."""
+    fn, signature, constexprs, attrs, options = bind(fn, args, kwargs)
     return repr((fn.__name__, signature, sorted(map(repr, constexprs.items())), sorted(attrs.items()),
                  sorted(options.__dict__.items())))
+
+
+def _key(job: dict) -> str:
+    return launch_key(*_launch(job))
 
 
 def _resources(cubin: bytes) -> dict:
@@ -214,11 +218,12 @@ def _resources(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in usage.items()}
 
 
-def compile_job(job: dict) -> dict:
-    """Row of the table: job fields plus regs, shared (bytes, dynamic + static), stack, local, error."""
-    row = dict(job, regs=None, shared=None, stack=None, local=None, error=None)
+def compile_launch(fn, args, kwargs) -> dict:
+    """Compile fn[grid](*args, **kwargs) for sm_90 into Triton's cache -> {regs, shared (bytes, dynamic +
+    static), stack, local, error}; a failure is reported in error, not raised."""
+    row = dict(regs=None, shared=None, stack=None, local=None, error=None)
     try:
-        fn, signature, constexprs, attrs, options = _bind(job)
+        fn, signature, constexprs, attrs, options = bind(fn, args, kwargs)
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
         usage = _resources(kernel.asm["cubin"])
         row.update(regs=usage["reg"], stack=usage["stack"], local=usage["local"],
@@ -226,6 +231,15 @@ def compile_job(job: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - every failure is a row of the report
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return row
+
+
+def compile_job(job: dict) -> dict:
+    """Row of the table: job fields plus regs, shared, stack, local, error (`compile_launch`)."""
+    try:
+        launch = _launch(job)
+    except Exception as e:  # noqa: BLE001
+        return dict(job, regs=None, shared=None, stack=None, local=None, error=f"{type(e).__name__}: {e}"[:300])
+    return dict(job, **compile_launch(*launch))
 
 
 # ----------------------------------------------------------------------------- the job list
@@ -261,7 +275,7 @@ def jobs(only: str = "") -> list[dict]:
                 shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed, fused).values())
                            for s in SEQ_BUCKETS}  # fmt: skip
                 ships = fused == (name == "dkdv" and tuned.FUSED_DQ[ARCH])
-                cands = {(*c, s, False) for c in attention.SPACES[name] for s in attention.STAGES}
+                cands = {(*c, False) for c in attention.candidates(name)}
                 if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
                     cands = set()
                 spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")

@@ -9,7 +9,9 @@
    Triton cache settings, so the benchmarks' first launches load what it compiled instead of compiling
    within their caps.
 3. every sub-benchmark of bench/throughput.py at full shapes, one at a time, each under its own cap, in
-   PRIORITY order (the kernels of the open issues first; the deadline cuts the tail).
+   PRIORITY order (the kernels of the open issues first; the deadline cuts the tail), and among them
+   "tune": bench/tune_attention.py, every attention tile candidate timed on the benchmark's shapes
+   (its winners are what kernels/tuned.py's sm90 rules are written from).
 Every step runs under a cap and a global deadline, so the command always ends with a report: a step out of
 time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md, and the
 gate's rows as <device>-<date>-compile-gate.json (all also copied, with the full log, to $OUT when set: the
@@ -36,9 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
 CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 100, "infonce": 75,
-        "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
+        "tune": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
 # Benchmarks in this order, so that the deadline cuts the least wanted: the open kernel issues' first.
-PRIORITY = ["attention", "recon_loss", "infonce", "embed", "cl", "cpt", "serve"]
+PRIORITY = ["attention", "recon_loss", "infonce", "tune", "embed", "cl", "cpt", "serve"]
 LOG_LOCK = threading.Lock()
 
 
@@ -153,9 +155,25 @@ def gate(run: Run, result: dict, path: str, stop: threading.Event) -> None:
                   failures=int(m[2]) if m else None, tail=text[-3000:])
 
 
-def benchmarks(run: Run, names: list[str], tmp: str) -> dict:
+def tune(run: Run, stem: str) -> dict:
+    """bench/tune_attention.py within its cap (its budget a little under, so that it writes what it timed);
+    its winners become the step's rows."""
+    budget = min(CAPS["tune"], run.deadline - time.monotonic()) - 15
+    res = run.sh("tune", [sys.executable, "bench/tune_attention.py", "--budget", f"{budget:.0f}", "--stem", stem],
+                 CAPS["tune"])
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            payload = json.load(f)
+        res["rows"], res["summary"] = payload["winners"], {"notes": " ".join(payload["notes"])}
+    return res
+
+
+def benchmarks(run: Run, names: list[str], tmp: str, tune_stem: str) -> dict:
     out = {}
     for name in names:
+        if name == "tune":
+            out[name] = tune(run, tune_stem)
+            continue
         path = os.path.join(tmp, f"bench-{name}.json")
         res = run.sh(f"bench {name}", [sys.executable, "bench/throughput.py", name, "--json", path], CAPS.get(name, 60))
         if os.path.exists(path):
@@ -241,8 +259,9 @@ def main(argv=None) -> int:
             w.join()
         stop_gate.set()
         gate_worker.join()
-        names = args.bench or sorted(available(), key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
-        report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem))
+        names = args.bench or sorted([*available(), "tune"],
+                                     key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
+        report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem), stem + "-tune-attention")
     for b in report["benchmarks"].values():
         if b["status"] == "ok":  # the rows say it all; the log keeps the output
             del b["tail"]

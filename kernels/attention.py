@@ -31,8 +31,8 @@ Design decisions a reader must know:
   (`path`): the packed kernel skips the tokens of long segments (segment id -1), the slot table
   gives short segments no tiles.
 * Configs. Each (architecture, kernel, dtype, seq bucket) gets its config from kernels/tuned.py,
-  so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `SPACES` instead (the
-  tuning and benchmark path). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
+  so no first call pays for autotuning; MOCA_AUTOTUNE=1 autotunes over `candidates` instead (the
+  tuning path: bench/tune_attention.py). bench/compile_gate.py compiles all of them for sm_90 on a CPU.
 * TMA (Hopper). With the config's TMA flag (kernels/tuned.py) or MOCA_TMA=1, the operands a kernel
   streams through its inner loop (k, v in fwd and dq; q, do in dk/dv) load through host-built TMA
   descriptors over their 2-D (T, heads * D) views instead of masked pointer loads: one bulk copy per
@@ -555,6 +555,11 @@ SPACES = {
     "dq": [(128, 32, 8), (128, 64, 8), (128, 16, 8), (64, 32, 8), (64, 32, 4), (64, 64, 4)],
 }
 STAGES = (2, 3, 4)
+
+
+def candidates(name: str) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) that MOCA_AUTOTUNE=1 times for kernel `name`: SPACES x STAGES."""
+    return [(bm, bn, w, s) for bm, bn, w in SPACES[name] for s in STAGES]
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 # The streamed operands (loaded in the inner loop, through TMA when on): their descriptor arguments,
@@ -606,16 +611,14 @@ def _autotune_hook(name: str, tiles: str):
 
 
 @functools.cache
-def _autotuner(name: str, tiles: str):
+def _autotuner(name: str, tiles: str, fused_dq: bool = False):
     """tiles: "packed", or "segments" / "long" (the slot table of every segment / of the unpacked ones).
-    dk/dv's fused dq buffer, which its launches add to, is restored after every timing run."""
+    With the fused dq (dk/dv only), the dq buffer its launches add to is restored after every timing run;
+    without, DQ is None and no restore is asked for (Triton 3.6's restore hook clones it unconditionally)."""
     hook = _autotune_hook(name, tiles)
-    configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
-        for bm, bn, w in SPACES[name]
-        for s in STAGES
-    ]
-    restore = ["DQ"] if name == "dkdv" else None
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+               for bm, bn, w, s in candidates(name)]
+    restore = ["DQ"] if fused_dq else None
     return triton.autotune(configs, key=["HEAD_DIM", "GROUP", "seq_bucket"], restore_value=restore)(_KERNELS[name])
 
 
@@ -652,19 +655,26 @@ def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
                                   meta.get("FUSED_DQ", False))
 
 
-def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> None:
-    """kernel[grid](*ptrs, sched, *descriptors, *rest, **meta, **cfg), with TMA where wanted and possible."""
+def _launch_args(name: str, ptrs, sched, rest, meta, cfg: dict, streamed) -> tuple[tuple, dict]:
+    """(args, kwargs) of kernel `name` under cfg {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: TMA where
+    wanted (MOCA_TMA overrides the flag) and possible (streamed, from `_tma_ok`, is not None)."""
     cfg = dict(cfg)
     tma = switch("MOCA_TMA", cfg.pop("TMA")) and streamed is not None
     descs = _descriptors(streamed if tma else None, cfg[_STREAM_KEY[name]], meta["D0"], meta["D1"])
-    _KERNELS[name][(grid,)](*ptrs, sched, *descs, *rest, **meta, TMA=tma, **cfg)
+    return (*ptrs, sched, *descs, *rest), dict(meta, TMA=tma, **cfg)
+
+
+def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> None:
+    """kernel[grid](*ptrs, sched, *descriptors, *rest, **meta, **cfg), as `_launch_args` builds them."""
+    args, kwargs = _launch_args(name, ptrs, sched, rest, meta, cfg, streamed)
+    _KERNELS[name][(grid,)](*args, **kwargs)
 
 
 def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -> None:
     """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_TMA says (off when unset), tiles as the autotuner picks."""
     tma = streamed is not None and switch("MOCA_TMA", False)
     descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
-    _autotuner(name, tiles)[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
+    _autotuner(name, tiles, meta.get("FUSED_DQ", False))[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
 
 
 def _launch_packed(name: str, dtype, n_tokens: int, n_heads: int, ptrs, rest, meta, bucket: int, seg_ids,

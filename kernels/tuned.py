@@ -3,8 +3,9 @@
 A `triton.autotune`d kernel benchmarks every candidate config the first time it meets a new key, which
 made `python -m moca.embed` spend 16 s on 6 inputs on an H200 (issue #12). The default path instead
 reads (BLOCK_M, BLOCK_N, num_warps, num_stages) from the rules below; `MOCA_AUTOTUNE=1` brings the
-autotuner back over the candidates `SPACES` (kernels/attention.py) for tuning and benchmarks, and with
-`TRITON_PRINT_AUTOTUNING=1` Triton prints each key's winner: that is what belongs in this table.
+autotuner back over the candidates (kernels/attention.py `candidates`), and bench/tune_attention.py
+times them all on the attention benchmark's shapes (bench/results/<device>-<date>-tune-attention.md):
+its winners are what belongs in this table.
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
 `dtype` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0), `packed` (the packed-tile

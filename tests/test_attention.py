@@ -336,6 +336,21 @@ def test_schedule_runs_every_tile_once():
         assert ran == sorted((i, t) for i in launched for t in range(-(-lens[i] // block)))
 
 
+def test_autotuner_restores_dq_only_when_fused():
+    """MOCA_AUTOTUNE=1's dk/dv: with the fused dq, each timing run's atomics into DQ are undone; without,
+    DQ is None and must not be touched (Triton 3.6, the GPU image's, cloned every restore_value argument)."""
+    attention._autotuner.cache_clear()
+    plain = attention._autotuner("dkdv", "segments", False)
+    plain.pre_hook({"DQ": None})
+    plain.post_hook({"DQ": None}, exception=None)
+    dq = torch.arange(6.0)
+    fused = attention._autotuner("dkdv", "segments", True)
+    fused.pre_hook({"DQ": dq})
+    dq.add_(1.0)  # what a timed launch adds
+    fused.post_hook({"DQ": dq}, exception=None)
+    assert torch.equal(dq, torch.arange(6.0))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
@@ -430,3 +445,23 @@ def test_gpu_fused_dq(fused_dq, monkeypatch, d, tma):
     for lens in ([4096, *MIXED, 1000, 16, 33, 600], AWKWARD * 20, [*AWKWARD, 300, 2, 700] * 4):
         check(lens, 16, 2, d, torch.bfloat16, device="cuda")
     assert fused_dq and "dq" not in fused_dq
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused, tma", [("0", "0"), ("1", "1")])
+def test_gpu_autotune(monkeypatch, fused, tma):
+    """MOCA_AUTOTUNE=1 (the tuning path, bench/tune_attention.py): every candidate timed through the
+    autotuner's hooks (slot table, descriptor tiles, dq restored between timing runs), then the winner
+    gives the right answer. Two candidates per kernel keep the compiles few."""
+    monkeypatch.setenv("MOCA_AUTOTUNE", "1")
+    monkeypatch.setenv("MOCA_FUSED_DQ", fused)
+    monkeypatch.setenv("MOCA_TMA", tma)
+    monkeypatch.setattr(attention, "SPACES", {k: v[-2:] for k, v in attention.SPACES.items()})
+    monkeypatch.setattr(attention, "STAGES", (2,))
+    attention._autotuner.cache_clear()
+    lens = [*MIXED, 1000, 16, 33, 600]
+    assert attention.path(max(lens), sum(lens), len(lens)) == "mixed"  # both tilings' autotuners
+    try:
+        check(lens, 16, 2, 128, torch.bfloat16, device="cuda")
+    finally:
+        attention._autotuner.cache_clear()  # autotuners over these two candidates stay with this test

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kernels import tuned
-from kernels.attention import SPACES, STAGES
+from kernels.attention import candidates
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_LIMIT = 227 * 1024
@@ -83,8 +83,8 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
                         if dtype == torch.bfloat16 or tuned.FUSED_DQ["sm90"]:
                             assert label + " fused_dq" in compiled[packed]
                             assert label + " tma fused_dq" in compiled[packed]
-        candidates = {f"{bm}x{bn} w{w} s{s}" for bm, bn, w in SPACES[name] for s in STAGES}
-        assert candidates <= compiled[False], candidates - compiled[False]
+        cands = {"{}x{} w{} s{}".format(*c) for c in candidates(name)}
+        assert cands <= compiled[False], cands - compiled[False]
     for name in ("lm_fwd", "lm_dlogits", "mm_acc", "mm_acc_dw", "patch_loss", "patch_loss_grad"):
         configs = {r["config"] for r in rows if r["kernel"] == name and r["spec"].startswith("bf16")}
         assert any(c.endswith(" tma") for c in configs) and any(not c.endswith(" tma") for c in configs), name
