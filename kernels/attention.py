@@ -560,6 +560,8 @@ STAGES = (2, 3, 4)
 def candidates(name: str) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) that MOCA_AUTOTUNE=1 times for kernel `name`: SPACES x STAGES."""
     return [(bm, bn, w, s) for bm, bn, w in SPACES[name] for s in STAGES]
+
+
 _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 _TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 # The streamed operands (loaded in the inner loop, through TMA when on): their descriptor arguments,
