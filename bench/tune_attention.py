@@ -12,7 +12,8 @@ reported as not reached. The fused dq variant times dk/dv alone (its forward is 
 times include the autotuner's restore of the fp32 dq buffer (a clone and a copy per run, the same for
 every candidate): compare variants end to end in `bench/throughput.py attention`.
 
-Writes every candidate's time with its registers and spills, and per (shape, variant, kernel, tiling)
+Writes every candidate's time with its registers, shared memory and spills (a candidate over sm_90's 227 KiB
+of shared memory cannot launch: the autotuner times it as inf), and per (shape, variant, kernel, tiling)
 the winner beside the shipped config, to bench/results/<device>-<date>-tune-attention.{json,md} (copied
 to $OUT when set): the table kernels/tuned.py's sm90 rules are written from.
 
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
             for r in timed:
                 res = compiled.get((by_kernel.get((r["kernel"], r["tiling"])), r["config"]), {})
                 rows.append(dict(shape=group["shape"], variant=group["variant"], **r, regs=res.get("regs"),
-                                 local=res.get("local"), stack=res.get("stack"), error=res.get("error")))
+                                 shared=res.get("shared"), local=res.get("local"), stack=res.get("stack"),
+                                 error=res.get("error")))
             last = time.monotonic() - t
             print(f"[tune] {where}: {len(timed)} candidates timed in {last:.1f} s", flush=True)
             save(stem, env, notes, rows, plan)  # after each shape: a run stopped from outside keeps what it timed
