@@ -10,8 +10,9 @@
    within their caps.
 3. every sub-benchmark of bench/throughput.py at full shapes, one at a time, each under its own cap, in
    PRIORITY order (the kernels of the open issues first; the deadline cuts the tail), and among them
-   "tune": bench/tune_attention.py, every attention tile candidate timed on the benchmark's shapes
-   (its winners are what kernels/tuned.py's sm90 rules are written from).
+   the tile tunings: "tune" (bench/tune_attention.py, every attention tile candidate timed on the
+   benchmark's shapes: its winners are what kernels/tuned.py's sm90 rules are written from) and
+   "tune_losses" (bench/tune_losses.py: the loss GEMMs' tiles).
 Every step runs under a cap and a global deadline, so the command always ends with a report: a step out of
 time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md, and the
 gate's rows as <device>-<date>-compile-gate.json (all also copied, with the full log, to $OUT when set: the
@@ -38,9 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
 CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 100, "infonce": 75,
-        "tune": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
+        "tune": 150, "tune_losses": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
 # Benchmarks in this order, so that the deadline cuts the least wanted: the open kernel issues' first.
-PRIORITY = ["attention", "recon_loss", "infonce", "tune", "embed", "cl", "cpt", "serve"]
+PRIORITY = ["attention", "recon_loss", "infonce", "tune", "tune_losses", "embed", "cl", "cpt", "serve"]
+# the tuning steps: name -> (script, suffix of its output files' stem); `tune` gives its --budget and --stem
+TUNERS = {"tune": ("bench/tune_attention.py", "tune-attention"), "tune_losses": ("bench/tune_losses.py", "tune-losses")}
 LOG_LOCK = threading.Lock()
 
 
@@ -155,12 +158,11 @@ def gate(run: Run, result: dict, path: str, stop: threading.Event) -> None:
                   failures=int(m[2]) if m else None, tail=text[-3000:])
 
 
-def tune(run: Run, stem: str) -> dict:
-    """bench/tune_attention.py within its cap (its budget a little under, so that it writes what it timed);
+def tune(run: Run, name: str, stem: str) -> dict:
+    """Tuning step `name` (TUNERS) within its cap (its budget a little under, so that it writes what it timed);
     its winners become the step's rows."""
-    budget = min(CAPS["tune"], run.deadline - time.monotonic()) - 15
-    res = run.sh("tune", [sys.executable, "bench/tune_attention.py", "--budget", f"{budget:.0f}", "--stem", stem],
-                 CAPS["tune"])
+    budget = min(CAPS[name], run.deadline - time.monotonic()) - 15
+    res = run.sh(name, [sys.executable, TUNERS[name][0], "--budget", f"{budget:.0f}", "--stem", stem], CAPS[name])
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             payload = json.load(f)
@@ -168,11 +170,11 @@ def tune(run: Run, stem: str) -> dict:
     return res
 
 
-def benchmarks(run: Run, names: list[str], tmp: str, tune_stem: str) -> dict:
+def benchmarks(run: Run, names: list[str], tmp: str, stem: str) -> dict:
     out = {}
     for name in names:
-        if name == "tune":
-            out[name] = tune(run, tune_stem)
+        if name in TUNERS:
+            out[name] = tune(run, name, f"{stem}-{TUNERS[name][1]}")
             continue
         path = os.path.join(tmp, f"bench-{name}.json")
         res = run.sh(f"bench {name}", [sys.executable, "bench/throughput.py", name, "--json", path], CAPS.get(name, 60))
@@ -259,9 +261,9 @@ def main(argv=None) -> int:
             w.join()
         stop_gate.set()
         gate_worker.join()
-        names = args.bench or sorted([*available(), "tune"],
+        names = args.bench or sorted([*available(), *TUNERS],
                                      key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
-        report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem), stem + "-tune-attention")
+        report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem), stem)
     for b in report["benchmarks"].values():
         if b["status"] == "ok":  # the rows say it all; the log keeps the output
             del b["tail"]
