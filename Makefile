@@ -3,10 +3,11 @@
 #   make test   set up .venv, build moca._C, run the test suite (CPU; Triton via its interpreter)
 # On a GPU machine (its own python with CUDA torch, no .venv; wheels from `make gpu-wheels` in .whl/):
 #   make gpu-check   GPU tests, the embedded pipeline on CUDA, every benchmark -> bench/results/<device>-<date>.*
+#   make gpu-tune    the attention and loss tile tunings alone (~6 min on an H100/H200) -> <device>-<date>-tune-*
 PY ?= .venv/bin/python
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 
-.PHONY: demo test bench setup gpu-check gpu-wheels
+.PHONY: demo test bench setup gpu-check gpu-tune gpu-wheels
 setup: .venv/.built
 
 .venv/.installed: requirements.txt
@@ -30,6 +31,10 @@ bench: .venv/.built
 
 gpu-check:
 	python3 bench/gpu_check.py
+
+gpu-tune:
+	python3 bench/tune_attention.py --budget 210
+	python3 bench/tune_losses.py --budget 150
 
 gpu-wheels: .venv/.installed
 	bash bench/gpu_wheels.sh
