@@ -6,11 +6,11 @@ another on first use of a key (15-18 per kernel and tiling: minutes per shape), 
 compiles them for sm_90 into Triton's cache first. Each launch is captured from the launchers themselves
 (`capture`: the shape's token count, strides and tilings, on CPU tensors) and given each candidate's
 tiles by `kernels.attention._launch_args`, so it is keyed as the autotuner's launch will be; the
-autotuner then only times them (triton.testing.do_bench, median). Compiles run ahead, in the order of the
-shapes, while the GPU times the shapes already compiled; a shape that would start past the budget is
-reported as not reached. The fused dq variant times dk/dv alone (its forward is the plain one), and its
-times include the autotuner's restore of the fp32 dq buffer (a clone and a copy per run, the same for
-every candidate): compare variants end to end in `bench/throughput.py attention`.
+autotuner then only times them (triton.testing.do_bench: median over 40 ms of runs). Compiles run
+ahead, in the order of the shapes, while the GPU times the shapes already compiled; a shape that would
+start past the budget is reported as not reached. The fused dq variant times dk/dv alone (its forward is
+the plain one), and its times include the autotuner's restore of the fp32 dq buffer (a clone and a copy
+per run, the same for every candidate): compare variants end to end in `bench/throughput.py attention`.
 
 Writes every candidate's time with its registers, shared memory and spills (a candidate over sm_90's 227 KiB
 of shared memory cannot launch: the autotuner times it as inf), and per (shape, variant, kernel, tiling)
@@ -37,6 +37,7 @@ import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor, TimeoutError  # noqa: E402
 
 import torch  # noqa: E402
+import triton.testing  # noqa: E402
 from bench_attention import shapes  # noqa: E402
 from common import environment, with_env  # noqa: E402
 
@@ -142,6 +143,11 @@ def groups(shape_names: list[str], variants: list[str]) -> list[dict]:
     return out
 
 
+def _timing(kernel_call, quantiles):
+    """The autotuner's timing of one candidate: median (and quantiles) over 40 ms of runs after 10 ms."""
+    return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
+
+
 def time_group(group: dict) -> list[dict]:
     """Run the shape forward and backward on the GPU under MOCA_AUTOTUNE=1 (the variant's kernels only),
     then read each autotuner's timings -> rows {kernel, tiling, config, ms}."""
@@ -154,19 +160,25 @@ def time_group(group: dict) -> list[dict]:
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     tma, fused, tunes = VARIANTS[group["variant"]]
     attention._autotuner.cache_clear()
+    tuners = {}
+    for item in group["items"]:
+        tiles = "packed" if item["tiling"] == "packed" else ("long" if attention.path(max(lens), T, len(lens)) ==
+                                                             "mixed" else "segments")
+        # the same (cached) autotuner the launch will use, with a shorter timing than Triton's default
+        # (25 ms of warm-up, 100 ms of runs): some 50 candidates a shape
+        tuners[item["kernel"], item["tiling"]] = tuner = attention._autotuner(
+            item["kernel"], tiles, item["meta"].get("FUSED_DQ", False))
+        tuner._do_bench = _timing
     with with_env({"MOCA_TMA": tma, "MOCA_FUSED_DQ": fused, "MOCA_AUTOTUNE": "1" if "fwd" in tunes else None}):
         o = attention.varlen_attention(q, k, v, cu, max(lens), backend="triton")
     with with_env({"MOCA_TMA": tma, "MOCA_FUSED_DQ": fused, "MOCA_AUTOTUNE": "1"}):
         torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
     torch.cuda.synchronize()
     rows = []
-    for item in group["items"]:
-        tiles = "packed" if item["tiling"] == "packed" else ("long" if attention.path(max(lens), T, len(lens)) ==
-                                                             "mixed" else "segments")
-        tuner = attention._autotuner(item["kernel"], tiles, item["meta"].get("FUSED_DQ", False))
+    for (kernel, tiling), tuner in tuners.items():
         for config, times in getattr(tuner, "configs_timings", {}).items():
             cfg = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-            rows.append(dict(kernel=item["kernel"], tiling=item["tiling"], config=label(cfg),
+            rows.append(dict(kernel=kernel, tiling=tiling, config=label(cfg),
                              ms=float(times[0] if isinstance(times, (list, tuple)) else times)))
     attention._autotuner.cache_clear()
     return rows
