@@ -336,6 +336,44 @@ def test_schedule_runs_every_tile_once():
         assert ran == sorted((i, t) for i in launched for t in range(-(-lens[i] // block)))
 
 
+@pytest.mark.parametrize("fused, tma", [("0", "0"), ("1", "1")])
+def test_autotune_path_matches_fp64(monkeypatch, fused, tma):
+    """MOCA_AUTOTUNE=1 end to end through the interpreter: Triton's autotuner runs every candidate (its timing
+    replaced by one plain run, no CUDA here) through the config pre-hooks (slot table, descriptor tiles) and,
+    with the fused dq, the restore of dq between runs (3 candidates: without it dq would come out 4x), then
+    launches the winner; outputs and gradients against float64, per-segment and packed tiles."""
+    monkeypatch.setenv("MOCA_FUSED_DQ", fused)
+    monkeypatch.setenv("MOCA_TMA", tma)
+    monkeypatch.setattr(attention, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(attention, "SPACES", {"fwd": [(64, 32, 4), (32, 32, 4), (32, 16, 4)],
+                                              "dkdv": [(32, 64, 4), (32, 32, 4), (16, 32, 4)],
+                                              "dq": [(64, 32, 4), (32, 32, 4), (32, 16, 4)]})
+    monkeypatch.setattr(attention, "STAGES", (1,))
+    timed = []
+
+    def one_run(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [float(len(timed) % 3)] * 3  # the winner: not the first candidate
+
+    tuners = attention._autotuner
+
+    def fake_timing(*key):
+        tuner = tuners(*key)
+        tuner._do_bench = one_run
+        return tuner
+
+    attention._autotuner.cache_clear()
+    monkeypatch.setattr(attention, "_autotuner", fake_timing)
+    try:
+        lens = [*MIXED, 16, 33]
+        assert attention.path(max(lens), sum(lens), len(lens)) == "mixed"  # both tilings' autotuners
+        check(lens, 4, 2, 64, torch.float16)
+    finally:
+        tuners.cache_clear()
+    assert len(timed) == 3 * (4 if fused == "1" else 6)  # 3 candidates x (fwd, dk/dv[, dq]) x 2 tilings
+
+
 def test_autotuner_restores_dq_only_when_fused():
     """MOCA_AUTOTUNE=1's dk/dv: with the fused dq, each timing run's atomics into DQ are undone; without,
     DQ is None and must not be touched (Triton 3.6, the GPU image's, cloned every restore_value argument)."""
