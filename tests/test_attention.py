@@ -340,7 +340,7 @@ def test_schedule_runs_every_tile_once():
 def test_autotune_path_matches_fp64(monkeypatch, fused, tma):
     """MOCA_AUTOTUNE=1 end to end through the interpreter: Triton's autotuner runs every candidate (its timing
     replaced by one plain run, no CUDA here) through the config pre-hooks (slot table, descriptor tiles) and,
-    with the fused dq, the restore of dq between runs (3 candidates: without it dq would come out 4x), then
+    with the fused dq, the restore of dq between runs (without it, the 3 timing runs' dq would add up), then
     launches the winner; outputs and gradients against float64, per-segment and packed tiles."""
     monkeypatch.setenv("MOCA_FUSED_DQ", fused)
     monkeypatch.setenv("MOCA_TMA", tma)
