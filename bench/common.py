@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -118,3 +119,14 @@ def print_table(title: str, rows: list[dict]) -> None:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
+
+
+def write_tables(stem: str, payload: dict, table: str) -> None:
+    """STEM.json (payload) and STEM.md (table), copied to $OUT when set (the device machine's way back)."""
+    with open(stem + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    if os.environ.get("OUT"):
+        for path in (stem + ".json", stem + ".md"):
+            shutil.copy(path, os.environ["OUT"])

@@ -7,9 +7,9 @@ with `triton.compile`; cuobjdump then reads the cubin's registers, STACK and LOC
 
 Coverage. Attention (fwd, dk/dv, dq, preprocess): head dims 32 (tiny preset), 40 (odd: a 32 + 16
 tail), 64, 72, 80 (vision), 96, 128 (text); fp16, bf16, fp32; GQA groups 1 (16/16 heads, vision),
-2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq buckets 64 and 8192 (they pick different shipped
-configs); every config kernels/tuned.py ships for sm90, per-segment and packed (PACKED, spec suffix
-"packed": several short segments per tile); in bf16, for head dims without a masked tail and groups
+2 (4/2, tiny), 7 (28/4, 7B) and 8 (16/2, 3B); seq bucket 8192 and each that a tuned.py rule names (they
+pick different shipped configs); every config kernels/tuned.py ships for sm90, per-segment and packed
+(PACKED, spec suffix "packed": several short segments per tile); in bf16, for head dims without a masked tail and groups
 1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors);
 dk/dv with the fused dq (suffix "fused_dq": dq added with atomics, MOCA_FUSED_DQ=1) at the tiles
 tuned.py gives it, in bf16 (and fp16 once tuned.FUSED_DQ ships it), with and without TMA.
@@ -25,7 +25,7 @@ shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA), a fus
 tuned.FUSED_DQ is on; until then their spills are reported, not asserted. Autotune candidates: every
 one of `SPACES` x `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text
 tower, the most register-hungry); the whole candidate cross product would take hours on two cores.
-All in all 842 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
+All in all 709 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
@@ -80,7 +80,9 @@ SMS = 132  # H100/H200 SM count, for the launchers' split heuristics
 HEAD_DIMS = (32, 40, 64, 72, 80, 96, 128)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GROUPS = {1: (16, 16), 2: (4, 2), 7: (28, 4), 8: (16, 2)}  # GQA group: (query heads, kv heads)
-SEQ_BUCKETS = (64, 8192)
+# seq buckets: the largest, and each that a max_seq condition of kernels/tuned.py names (they pick their rules)
+SEQ_BUCKETS = tuple(sorted({8192, *(cond["max_seq"] for rules in tuned._RULES[ARCH].values() for cond, _ in rules
+                                    if "max_seq" in cond)}))
 CANDIDATE_SUBSET = dict(dtype="bf16", group=8, head_dims=(128,))
 TMA_DTYPES = ("bf16",)  # TMA variants: bf16 (fp16 binds alike); attention for groups 1 and 8 (vision, 3B)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

@@ -11,14 +11,16 @@
 3. every sub-benchmark of bench/throughput.py at full shapes, one at a time, each under its own cap, in
    PRIORITY order (the kernels of the open issues first; the deadline cuts the tail), and among them
    the tile tunings: "tune" (bench/tune_attention.py, every attention tile candidate timed on the
-   benchmark's shapes: its winners are what kernels/tuned.py's sm90 rules are written from) and
-   "tune_losses" (bench/tune_losses.py: the loss GEMMs' tiles).
+   benchmark's shapes: its winners are what kernels/tuned.py's sm90 rules are written from),
+   "attention_tuned" (the attention benchmark again, under the rules that tuning chose: the tuned table
+   against the peers in the same run) and "tune_losses" (bench/tune_losses.py: the loss GEMMs' tiles).
+   `make gpu-tune` runs these three alone (--only-bench: no setup, tests, pipeline or gate).
 Every step runs under a cap and a global deadline, so the command always ends with a report: a step out of
 time is reported as such, never hangs the rest. Writes bench/results/<device>-<date>.json and .md, and the
 gate's rows as <device>-<date>-compile-gate.json (all also copied, with the full log, to $OUT when set: the
 device tool brings back what is there) and prints a short summary last.
 
-    python3 bench/gpu_check.py [--deadline 540] [--skip-tests] [--bench NAME ...]
+    python3 bench/gpu_check.py [--deadline 540] [--skip-tests | --only-bench] [--bench NAME ...]
 """
 
 import argparse
@@ -39,9 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
 CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 100, "infonce": 75,
-        "tune": 150, "tune_losses": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
+        "tune": 210, "attention_tuned": 130, "tune_losses": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
 # Benchmarks in this order, so that the deadline cuts the least wanted: the open kernel issues' first.
-PRIORITY = ["attention", "recon_loss", "infonce", "tune", "tune_losses", "embed", "cl", "cpt", "serve"]
+PRIORITY = ["attention", "recon_loss", "infonce", "tune", "attention_tuned", "tune_losses", "embed", "cl", "cpt",
+            "serve"]
 # the tuning steps: name -> (script, suffix of its output files' stem); `tune` gives its --budget and --stem
 TUNERS = {"tune": ("bench/tune_attention.py", "tune-attention"), "tune_losses": ("bench/tune_losses.py", "tune-losses")}
 LOG_LOCK = threading.Lock()
@@ -167,21 +170,33 @@ def tune(run: Run, name: str, stem: str) -> dict:
         with open(stem + ".json") as f:
             payload = json.load(f)
         res["rows"], res["summary"] = payload["winners"], {"notes": " ".join(payload["notes"])}
+        if "overrides" in payload:  # the attention tuning's chosen rules, which attention_tuned runs under
+            res["summary"]["rule overrides"] = len(payload["overrides"])
     return res
 
 
 def benchmarks(run: Run, names: list[str], tmp: str, stem: str) -> dict:
+    """Each step of `names`: a tuning (TUNERS), `attention_tuned` (the attention benchmark under the rules the
+    attention tuning of this run chose) or a sub-benchmark of bench/throughput.py."""
     out = {}
     for name in names:
         if name in TUNERS:
             out[name] = tune(run, name, f"{stem}-{TUNERS[name][1]}")
             continue
         path = os.path.join(tmp, f"bench-{name}.json")
-        res = run.sh(f"bench {name}", [sys.executable, "bench/throughput.py", name, "--json", path], CAPS.get(name, 60))
+        bench, extra = name, []
+        if name == "attention_tuned":
+            rules = f"{stem}-{TUNERS['tune'][1]}.json"
+            if not os.path.exists(rules):
+                out[name] = {"status": "skipped (no attention tuning in this run)", "seconds": 0.0, "tail": ""}
+                continue
+            bench, extra = "attention", ["--rules", rules]
+        res = run.sh(f"bench {name}", [sys.executable, "bench/throughput.py", bench, "--json", path, *extra],
+                     CAPS.get(name, 60))
         if os.path.exists(path):
             with open(path) as f:
                 payload = json.load(f)
-            res["rows"], res["summary"] = payload["results"].get(name, []), payload.get("summary", {})
+            res["rows"], res["summary"] = payload["results"].get(bench, []), payload.get("summary", {})
         out[name] = res
     return out
 
@@ -191,13 +206,16 @@ def markdown(report: dict) -> str:
     lines = [f"# gpu-check on {env.get('device')}, {report['date']}, commit {env.get('commit')}", "",
              ", ".join(f"{k}={v}" for k, v in env.items()), ""]
     t = report["tests"]
-    lines += [f"GPU tests: {t.get('status')}, {t.get('counts')} in {t.get('seconds')} s", ""]
+    if t:
+        lines += [f"GPU tests: {t.get('status')}, {t.get('counts')} in {t.get('seconds')} s", ""]
     g = report["gate"]
-    lines += [f"sm_90 compile gate here: {g.get('status')}, {g.get('compiles')} compiles, {g.get('failures')} "
-              f"failures in {g.get('seconds')} s (rows: {os.path.basename(report['gate_rows'])})", ""]
+    if g:
+        lines += [f"sm_90 compile gate here: {g.get('status')}, {g.get('compiles')} compiles, {g.get('failures')} "
+                  f"failures in {g.get('seconds')} s (rows: {os.path.basename(report['gate_rows'])})", ""]
     p = report["pipeline"]
-    lines += ["Embedded pipeline on CUDA: " + ", ".join(f"{k} {p[k]['status']} ({p[k]['seconds']} s)"
-                                                     for k in ("cpt", "cl", "embed_cli") if k in p), ""]
+    if p:
+        lines += ["Embedded pipeline on CUDA: " + ", ".join(f"{k} {p[k]['status']} ({p[k]['seconds']} s)"
+                                                         for k in ("cpt", "cl", "embed_cli") if k in p), ""]
     if "eval" in p:
         tasks = list(p["eval"]["after"]["tasks"])
         lines += ["| precision@1 | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
@@ -229,6 +247,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole check")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--only-bench", action="store_true",
+                    help="the benchmark steps alone: no wheels, build, tests, pipeline or gate")
     ap.add_argument("--bench", nargs="*", default=None, help="sub-benchmarks (default: all)")
     args = ap.parse_args(argv)
 
@@ -248,8 +268,8 @@ def main(argv=None) -> int:
     run = Run(args.deadline, stem + ".log")
     report = {"date": date, "environment": environment("cuda"), "tests": {}, "pipeline": {}, "gate": {},
               "gate_rows": stem + "-compile-gate.json", "benchmarks": {}}
-    report["setup"] = setup(run)
-    if report["setup"]["status"] == "ok":
+    report["setup"] = {"status": "ok"} if args.only_bench else setup(run)
+    if report["setup"]["status"] == "ok" and not args.only_bench:
         workers = [threading.Thread(target=pipeline, args=(run, report["pipeline"]))]
         if not args.skip_tests:
             workers.append(threading.Thread(target=tests, args=(run, report["tests"])))
@@ -261,7 +281,8 @@ def main(argv=None) -> int:
             w.join()
         stop_gate.set()
         gate_worker.join()
-        names = args.bench or sorted([*available(), *TUNERS],
+    if report["setup"]["status"] == "ok":
+        names = args.bench or sorted([*available(), *TUNERS, "attention_tuned"],
                                      key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
         report["benchmarks"] = benchmarks(run, names, os.path.dirname(stem), stem)
     for b in report["benchmarks"].values():
@@ -292,7 +313,8 @@ def main(argv=None) -> int:
     for name, b in report["benchmarks"].items():
         print(f"bench {name}: {b['status']} ({b['seconds']} s) {b.get('summary', '')}")
     print(f"wrote {stem}.json, .md, .log")
-    ok = t.get("status", "ok") == "ok" and all(p.get(k, {}).get("status") == "ok" for k in ("cpt", "cl", "embed_cli"))
+    ok = t.get("status", "ok") == "ok" and (args.only_bench or all(p.get(k, {}).get("status") == "ok"
+                                                                   for k in ("cpt", "cl", "embed_cli")))
     return 0 if ok and all(b["status"] == "ok" for b in report["benchmarks"].values()) else 1
 
 

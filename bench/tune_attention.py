@@ -14,8 +14,9 @@ per run, the same for every candidate): compare variants end to end in `bench/th
 
 Writes every candidate's time with its registers, shared memory and spills (a candidate over sm_90's 227 KiB
 of shared memory cannot launch: the autotuner times it as inf), and per (shape, variant, kernel, tiling)
-the winner beside the shipped config, to bench/results/<device>-<date>-tune-attention.{json,md} (copied
-to $OUT when set): the table kernels/tuned.py's sm90 rules are written from.
+the winner beside the shipped config, and per kernels/tuned.py rule the candidate fastest over all the
+launches that rule decides (bench/tune_rules.py), to bench/results/<device>-<date>-tune-attention.{json,md}
+(copied to $OUT when set): what kernels/tuned.py's sm90 rules are written from.
 
     python bench/tune_attention.py [--budget 240] [--jobs 12] [--shapes vision-window uniform-4096 ...]
         [--variants plain tma fused_dq]
@@ -30,18 +31,17 @@ import compile_gate  # noqa: E402  (first: it sets TRITON_INTERPRET=0 before Tri
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import multiprocessing  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor, TimeoutError  # noqa: E402
 
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 from bench_attention import shapes  # noqa: E402
-from common import environment, with_env  # noqa: E402
+from common import environment, with_env, write_tables  # noqa: E402
+import tune_rules  # noqa: E402
 
-from kernels import attention  # noqa: E402
+from kernels import attention, tuned  # noqa: E402
 
 # Default order: the issue's widest gaps first (vision windows 6x behind, then the D80 and mixed batches).
 ORDER = ["vision-window", "uniform-4096", "mmeb-mixed-d80", "mmeb-mixed", "cl-texts", "vision-full"]
@@ -121,14 +121,12 @@ def tiling(meta: dict) -> str:
     return "packed" if meta["PACKED"] else "per-segment"
 
 
-def label(cfg) -> str:
-    return "{}x{} w{} s{}".format(*cfg)
-
-
 def groups(shape_names: list[str], variants: list[str]) -> list[dict]:
-    """Per (shape, variant): the launches it tunes, each with its candidates and shipped config."""
+    """Per (shape, variant): the launches it tunes, each with its candidates, its shipped config and the
+    kernels/tuned.py rule that decides it (index and conditions in the kernel's sm90 list)."""
     out = []
     for shape in shape_names:
+        bucket = attention.seq_bucket(max(_shape(shape)["lens"]))
         for variant in variants:
             tunes = VARIANTS[variant][2]
             items = []
@@ -136,8 +134,11 @@ def groups(shape_names: list[str], variants: list[str]) -> list[dict]:
                 if name not in tunes or (variant == "tma" and streamed is None):  # TMA impossible: plain's
                     continue
                 shipped = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+                index, conditions, _ = tuned.rule(compile_gate.ARCH, name, meta["HEAD_DIM"], DTYPE, bucket,
+                                                  meta["PACKED"], meta.get("FUSED_DQ", False))
                 items.append(dict(index=i, kernel=name, tiling=tiling(meta), shipped=shipped, meta=meta,
-                                  candidates=attention.candidates(name)))
+                                  candidates=attention.candidates(name), rule=index, conditions=conditions,
+                                  seq_bucket=bucket, shipped_tma=cfg["TMA"], tma_possible=streamed is not None))
             if items:
                 out.append(dict(shape=shape, variant=variant, items=items))
     return out
@@ -178,7 +179,7 @@ def time_group(group: dict) -> list[dict]:
     for (kernel, tiling), tuner in tuners.items():
         for config, times in getattr(tuner, "configs_timings", {}).items():
             cfg = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-            rows.append(dict(kernel=kernel, tiling=tiling, config=label(cfg),
+            rows.append(dict(kernel=kernel, tiling=tiling, config=tune_rules.label(cfg),
                              ms=float(times[0] if isinstance(times, (list, tuple)) else times)))
     attention._autotuner.cache_clear()
     return rows
@@ -194,11 +195,11 @@ def winners(rows: list[dict], plan: list[dict]) -> list[dict]:
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["ms"])
-            shipped = next((r for r in mine if r["config"] == label(item["shipped"])), None)
+            shipped = next((r for r in mine if r["config"] == tune_rules.label(item["shipped"])), None)
             out.append(dict(shape=group["shape"], variant=group["variant"], kernel=item["kernel"],
                             tiling=item["tiling"], head_dim=item["meta"]["HEAD_DIM"], group=item["meta"]["GROUP"],
                             best=best["config"], best_ms=best["ms"], best_local=best.get("local"),
-                            shipped=label(item["shipped"]), shipped_ms=shipped["ms"] if shipped else None,
+                            shipped=tune_rules.label(item["shipped"]), shipped_ms=shipped["ms"] if shipped else None,
                             speedup=shipped["ms"] / best["ms"] if shipped else None))
     return out
 
@@ -259,8 +260,8 @@ def main(argv=None) -> int:
                 notes.append(f"- {where}: not reached (budget {args.budget:.0f} s)")
                 continue
             try:
-                compiled = {(item["index"], label(cfg)): fut.result(timeout=max(1.0, deadline - time.monotonic()))
-                            for item, cfg, fut in jobs}
+                compiled = {(item["index"], tune_rules.label(cfg)):
+                            fut.result(timeout=max(1.0, deadline - time.monotonic())) for item, cfg, fut in jobs}
             except TimeoutError:
                 notes.append(f"- {where}: its compiles did not finish within the budget")
                 continue
@@ -287,17 +288,15 @@ def main(argv=None) -> int:
 
 
 def save(stem: str, env: dict, notes: list[str], rows: list[dict], plan: list[dict]) -> str:
-    """Write STEM.json (every timed candidate, the winners) and STEM.md (the winners), also to $OUT when
-    set -> the markdown."""
+    """Write STEM.json (every timed candidate, the winners, the proposed rules and the overrides chosen from
+    them, which `bench/throughput.py --rules STEM.json` applies) and STEM.md (all but the candidates), also to
+    $OUT when set -> the markdown."""
     best = winners(rows, plan)
-    table = markdown(env, best, notes)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(environment=env, notes=notes, winners=best, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    if os.environ.get("OUT"):
-        for path in (stem + ".json", stem + ".md"):
-            shutil.copy(path, os.environ["OUT"])
+    proposals = tune_rules.propose(tune_rules.sites(rows, plan))
+    chosen = tune_rules.overrides(proposals)
+    table = markdown(env, best, notes) + "\n" + "\n".join(tune_rules.markdown(proposals, chosen)) + "\n"
+    write_tables(stem, dict(environment=env, notes=notes, arch=compile_gate.ARCH, winners=best, proposals=proposals,
+                            overrides=chosen, rows=rows), table)
     return table
 
 

@@ -22,10 +22,8 @@ import argparse
 import contextlib
 import datetime
 import importlib
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import environment, time_ms, with_env  # noqa: E402
+from common import environment, time_ms, with_env, write_tables  # noqa: E402
 
 # the modules (kernels/__init__ re-exports functions under their names)
 nce, rl = (importlib.import_module(f"kernels.{m}") for m in ("infonce", "recon_loss"))
@@ -191,13 +189,7 @@ def save(stem: str, env: dict, notes: list[str], rows: list[dict]) -> str:
                        ", ".join(f"{k}={v}" for k, v in env.items()), "", *notes, "",
                        "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
                        *("| " + " | ".join(fmt(b[c]) for c in cols) + " |" for b in best)]) + "\n"
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(environment=env, notes=notes, winners=best, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    if os.environ.get("OUT"):
-        for path in (stem + ".json", stem + ".md"):
-            shutil.copy(path, os.environ["OUT"])
+    write_tables(stem, dict(environment=env, notes=notes, winners=best, rows=rows), table)
     return table
 
 

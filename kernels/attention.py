@@ -756,7 +756,12 @@ def _meta(dtype, q, k, max_seqlen, mode):
         DTYPE=_TL_DTYPES[dtype],
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs get exact fp32 dots
     )
-    return meta, min(triton.next_power_of_2(max(int(max_seqlen), 64)), 8192)
+    return meta, seq_bucket(max_seqlen)
+
+
+def seq_bucket(max_seqlen: int) -> int:
+    """The config key of a batch's longest segment (kernels/tuned.py `max_seq`): its power of two, 64 to 8192."""
+    return min(triton.next_power_of_2(max(int(max_seqlen), 64)), 8192)
 
 
 def _check(q, k, v, cu_seqlens):

@@ -5,12 +5,14 @@ made `python -m moca.embed` spend 16 s on 6 inputs on an H200 (issue #12). The d
 reads (BLOCK_M, BLOCK_N, num_warps, num_stages) from the rules below; `MOCA_AUTOTUNE=1` brings the
 autotuner back over the candidates (kernels/attention.py `candidates`), and bench/tune_attention.py
 times them all on the attention benchmark's shapes (bench/results/<device>-<date>-tune-attention.md):
-its winners are what belongs in this table.
+its winners are what belongs in this table, and its "Proposed sm90 rules" name, per rule below (by
+index in its kernel's list), the candidate fastest over every benchmark launch the rule decides, and
+the head-dim splits that pay (bench/tune_rules.py; `bench/throughput.py --rules` benchmarks them).
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
-`dtype` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0), `packed` (the packed-tile
-kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or `fused_dq` (dk/dv adding dq
-too, FUSED_DQ below), and the last rule has none.
+`dtype` (equal), `head_dim` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0),
+`packed` (the packed-tile kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or
+`fused_dq` (dk/dv adding dq too, FUSED_DQ below), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
 Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89
 (untuned, and not compiled by the gate, which targets sm90 only).
@@ -47,7 +49,8 @@ FUSED_DQ = {"sm90": False}
 _RULES = {
     "sm90": {
         # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim
-        # 128; 64-token segments (vision windows) would leave half of such a tile empty. Head dims that
+        # 128 (segments of up to PACKED_MAX_SEQLEN tokens, e.g. 64-token vision windows, share packed tiles;
+        # a per-segment launch always has longer ones, so no rule conditions on max_seq yet). Head dims that
         # are not a multiple of 16 (72) need masked, unvectorised loads, which spill the wider tiles.
         # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills, with
         # both the Triton here and the GPU image's 3.6 (whose ptxas spilled the 16x32 dk/dv tile and the
@@ -59,9 +62,7 @@ _RULES = {
             (dict(packed=True, masked=True), (128, 32, 8, 3)),
             (dict(packed=True), (128, 64, 8, 3)),
             (dict(dtype=torch.float32), (32, 16, 8, 2)),
-            (dict(masked=True, max_seq=64), (64, 64, 8, 3)),
             (dict(masked=True), (128, 32, 8, 3)),
-            (dict(max_seq=64), (64, 64, 4, 3)),
             (dict(), (128, 64, 8, 3)),
         ],
         # dk/dv with the fused dq (FUSED_DQ): the dq tile and its atomics cost registers, so smaller tiles than
@@ -73,8 +74,6 @@ _RULES = {
             (dict(packed=True, masked=True), (32, 64, 8, 3)),
             (dict(packed=True), (32, 128, 8, 3)),
             (dict(dtype=torch.float32), (16, 16, 8, 2)),
-            (dict(masked=True, max_seq=64), (32, 64, 8, 3)),
-            (dict(max_seq=64), (32, 64, 4, 3)),
             (dict(), (32, 128, 8, 3)),
         ],
         "dq": [
@@ -82,9 +81,7 @@ _RULES = {
             (dict(packed=True, masked=True), (128, 16, 8, 3)),
             (dict(packed=True), (128, 32, 8, 3)),
             (dict(dtype=torch.float32), (32, 16, 8, 1)),
-            (dict(masked=True, max_seq=64), (64, 32, 8, 3)),
             (dict(masked=True), (128, 16, 8, 3)),
-            (dict(max_seq=64), (64, 32, 4, 3)),
             (dict(), (128, 32, 8, 3)),
         ],
     },
@@ -106,17 +103,24 @@ def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packe
         cond.get("packed", packed) == packed
         and cond.get("fused_dq", fused_dq) == fused_dq
         and cond.get("dtype", dtype) == dtype
+        and cond.get("head_dim", head_dim) == head_dim
         and seq_bucket <= cond.get("max_seq", seq_bucket)
         and cond.get("masked", head_dim % 16 != 0) == (head_dim % 16 != 0)
     )
+
+
+def rule(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int, packed: bool = False,
+         fused_dq: bool = False) -> tuple[int, dict, tuple]:
+    """(index, conditions, config) of the rule that decides the launch: the first of `kernel`'s (one of KERNELS)
+    rules for `arch` ("default"'s for an architecture without rules) whose conditions all hold."""
+    rules = _RULES.get(arch, _RULES["default"])[kernel]
+    return next((i, cond, cfg) for i, (cond, cfg) in enumerate(rules)
+                if _holds(cond, head_dim, dtype, seq_bucket, packed, fused_dq))
 
 
 def attention_config(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: int,
                      packed: bool = False, fused_dq: bool = False) -> dict:
     """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA} of attention kernel `kernel` (one of
     KERNELS), of its packed-tile variant when `packed`, of dk/dv with the fused dq when `fused_dq`."""
-    rules = _RULES.get(arch, _RULES["default"])[kernel]
-    bm, bn, warps, stages, *tma = next(
-        cfg for cond, cfg in rules if _holds(cond, head_dim, dtype, seq_bucket, packed, fused_dq))
+    bm, bn, warps, stages, *tma = rule(arch, kernel, head_dim, dtype, seq_bucket, packed, fused_dq)[2]
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, TMA=bool(tma and tma[0]))
-

@@ -4,7 +4,7 @@ The Triton interpreter accepts code that the real compiler rejects (issue #12: a
 read by a jitted kernel), so the CPU tests of the kernels cannot see that class of fault. This runs
 bench/compile_gate.py in a subprocess with TRITON_INTERPRET=0 (conftest turns the interpreter on in
 this process, and triton.jit picks interpreter or compiler when the kernel modules are imported),
-and checks its rows: coverage is in that script's docstring. Cold, it compiles 842 kernels (5 min
+and checks its rows: coverage is in that script's docstring. Cold, it compiles 709 kernels (5 min
 wall on two cores); Triton's cache makes later runs take ~15 s for unchanged kernels.
 """
 

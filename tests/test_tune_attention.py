@@ -6,7 +6,8 @@ interpreter on here) builds each launch's cache key three ways: captured from th
 candidate's tiles put in (the tuner's precompile), by hand in bench/compile_gate.py (what gpu-check's
 gate compiles for the benchmarks) and as Triton's autotuner launches it under MOCA_AUTOTUNE=1 (each
 candidate's pre_hook applied, its Config's kwargs added). Every tiling (packed, per segment, both) and
-variant (plain, TMA, fused dq) of the benchmark's shapes is covered.
+variant (plain, TMA, fused dq) of the benchmark's shapes is covered. It also checks that the tuner files each
+launch under the kernels/tuned.py rule that decided it (what its proposed rules are per).
 """
 
 import json

@@ -6,6 +6,8 @@ Triton cache keys of attention launches, built three ways, printed as JSON misma
    gpu-check's gate compiles for the benchmarks to find in Triton's cache.
 3. The MOCA_AUTOTUNE=1 launch as Triton's autotuner makes it: the launcher's call to the autotuner,
    each candidate's pre_hook applied, its Config's kwargs added (what the tuning run then times).
+Also: each launch is filed (for the tuner's proposed rules) under the kernels/tuned.py rule that decided it,
+the seq bucket taken from the launch's own arguments.
 
     python tests/tune_keys.py SHAPE:VARIANT ...   ->   {"checked": {SHAPE:VARIANT: keys compared}, "mismatches": [...]}
 """
@@ -21,7 +23,7 @@ from common import with_env  # noqa: E402
 
 import compile_gate as gate  # noqa: E402
 import torch  # noqa: E402
-from kernels import attention  # noqa: E402
+from kernels import attention, tuned  # noqa: E402
 
 GROUPS = {hq_hkv: g for g, hq_hkv in gate.GROUPS.items()}
 
@@ -83,7 +85,17 @@ def main(pairs: list[str]) -> dict:
                 theirs = gate.launch_key(attention._KERNELS[name], args, {**kwargs, **config.all_kwargs()})
                 checked[pair] += 1
                 if gate.launch_key(*tune.launch(shape, variant, i, cand)) != theirs:
-                    mismatches.append(f"{pair} launch {i} {name} {tune.label(cand)}: precompiled != autotuned")
+                    mismatches.append(f"{pair} launch {i} {name} {tune.tune_rules.label(cand)}: "
+                                      "precompiled != autotuned")
+        # the rule the tuner files each launch under (for its proposals) is the one that decided the launch
+        buckets = [dict(zip(attention._KERNELS[c[0]].arg_names, c[3]))["seq_bucket"] for c in auto]
+        for item in (it for g in tune.groups([shape], [variant]) for it in g["items"]):
+            meta = item["meta"]
+            index, _, cfg = tuned.rule(gate.ARCH, item["kernel"], meta["HEAD_DIM"], tune.DTYPE, buckets[item["index"]],
+                                       meta["PACKED"], meta.get("FUSED_DQ", False))
+            checked[pair] += 1
+            if (index, tuple(cfg[:4])) != (item["rule"], item["shipped"]):
+                mismatches.append(f"{pair} launch {item['index']}: filed under rule {item['rule']}, decided by {index}")
     return dict(checked=checked, mismatches=mismatches)
 
 
