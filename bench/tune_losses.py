@@ -11,9 +11,10 @@ and of forward + backward, and the loss and d_hidden against the shipped config'
 change the result beyond fp32 summation order). Shapes go in order under a budget; what is not reached
 is reported as such.
 
-Writes every candidate's row and per (loss, shape, variant) the winner beside the shipped config to
-bench/results/<device>-<date>-tune-losses.{json,md} (copied to $OUT when set): what `_launch_cfg` and
-`_config` are to be set from.
+Writes every candidate's row, per (loss, shape, variant) the winner beside the shipped config, and per
+shipped tile function the candidate (tiles and TMA) fastest over its shapes (`proposals`) to
+bench/results/<device>-<date>-tune-losses.{json,md} (copied to $OUT when set): what `_launch_cfg`,
+`_config` and recon_loss.SHIPPED_TMA are to be set from.
 
     python bench/tune_losses.py [--budget 120] [--threads 12] [--losses lm patch infonce]
 """
@@ -34,6 +35,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import environment, time_ms, with_env, write_tables  # noqa: E402
+import tune_rules  # noqa: E402
 
 # the modules (kernels/__init__ re-exports functions under their names)
 nce, rl = (importlib.import_module(f"kernels.{m}") for m in ("infonce", "recon_loss"))
@@ -50,6 +52,8 @@ CANDIDATES = {
     "infonce": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                 (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)],
 }
+# the function each loss's shipped tiles come from (what a proposal is for)
+TABLES = {"lm": "recon_loss._launch_cfg", "patch": "recon_loss._launch_cfg", "infonce": "infonce._config"}
 KERNELS = {rl: ("_lm_fwd_kernel", "_lm_dlogits_kernel", "_mm_acc_kernel", "_patch_kernel"),
            nce: ("_infonce_fwd_kernel", "_infonce_dscores_kernel")}
 
@@ -180,16 +184,49 @@ def winners(rows: list[dict]) -> list[dict]:
             for k, v in out.items() if v["best"] and v["shipped"]]
 
 
+def proposals(rows: list[dict], max_rel_diff: float = 0.02) -> list[dict]:
+    """Per shipped tile function (TABLES: the LM and patch GEMMs share one): the candidate, tiles and TMA, with the
+    least geometric mean over its shapes of fwd+bwd time / the shape's fastest (bench/tune_rules.py `rank`),
+    beside the shipped tiles under recon_loss.SHIPPED_TMA. Candidates whose d_hidden is off the shipped tiles' by
+    more than max_rel_diff (of its largest magnitude; fp32 summation order moves a bf16 gradient by ~1e-3) at
+    any shape are not ranked: they compute something else."""
+    by_table = {}
+    for r in rows:
+        if "ms_fwd_bwd" in r:
+            site = by_table.setdefault(TABLES[r["loss"]], {}).setdefault(f"{r['loss']} {r['shape']}", {})
+            if r["d_hidden_rel_diff"] <= max_rel_diff:
+                site[r["config"], r["tma"]] = r["ms_fwd_bwd"]
+    out = []
+    for table, shapes in by_table.items():
+        ranked = tune_rules.rank([dict(times=t) for t in shapes.values()])
+        if not ranked:
+            continue
+        x, worst, (config, tma) = ranked[0]
+        shipped = next(((r["config"], r["tma"]) for r in rows if r["shipped"] and r["tma"] == rl.SHIPPED_TMA
+                        and TABLES[r["loss"]] == table), None)
+        shipped_x = next((gx for gx, _, c in ranked if c == shipped), None)
+        out.append(dict(table=table, shapes=", ".join(shapes), shipped=shipped and shipped[0] + " +tma" * shipped[1],
+                        shipped_x=shipped_x, proposed=config + " +tma" * tma, proposed_x=x, proposed_worst=worst,
+                        gain=shipped_x / x if shipped_x else None))
+    return out
+
+
 def save(stem: str, env: dict, notes: list[str], rows: list[dict]) -> str:
-    best = winners(rows)
-    cols = ["loss", "shape", "tma", "best", "best_ms_fwd", "best_ms_fwd_bwd", "best_d_hidden_rel_diff", "shipped",
-            "shipped_ms_fwd_bwd", "speedup"]
+    best, proposed = winners(rows), proposals(rows)
     fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)  # noqa: E731
+
+    def md(items, cols):
+        return ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
+                *("| " + " | ".join(fmt(b[c]) for c in cols) + " |" for b in items)]
+
     table = "\n".join([f"# Loss GEMM tile tuning on {env['device']}, commit {env['commit']}", "",
                        ", ".join(f"{k}={v}" for k, v in env.items()), "", *notes, "",
-                       "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
-                       *("| " + " | ".join(fmt(b[c]) for c in cols) + " |" for b in best)]) + "\n"
-    write_tables(stem, dict(environment=env, notes=notes, winners=best, rows=rows), table)
+                       *md(best, ["loss", "shape", "tma", "best", "best_ms_fwd", "best_ms_fwd_bwd",
+                                  "best_d_hidden_rel_diff", "shipped", "shipped_ms_fwd_bwd", "speedup"]), "",
+                       "## Proposed tiles (x: geometric mean over the shapes of fwd+bwd time / the shape's fastest)",
+                       "", *md(proposed, ["table", "shapes", "shipped", "shipped_x", "proposed", "proposed_x",
+                                          "proposed_worst", "gain"])]) + "\n"
+    write_tables(stem, dict(environment=env, notes=notes, winners=best, proposals=proposed, rows=rows), table)
     return table
 
 

@@ -51,9 +51,9 @@ def sites(rows: list[dict], plan: list[dict]) -> list[dict]:
     return [s for s in out.values() if s["times"]]
 
 
-def _rank(group: list[dict]) -> list[tuple[float, float, tuple]]:
-    """[(geometric mean of ms / site's fastest, worst ratio, candidate)], best first, over candidates timed at
-    every site of the group."""
+def rank(group: list[dict]) -> list[tuple[float, float, tuple]]:
+    """[(geometric mean of ms / site's fastest, worst ratio, candidate)], best first, over the candidates timed
+    at every site of `group` (sites: {times: {candidate: ms}})."""
     common = set.intersection(*(set(s["times"]) for s in group))
     ratios = {c: [s["times"][c] / min(s["times"].values()) for s in group] for c in common}
     return sorted((math.exp(sum(map(math.log, r)) / len(r)), max(r), c) for c, r in ratios.items())
@@ -78,7 +78,7 @@ def propose(site_list: list[dict]) -> list[dict]:
                 subsets += [(f"{key}={v}", [s for s in group if s[key] == v]) for v in values]
         rule_wide = None
         for split, subset in subsets:
-            ranked = _rank(subset)
+            ranked = rank(subset)
             if not ranked:
                 continue
             x, worst, best = ranked[0]
