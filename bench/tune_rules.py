@@ -10,12 +10,18 @@ by `head_dim` or `max_seq` pays where their winners differ). A TMA candidate at 
 cannot view takes the plain time (the launchers run it plain there); a candidate without a time at one
 of the rule's sites (over shared memory, or its variant not timed) is not ranked. `overrides` keeps the
 proposals worth shipping, and `apply` puts them into a rules table: `bench/throughput.py --rules` runs
-the benchmarks under it, so one GPU call can tune and measure the tuned table against the peers.
-Pure Python: no Triton, no GPU.
+the benchmarks under it, so one GPU call can tune and measure the tuned table against the peers, and
+`python bench/tune_rules.py STEM.json` prints the table with them as Python for kernels/tuned.py. No GPU.
 """
 
+import argparse
 import json
 import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import tuned  # noqa: E402
 
 
 def label(cfg, tma: bool = False) -> str:
@@ -165,3 +171,34 @@ def load_rules(path: str) -> tuple[str, list[dict]]:
     with open(path) as f:
         payload = json.load(f)
     return payload["arch"], payload["overrides"]
+
+
+def source(rules: dict) -> str:
+    """Rules {kernel: [(conditions, config)]} as the Python of kernels/tuned.py's table (to paste there)."""
+    lines = []
+    for kernel, entries in rules.items():
+        lines.append(f'"{kernel}": [')
+        for cond, cfg in entries:
+            args = ", ".join(f"{k}={v!r}" for k, v in cond.items())
+            cfg = tuple(cfg[:4]) + ((True,) if cfg[4:] and cfg[4] else ())
+            lines.append(f"    (dict({args}), {cfg}),")
+        lines.append("],")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python bench/tune_rules.py STEM.json: kernels/tuned.py's rules of the tuning's architecture with its
+    chosen overrides put in, printed as Python for tuned.py (the reasons in its comments are the writer's)."""
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("tuning", help="an attention tuning's STEM.json (bench/tune_attention.py)")
+    args = ap.parse_args(argv)
+    try:
+        arch, chosen = load_rules(args.tuning)
+        print(source(apply(tuned._RULES[arch], chosen)))
+    except (OSError, KeyError, ValueError) as e:
+        ap.error(f"{args.tuning}: {type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,3 +157,11 @@ def test_throughput_runs_under_a_tunings_rules(monkeypatch, tmp_path, capsys):
     assert payload["environment"]["rules"] == "tune.json (1 overrides)"
     assert json.loads(out.read_text())["results"]["attention"]
     assert tuple(tuned.attention_config("sm90", "fwd", 128, torch.bfloat16, 8192).values()) == (64, 128, 4, 2, True)
+
+
+def test_source_prints_the_applied_table_as_python_for_tuned_py():
+    split = dict(kernel="fwd", rule=2, head_dim=80, config=(128, 32, 8, 3, True), shipped=(128, 64, 8, 3, False))
+    text = tune_rules.source(tune_rules.apply(RULES, [split]))
+    assert eval("{" + text + "}", {"torch": torch}) == {"fwd": [  # noqa: S307 - our own output
+        (dict(dtype=torch.float32), (32, 16, 8, 2)), (dict(packed=True), (128, 64, 8, 3)),
+        (dict(head_dim=80), (128, 32, 8, 3, True)), (dict(), (128, 64, 8, 3))]}
