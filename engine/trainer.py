@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from engine import parallel
 from engine.parallel import DistContext
@@ -119,15 +120,6 @@ def freeze(model: nn.Module, prefixes: list[str] | tuple[str, ...]) -> int:
     for p in hit:
         p.requires_grad_(False)
     return len(hit)
-
-
-def lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
 
 
 def full_model_from_state(config, state: dict) -> nn.Module:
@@ -338,7 +330,8 @@ class Trainer:
         fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not parallel.is_fsdp(self.module)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
         warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup, cfg.max_steps))
+        # the reference's schedule (HF Trainer's linear one): lr 0 at the first update, peak after `warmup` steps
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, cfg.max_steps)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")

@@ -4,6 +4,7 @@
 The choice is made on the host from tensor metadata only, so it never syncs the device.
 """
 
+import functools
 import os
 
 import torch
@@ -40,3 +41,17 @@ def resolve(backend: str | None, x: torch.Tensor) -> str:
     if backend == "triton" and not (x.is_cuda or interpreter_enabled()):
         raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (the CPU interpreter)")
     return backend
+
+
+def autocast_off(fn):
+    """A torch.autograd.Function's forward or backward run with autocast off on its first tensor's device.
+    The losses set their own precision (16-bit operands into fp32 accumulators, fp32 reference paths);
+    under the trainer's bf16 autocast, which reaches into a Function's forward and, called in its block,
+    its backward too, their fp32 matmuls and accumulations would otherwise run in bf16."""
+
+    @functools.wraps(fn)
+    def run(ctx, x, *rest):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(ctx, x, *rest)
+
+    return run

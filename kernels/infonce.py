@@ -38,7 +38,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels._backend import interpreter_enabled, resolve
+from kernels._backend import autocast_off, interpreter_enabled, resolve
 from kernels.recon_loss import _cols_per_split, _desc, _scaled_downcast, _sm_count, _tile_matmul_tma, _use_tma
 
 LOG2E = 1.4426950408889634
@@ -284,6 +284,7 @@ def _backward(q, t, neg, lse, neg_dot, grad, temperature, needs, dscores):
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, t, neg, temperature, backend):
         fwd = _forward_triton if backend == "triton" else _forward_torch
         lse, pos, neg_dot = fwd(q, t, neg, temperature)
@@ -292,6 +293,7 @@ class _InfoNCE(torch.autograd.Function):
         return (lse - pos / temperature).mean()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         q, t, neg, lse, neg_dot = ctx.saved_tensors
         dscores = _dscores_triton if ctx.backend == "triton" else _dscores_torch

@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._backend import resolve, switch, tma_aligned
+from kernels._backend import autocast_off, resolve, switch, tma_aligned
 
 _REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
 _DOWNCAST_SLAB = 1 << 24  # elements per step of the in-place d_weight downcast (a 64 MiB fp32 temporary)
@@ -509,6 +509,7 @@ def _patch_bwd_torch(h, w, b, t, scale):
 
 class _MaskedLMLoss(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, targets, backend, grad_in_forward):
         ctx.backend = backend
         ctx.grads = None
@@ -523,6 +524,7 @@ class _MaskedLMLoss(torch.autograd.Function):
         return (lse - tgt_logit).mean()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         if ctx.grads is not None:
             d_hidden, d_weight32 = ctx.grads
@@ -542,6 +544,7 @@ class _MaskedLMLoss(torch.autograd.Function):
 
 class _MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, targets, backend):
         ctx.backend = backend
         if backend == "triton":  # gradient in the forward: one pass of residuals, no recompute
@@ -552,6 +555,7 @@ class _MaskedPatchLoss(torch.autograd.Function):
         return sq_sum / targets.numel()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad):
         hidden, weight, bias, targets = ctx.saved_tensors
         if ctx.backend == "torch":

@@ -35,7 +35,8 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.checkpoint import load_model
 from moca.image import ImageError, image_grid
-from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, check_images_fit, normalize_markers
+from moca.processor import (IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, check_images_fit,
+                            normalize_markers)
 
 log = logging.getLogger("moca")
 
@@ -304,6 +305,7 @@ def main(argv=None) -> torch.Tensor:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    add_image_tokens_arg(p)
     p.add_argument("--show", type=int, default=8, help="print the cosine-similarity table of the first N inputs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -323,7 +325,7 @@ def main(argv=None) -> torch.Tensor:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     model = load_model(args.model, device=args.device, dtype=dtype)
-    processor = Processor.from_pretrained(args.model, max_length=args.max_length)
+    processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     vectors = embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling,
                           num_workers=args.num_workers, progress=True, names=names)
     for path in write_vectors(vectors, output):

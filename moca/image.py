@@ -16,7 +16,8 @@ Tiny images (a side < 28 px): transformers 5.x does not raise for them; `smart_r
 lifts every side to >= 28 in its single bicubic resize, and we do exactly the same, so
 pixels and grid match transformers. MOCA.md §1 describes the reference as resizing such
 images up to 28 px first (older transformers raised on them); no separate pre-upscale is
-applied here, so only images with a side < 28 can differ from the release's pixels.
+applied here, so images with a side < 28 (and only they) can differ from the release's pixels and
+patch grid, hence token count.
 
 High bit depths: 16-bit RGB(A) files decode to 8 bits in PIL already (the high byte); 16-bit
 greyscale (modes `I;16*`, and `I` holding 0..65535) is scaled the same way, v >> 8, where

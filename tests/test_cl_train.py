@@ -24,6 +24,8 @@ def test_exact_resume(tmp_path):
     main(ARGS + ["--output-dir", str(out)])
     full = _metrics(out)
     assert [r["step"] for r in full] == [1, 2, 3, 4] and all({"loss", "lr"} <= r.keys() for r in full)
+    # the reference's linear schedule (HF Trainer): warm-up ceil(0.1 * 4) = 1 step from lr 0, then down to 0 at step 4
+    assert [r["lr"] for r in full] == pytest.approx([0.0, 1e-3, 2e-3 / 3, 1e-3 / 3])
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev) == {"before", "after"} and set(ev["after"]["tasks"]) == {"t2i", "i2t", "vqa", "cls"}
     final = load_model(str(out / "final"))
@@ -48,3 +50,19 @@ def test_freeze_keeps_the_named_parameters(tmp_path):
             assert not torch.equal(a, b), name
     with pytest.raises(ValueError, match="embed_token_typo"):
         main(ARGS + ["--output-dir", str(tmp_path / "typo"), "--freeze", "embed_token_typo"])
+
+
+def test_epochs_set_the_run_length(tmp_path):
+    """No --max-steps: --epochs passes over the data. Subsets of 10 and 6 records in global batches of 4 give
+    2 + 1 batches an epoch (each subset's remainder is dropped)."""
+    for name, n in (("a", 10), ("b", 6)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"qry": f"query {name} {i}", "qry_image_path": "", "pos_text": f"positive {name} {i}",
+             "pos_image_path": "", "neg_text": [], "neg_image_path": []}) + "\n" for i in range(n)))
+    base = ["cl", "--model", "tiny", "--data", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--batch-size",
+            "4", "--lr", "1e-3", "--no-progress", "--attn-backend", "torch"]
+    for epochs, steps in (("1", 3), ("1.5", 5)):
+        main(base + ["--epochs", epochs, "--output-dir", str(tmp_path / epochs)])
+        assert [r["step"] for r in _metrics(tmp_path / epochs)] == list(range(1, steps + 1))
+    with pytest.raises(SystemExit, match="not both"):
+        main(base + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "both")])

@@ -133,7 +133,7 @@ def test_truncation_keeps_a_cut_image_whole(proc, tmp_path):
     (sample,) = data.micro_batch(0).samples
     assert len(sample) == max_len and sample.grids == full.grids and torch.equal(sample.patches, full.patches)
     assert int((sample.input_ids == PAD).sum()) == n_img > 0
-    assert data.costs[0] == max_len + 3 * n_img  # the truncated sample, its merged image tokens weighing 4
+    assert data.costs[0] == max_len  # the reference's cost, capped at max_len (MOCA.md §2)
 
 
 def test_mixture_counts_are_drawn_per_source(proc, tmp_path):

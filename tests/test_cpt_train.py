@@ -190,3 +190,21 @@ def test_bad_records_train_on_the_good_ones(workdir, capsys, caplog):
     rows = metrics(out)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert os.path.isdir(out / "final")
+
+
+@pytest.mark.parametrize("accum, epochs, steps", [(1, None, 5), (2, None, 3), (1, 1.5, 8)])
+def test_epochs_set_the_run_length(workdir, tmp_path, accum, epochs, steps):
+    """No --max-steps: --epochs (default 1, as the release) passes over the data. Five text records of over 16
+    tokens at max_len 16 each cost the cap, 16, so a budget of 16 packs one a micro-batch: 5 micro-batches an
+    epoch, `accum` of them an optimizer step."""
+    src = tmp_path / "five.jsonl"
+    src.write_text("".join(json.dumps({"text": f"record {i}: " + "many words here " * 8, "images": []}) + "\n"
+                           for i in range(5)))
+    argv = args(workdir, tmp_path / "run", 0, "--max-len", "16", "--budget", "16", "--grad-accum", str(accum))
+    argv[argv.index("--data") + 1] = str(src)
+    del argv[argv.index("--max-steps"):argv.index("--max-steps") + 2]
+    main(argv + ([] if epochs is None else ["--epochs", str(epochs)]))
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, steps + 1))
+    assert [r["samples"] for r in metrics(tmp_path / "run")][:2] == [accum, accum]
+    with pytest.raises(SystemExit, match="not both"):
+        main(args(workdir, tmp_path / "both", 2, "--epochs", "1"))

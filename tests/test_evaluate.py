@@ -114,10 +114,11 @@ def test_mmeb_scores_cache_and_oracle(tiny, tmp_path, monkeypatch, capsys):
     fresh = Embedder("tiny", device="cpu", attn_backend="torch")
     monkeypatch.setattr(Embedder, "load", lambda self: pytest.fail("re-embedded despite the cache"))
     assert evaluate_mmeb(fresh, str(data), str(images), str(out)) == scores
-    # another model (here: another dtype) does not reuse those vectors
-    other = Embedder("tiny", device="cpu", dtype=torch.float64, attn_backend="torch")
-    with pytest.raises(pytest.fail.Exception, match="re-embedded"):
-        evaluate_mmeb(other, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
+    # another model (here: another dtype), or another image resolution, does not reuse those vectors
+    for other in (Embedder("tiny", device="cpu", dtype=torch.float64, attn_backend="torch"),
+                  Embedder("tiny", device="cpu", attn_backend="torch", image_tokens=(8, 32))):
+        with pytest.raises(pytest.fail.Exception, match="re-embedded"):
+            evaluate_mmeb(other, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
 
 
 def _cached_vectors(out, name):

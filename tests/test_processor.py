@@ -1,5 +1,7 @@
 """Processor: templating, image-pad expansion, truncation, packing metadata and clear input errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,49 @@ def test_pack_metadata(proc):
         assert batch.position_ids[:, batch.cu_seqlens[i]].tolist() == [0, 0, 0]
     assert torch.equal(batch.window_index[batch.window_reverse], torch.arange(batch.window_index.numel()))
     assert int(batch.window_cu_seqlens[-1]) == batch.patches.shape[0]
+
+
+def _checkpoint(path, preprocessor):
+    """A checkpoint folder as far as the processor reads one: config.json and maybe preprocessor_config.json."""
+    from moca.config import ModelConfig
+
+    (path / "config.json").write_text(json.dumps(ModelConfig.from_name("tiny").to_hf_config()))
+    if preprocessor is not None:
+        (path / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return str(path)
+
+
+STOCK = {"min_pixels": 3136, "max_pixels": 12845056}  # Qwen2.5-VL's own preprocessor_config.json
+
+
+@pytest.mark.parametrize("file, tokens, expect", [
+    (STOCK, None, (256, 1024)),  # Qwen's stock 4..16384 tokens an image -> MoCa's, as the release passes them
+    ({"size": {"shortest_edge": 3136, "longest_edge": 12845056}}, None, (256, 1024)),  # the same, spelled as size
+    ({"min_pixels": 16 * 784, "max_pixels": 64 * 784}, None, (16, 64)),  # any other (a tiny run's own): kept
+    (None, None, (256, 1024)),  # no file: MoCa's
+    (STOCK, (64, 128), (64, 128)),  # chosen
+])
+def test_checkpoint_image_resolution_is_mocas_unless_chosen(tmp_path, file, tokens, expect):
+    """Image grids against transformers' Qwen2-VL image processor given the expected min/max pixels, as the
+    release's code gives them (MOCA.md §1: 256..1024 merged tokens an image)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    proc = Processor.from_pretrained(_checkpoint(tmp_path, file), image_tokens=tokens)
+    ref = Qwen2VLImageProcessorPil(min_pixels=expect[0] * 784, max_pixels=expect[1] * 784)
+    for w, h in ((2000, 1500), (100, 80)):  # over 1024 and under 256 tokens at MoCa's bounds, 16384 and 4 at Qwen's
+        img = random_image(w, h)
+        grid = tuple(int(v) for v in ref(img, return_tensors="np")["image_grid_thw"][0])
+        assert proc.encode({"text": MARKER, "images": [img]}).grids == (grid,), (w, h)
+
+
+def test_preset_image_resolution_and_bad_bounds():
+    from engine.train import build_parser
+    from moca.processor import PRESET_IMAGE_CONFIG, image_config
+
+    assert image_config("tiny") == PRESET_IMAGE_CONFIG["tiny"]
+    assert (image_config("tiny", (8, 32)).min_pixels, image_config("tiny", (8, 32)).max_pixels) == (8 * 784, 32 * 784)
+    with pytest.raises(ValueError, match="min <= max"):
+        image_config("tiny", (64, 16))
+    with pytest.raises(SystemExit):  # the command lines refuse them when parsing
+        build_parser().parse_args(["cl", "--image-tokens", "64", "16"])
+    assert build_parser().parse_args(["cl", "--image-tokens", "16", "64"]).image_tokens == (16, 64)

@@ -37,19 +37,21 @@ def test_cpt_micro_batches_keep_whole_images_and_cut_text(tmp_path):
         assert sample.grids == full.grids and torch.equal(sample.patches, full.patches)
 
 
-def test_cost_pass_counts_the_truncated_record_and_flags_images_over_max_len(tmp_path):
-    """The cost of a truncated record is that of the sample `Processor.truncate` leaves (whole images,
-    merged tokens weighted 4, plus the text that fits); images alone over max_len are a bad record there."""
+def test_cost_pass_counts_the_reference_cost_and_flags_images_over_max_len(tmp_path):
+    """A record's cost is the reference's (MOCA.md §2): text tokens + 4 x merged image tokens + 2 per image,
+    capped at max_len, and never below the LLM tokens of the sample `Processor.truncate` leaves; images alone
+    over max_len are a bad record there."""
     from engine.data import record_cost
     from moca.processor import TruncationError
 
     proc = Processor.from_pretrained("tiny")
     random_image(112, 112, seed=0).save(tmp_path / "a.png")
     rec = {"text": "words " * 40 + IMAGE_MARKER + " tail", "images": [str(tmp_path / "a.png")]}
+    full = proc.encode(rec)
+    n_image = sum(t * h * w for t, h, w in full.grids) // 4  # 16 merged tokens for 112 x 112
+    uncapped = len(full) + 3 * n_image  # hand count: LLM tokens, each merged image token counted 4 times
     for max_len in (24, 30, 400):
-        sample = proc.truncate(proc.encode(rec), max_len)
-        n_image = sum(t * h * w for t, h, w in sample.grids) // 4
-        # hand count: LLM tokens, with each merged image token counted 4 times instead of once
-        assert record_cost(rec, proc, max_len) == len(sample) + 3 * n_image, max_len
+        assert record_cost(rec, proc, max_len) == min(max_len, uncapped) >= len(proc.truncate(full, max_len))
+    assert uncapped < 400 and record_cost(rec, proc, 24) == 24  # both sides of the cap
     with pytest.raises(TruncationError, match="max_length=17"):  # the image's 18 tokens do not fit
         record_cost(rec, proc, 17)
