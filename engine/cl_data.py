@@ -4,7 +4,9 @@ A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_imag
 `neg_text`, `neg_image_path` (the last two lists, or strings) from a .jsonl file, a folder of
 parquet / arrow files (pyarrow), or the built-in `synthetic` tasks; image paths are relative to
 an image root (default: the subset's folder); in-memory images (bytes, HF dicts) pass through.
-`path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller).
+`path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller); a subset
+without a count gives all its records, or `max_per_subset` of them (a seeded sample) when it has more:
+the release drew up to 50k a subset (MOCA.md §3).
 
 Design decisions:
 * Every record is validated once, when its subset is opened (query and positive not empty,
@@ -252,9 +254,12 @@ class CLData:
     """The subsets as one endless, deterministic sequence of task-homogeneous global batches."""
 
     def __init__(self, specs: list[str], processor: Processor, global_batch: int, negative_ratio: int = 2,
-                 image_root: str | None = None, max_len: int = 1280, seed: int = 0):
+                 image_root: str | None = None, max_len: int = 1280, seed: int = 0, max_per_subset: int | None = None):
         if global_batch < 1:
             raise ValueError("global_batch must be >= 1")
+        if max_per_subset is not None and max_per_subset < 1:
+            raise ValueError(f"max_per_subset must be >= 1 (or None: no cap), got {max_per_subset}")
+        self.max_per_subset = max_per_subset
         self.processor, self.global_batch, self.max_len, self.seed = processor, global_batch, max_len, seed
         self.subsets: list[Subset] = []
         self.good: list[np.ndarray] = []  # per subset: indices of valid records
@@ -289,7 +294,8 @@ class CLData:
         for i, why in sorted(bad.items()):
             log.warning("bad record: %s: %s", sub.where(i), why)
         good = np.asarray([i for i in range(len(sub)) if i not in bad], dtype=np.int64)
-        count = len(good) if count is None or not len(good) else count
+        if count is None or not len(good):
+            count = min(len(good), self.max_per_subset or len(good))
         log.info("subset %s: %d records, %d good, %d bad; drawing %d per epoch (%d global batches), %d hard negatives",
                  sub.name, len(sub), len(good), len(bad), count, count // self.global_batch, ratio)
         if count < self.global_batch:

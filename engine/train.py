@@ -214,7 +214,7 @@ def report(out: str, names: tuple[str, ...], data) -> None:
 
 
 # Stage 2 (MOCA.md §3): release hyper-parameters, and the embedded default's (tiny model, CPU, synthetic pairs:
-# mean precision@1 0.84 after 1000 steps, about 3 min on 2 cores; at 1200 steps lr 3e-4 gives 0.91, 5e-4 0.76).
+# mean precision@1 0.88 after 1000 steps, about 3 min on 2 cores; the README table).
 CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_len=1280, log_every=10)  # 1 epoch: --epochs
 CL_EMBEDDED = dict(lr=3e-4, warmup_ratio=0.1, grad_accum=1, max_steps=1000, max_len=512, log_every=25,
                    freeze=["embed_tokens"])
@@ -228,6 +228,9 @@ def add_cl_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.03)
     g.add_argument("--grad-cache-chunk", type=int, default=0, help="GradCache chunk in samples (0: off)")
     g.add_argument("--image-root", default=None, help="root of relative image paths (default: each subset's folder)")
+    g.add_argument("--max-per-subset", type=int, default=50000,
+                   help="records drawn from a subset given without :count, a seeded sample when it has more "
+                        "(MOCA.md: the release's 50000; 0: all)")
 
 
 def newest_cpt_run(root: str = "runs") -> str | None:
@@ -263,7 +266,8 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     if args.freeze:
         log.info("frozen: %d parameter tensors under %s", freeze(model, args.freeze), " ".join(args.freeze))
     data = CLData(args.data, processor, global_batch=args.batch_size * ctx.world, negative_ratio=args.negative_ratio,
-                  image_root=args.image_root, max_len=args.max_len, seed=args.seed)
+                  image_root=args.image_root, max_len=args.max_len, seed=args.seed,
+                  max_per_subset=args.max_per_subset or None)
     resolve_steps(args, len(data.epoch(0)), args.grad_accum)  # a micro-batch: one global batch over the ranks
     synthetic = all(d.startswith("synthetic") for d in args.data)
     evals = {}

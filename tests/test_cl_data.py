@@ -4,6 +4,7 @@ the query's own hard negatives (skip empty, repeat the last), runtime failures r
 import json
 import logging
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -138,3 +139,18 @@ def test_runtime_failure_replaced(subsets, processor, caplog):
     assert f"bad record: {subsets / 'alpha.jsonl'}:11: " in caplog.text and "replaced" in caplog.text
     img = rb.queries[rb.indices.index(2)]  # the record with a real image: marker rewritten, patches there
     assert img.grids and (img.input_ids == processor.image_token_id).sum() == img.num_patches // 4
+
+
+def test_max_per_subset_caps_subsets_given_without_a_count(subsets, processor):
+    """The release drew up to 50k records a subset (MOCA.md §3): a cap samples (no repeats) a larger subset,
+    leaves a smaller one whole, and does not touch a subset given with :count."""
+    beta = str(subsets / "beta.jsonl")  # 9 good records, no hard negatives
+    capped = CLData([beta], processor, global_batch=2, max_per_subset=6, seed=5)
+    for e in range(2):
+        drawn = np.concatenate([b for _, b in capped.epoch(e)])
+        assert len(drawn) == 6 and len(set(drawn.tolist())) == 6  # 3 batches of distinct records
+    assert capped.counts == [6]
+    assert CLData([beta], processor, global_batch=2, max_per_subset=50).counts == [9]  # smaller: whole
+    assert CLData([beta + ":17"], processor, global_batch=2, max_per_subset=6).counts == [17]  # counted: as asked
+    with pytest.raises(ValueError, match="max_per_subset"):
+        CLData([beta], processor, global_batch=2, max_per_subset=0)
