@@ -35,8 +35,7 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.checkpoint import load_model
 from moca.image import ImageError, image_grid
-from moca.processor import (IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, check_images_fit,
-                            normalize_markers)
+from moca.processor import IMAGE_MARKER, Processor, add_image_tokens_arg, check_images_fit, input_text
 
 log = logging.getLogger("moca")
 
@@ -86,11 +85,7 @@ def item_cost(processor: Processor, item: dict) -> int:
     images = list(item.get("images") or [])
     if not text and not images:
         raise ValueError("empty input: no text and no images")
-    text = normalize_markers(text) if text else IMAGE_MARKER * len(images)
-    if text.count(IMAGE_PAD) != len(images):
-        raise ValueError(
-            f"the text names {text.count(IMAGE_PAD)} image(s) with {IMAGE_MARKER!r} but {len(images)} image(s) were given"
-        )
+    text = input_text(text, len(images))
     merge = processor.config.vision.spatial_merge_size**2
     tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(images)
     grids = [image_grid(*image_size(img), processor.image_config) for img in images]

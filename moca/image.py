@@ -156,6 +156,8 @@ def load_image(src) -> Image.Image:
                 img.load()
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {name}") from e
+    except Image.UnidentifiedImageError as e:  # its message names the BytesIO object, not the input
+        raise ImageError(f"cannot decode image {name}: not an image format PIL reads") from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error...) on bad data
         raise ImageError(f"cannot decode image {name}: {e}") from e
     if img.width == 0 or img.height == 0:

@@ -68,8 +68,8 @@ class MoCaModel(nn.Module):
             x = layer(x, cos, sin, batch.cu_seqlens, batch.max_seqlen, self.attn_backend)
         return self.norm(x)
 
-    def embed(self, batch: PackedBatch, pooling: str = "mean") -> torch.Tensor:
-        """-> (B, hidden) fp32, L2-normalised. pooling: "mean" (MoCa) or "last"."""
+    def embed(self, batch: PackedBatch, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """-> (B, hidden) fp32, L2-normalised unless `normalize` is False. pooling: "mean" (MoCa) or "last"."""
         hidden = self(batch)
         if pooling == "mean":
             pooled = mean_pool(hidden, batch)
@@ -77,7 +77,7 @@ class MoCaModel(nn.Module):
             pooled = last_token_pool(hidden, batch)
         else:
             raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:

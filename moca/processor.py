@@ -106,6 +106,18 @@ def normalize_markers(text: str) -> str:
     return _MARKER_ALIASES.sub(IMAGE_MARKER, text)
 
 
+def input_text(text: str, n_images: int) -> str:
+    """The text of an input with n_images images, markers in place: aliases rewritten (`normalize_markers`)
+    when it has images, one marker per image when it has no text; a text without images is taken as it is
+    (an HTML `<image>` tag is text then). Raises ValueError when the markers do not match the images."""
+    text = (normalize_markers(text) if n_images else text) if text else IMAGE_MARKER * n_images
+    if text.count(IMAGE_PAD) != n_images:
+        raise ValueError(
+            f"the text names {text.count(IMAGE_PAD)} image(s) with {IMAGE_MARKER!r} but {n_images} image(s) were given"
+        )
+    return text
+
+
 class Processor:
     def __init__(self, tokenizer, config: ModelConfig, image_config: ImageConfig, max_length: int | None = None):
         self.tokenizer = tokenizer
@@ -150,12 +162,7 @@ class Processor:
         images = list(item.get("images") or [])
         if not text and not images:
             raise ValueError("empty input: no text and no images")
-        text = normalize_markers(text) if text else IMAGE_MARKER * len(images)
-        n_markers = text.count(IMAGE_PAD)
-        if n_markers != len(images):
-            raise ValueError(
-                f"the text names {n_markers} image(s) with {IMAGE_MARKER!r} but {len(images)} image(s) were given"
-            )
+        text = input_text(text, len(images))
         processed = [preprocess_image(img, self.image_config) for img in images]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         merge = self.config.vision.spatial_merge_size**2

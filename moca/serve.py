@@ -3,10 +3,12 @@
     python -m moca.serve                                   # tiny preset on 127.0.0.1:8080
     python -m moca.serve --model CKPT --host 0.0.0.0 --port 8080 --dtype bfloat16
 
-Endpoints: OpenAI-compatible `POST /v1/embeddings`, TEI-compatible `POST /embed`, `GET /health`
-(200 once warm, 503 before) and `GET /metrics` (Prometheus). An input is a string or an object
-`{"text": ..., "image": <base64 or data URL>}` (or `"images": [...]`); a text that names no image
-with a marker gets one marker per image in front of it, as in MoCa's prompts.
+Endpoints: OpenAI-compatible `POST /v1/embeddings` (and `/embeddings`), TEI-compatible `POST /embed`
+(and `POST /`, `GET /info`), `GET /health` (and `/ping`; 200 once warm, 503 before) and `GET /metrics`
+(Prometheus). An input is a string or an object `{"text": ..., "image": <base64 or data URL>}` (or
+`"images": [...]`); a text that names no image with a marker gets one marker per image in front of it,
+as in MoCa's prompts; a text without images is taken as it is. Token-id inputs are refused: a client's
+ids (tiktoken's, for LangChain) are not this model's.
 
 Design decisions a reader must know:
 * One dedicated device thread owns the model. Requests are decoded (base64, image decode,
@@ -15,9 +17,11 @@ Design decisions a reader must know:
   the packer `embed_items` uses (`host_ops.pack_bins`, then `Processor.pack`: no padding) and
   runs one forward per bin. Each sample attends only to itself, so a vector does not depend on
   what it was batched with: it equals `model.embed` of that input alone.
-* Back-pressure: at most `--max-queue` requests are admitted at once (then 503 + Retry-After);
-  a request over `--max-request-tokens` is refused with 413; a malformed request gets 400 naming
-  the field and index. A client that disconnects cancels its inputs; the batch goes on.
+* Back-pressure: at most `--max-queue` requests are admitted at once (then 503 + Retry-After; TEI's
+  429); a request over `--max-request-tokens`, or a body over `--payload-limit`, is refused with 413;
+  a malformed request gets 400 naming the field and index (TEI's 422). Each API gets its own error
+  shape (OPENAI_ERRORS, TEI_ERRORS). A client that disconnects cancels its inputs; the batch goes on.
+* Vectors leave the device pooled and are normalised per request (TEI's normalize=false skips it).
 * Warm start: before /health reports ready the device thread embeds a few representative inputs
   (texts, an image, interleaved) alone and together, so the first request pays no compile or
   autotune stall.
@@ -28,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -39,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -53,12 +59,23 @@ from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_
 log = logging.getLogger("moca")
 
 
-class RequestError(ValueError):
-    """A request the server refuses: HTTP status, a message that names the field at fault."""
+# A refusal's kind -> (HTTP status, error type) in each API: OpenAI's error types, and TEI's router
+# (text-embeddings-inference: Validation 422, Empty 400, 413 over a size limit, Overloaded 429,
+# Unhealthy 503, Backend 424).
+OPENAI_ERRORS = {"invalid": (400, "invalid_request_error"), "empty": (400, "invalid_request_error"),
+                 "too_large": (413, "invalid_request_error"), "overloaded": (503, "server_overloaded"),
+                 "unavailable": (503, "server_error"), "backend": (500, "server_error")}
+TEI_ERRORS = {"invalid": (422, "Validation"), "empty": (400, "Empty"), "too_large": (413, "Validation"),
+              "overloaded": (429, "Overloaded"), "unavailable": (503, "Unhealthy"), "backend": (424, "Backend")}
 
-    def __init__(self, status: int, message: str, headers: dict | None = None):
+
+class RequestError(ValueError):
+    """A request the server refuses: its kind (a key of OPENAI_ERRORS), a message that names the field at
+    fault, that field (`param`, None when the request as a whole is at fault)."""
+
+    def __init__(self, kind: str, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.headers = status, headers or {}
+        self.kind, self.param, self.headers = kind, param, headers or {}
 
 
 class ClientGone(Exception):
@@ -70,61 +87,84 @@ def parse_json(body: bytes) -> dict:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON: {e}") from None
+        raise RequestError("invalid", f"request body is not valid JSON: {e}") from None
     if not isinstance(payload, dict):
-        raise RequestError(400, f"request body must be a JSON object, got {type(payload).__name__}")
+        raise RequestError("invalid", f"request body must be a JSON object, got {type(payload).__name__}")
     return payload
+
+
+def _text(value: str, field: str) -> str:
+    """A text field that encodes (JSON can carry lone surrogates, which no tokenizer takes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError("invalid", f"{field}: not valid Unicode text ({e.reason} at {e.start})", field) from None
+    return value
 
 
 def parse_inputs(value, field: str) -> list[tuple[str, str, list]]:
     """The `input`/`inputs` value -> [(field name, text, [(image field name, encoded image), ...])]."""
     if value is None:
-        raise RequestError(400, f"{field}: required")
+        raise RequestError("invalid", f"{field}: required", field)
     single = not isinstance(value, list)
     values = [value] if single else value
     if not values:
-        raise RequestError(400, f"{field}: must not be empty")
+        raise RequestError("empty", f"{field}: must not be empty", field)
+    if all(isinstance(v, int) for v in values) or any(isinstance(v, list) for v in values):
+        raise RequestError("invalid", f"{field}: token ids are not accepted (a client's ids, e.g. tiktoken's, mean "
+                                      "nothing to this model's tokenizer): send text (LangChain's OpenAIEmbeddings: "
+                                      "check_embedding_ctx_length=False)", field)
     out = []
     for i, v in enumerate(values):
         name = field if single else f"{field}[{i}]"
         if isinstance(v, str):
-            out.append((name, v, []))
+            if not v:
+                raise RequestError("empty", f"{name}: empty text", name)
+            out.append((name, _text(v, name), []))
             continue
         if not isinstance(v, dict) or not ({"text", "image", "images"} & v.keys()):
-            raise RequestError(400, f"{name}: expected a string or an object with 'text' and/or 'image', "
-                                    f"got {type(v).__name__}")
+            raise RequestError("invalid", f"{name}: expected a string or an object with 'text' and/or 'image', "
+                                          f"got {type(v).__name__}", name)
         text = v.get("text") or ""
         if not isinstance(text, str):
-            raise RequestError(400, f"{name}.text: expected a string, got {type(text).__name__}")
+            raise RequestError("invalid", f"{name}.text: expected a string, got {type(text).__name__}", f"{name}.text")
         if "image" in v and "images" in v:
-            raise RequestError(400, f"{name}: give 'image' or 'images', not both")
+            raise RequestError("invalid", f"{name}: give 'image' or 'images', not both", name)
         if "images" in v:
             if not isinstance(v["images"], list):
-                raise RequestError(400, f"{name}.images: expected a list, got {type(v['images']).__name__}")
+                raise RequestError("invalid", f"{name}.images: expected a list, got {type(v['images']).__name__}",
+                                   f"{name}.images")
             images = [(f"{name}.images[{k}]", img) for k, img in enumerate(v["images"])]
         else:
             images = [(f"{name}.image", v["image"])] if v.get("image") is not None else []
-        out.append((name, text, images))
+        if not text and not images:
+            raise RequestError("empty", f"{name}: no text and no image", name)
+        out.append((name, _text(text, f"{name}.text"), images))
     return out
 
 
 def decode_image(value, field: str):
-    """Base64 or a `data:<type>;base64,` URL -> decoded RGB PIL image; RequestError(400) naming `field`."""
+    """Base64 (padded or not) or a `data:<type>;base64,` URL -> decoded RGB PIL image; RequestError naming `field`."""
     if not isinstance(value, str):
-        raise RequestError(400, f"{field}: expected a base64 string or data URL, got {type(value).__name__}")
+        raise RequestError("invalid", f"{field}: expected a base64 string or data URL, got {type(value).__name__}",
+                           field)
+    if value.lower().startswith(("http://", "https://")):
+        raise RequestError("invalid", f"{field}: image URLs are not fetched; send the image as base64 or a data URL",
+                           field)
     data = value
-    if value.startswith("data:"):
+    if value[:5].lower() == "data:":
         head, sep, data = value.partition(",")
-        if not sep or not head.endswith(";base64"):
-            raise RequestError(400, f"{field}: a data URL must look like 'data:image/png;base64,<data>'")
+        if not sep or not head.lower().endswith(";base64"):
+            raise RequestError("invalid", f"{field}: a data URL must look like 'data:image/png;base64,<data>'", field)
+    data = "".join(data.split())
     try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
+        raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{field}: not valid base64 ({e})") from None
+        raise RequestError("invalid", f"{field}: not valid base64 ({e})", field) from None
     try:
         return load_image(raw)
     except ImageError as e:
-        raise RequestError(400, f"{field}: {e}") from None
+        raise RequestError("invalid", f"{field}: {e}", field) from None
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -177,7 +217,7 @@ class DeviceWorker:
                  pooling: str = "mean", warmup: bool = True):
         self.model, self.processor, self.metrics = model, processor, metrics
         self.batch_tokens, self.max_items, self.pooling, self.warmup = batch_tokens, max_items, pooling, warmup
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -203,9 +243,10 @@ class DeviceWorker:
 
     @torch.inference_mode()
     def forward(self, samples: list[Sample]) -> torch.Tensor:
-        """One packed forward -> (len(samples), hidden) float32 on the host."""
+        """One packed forward -> (len(samples), hidden) float32 pooled vectors on the host, not yet normalised
+        (the request says whether to)."""
         batch = self.processor.pack(samples).to(self.device)
-        return self.model.embed(batch, pooling=self.pooling).cpu()
+        return self.model.embed(batch, pooling=self.pooling, normalize=False).cpu()
 
     def _warm_up(self) -> None:
         items, _ = demo_items()
@@ -272,8 +313,12 @@ class EmbeddingServer:
 
     def __init__(self, model, processor: Processor, model_name: str = "tiny", batch_tokens: int = 16384,
                  max_items: int = 0, max_queue: int = 256, max_request_tokens: int | None = None,
-                 pooling: str = "mean", warmup: bool = True, decode_threads: int | None = None):
+                 pooling: str = "mean", warmup: bool = True, decode_threads: int | None = None,
+                 payload_limit: int = 64 << 20):
         self.processor, self.model_name, self.max_queue = processor, model_name, max_queue
+        self.untruncated = copy.copy(processor)  # encodes whole; `truncate` decides per request
+        self.untruncated.max_length = None
+        self.batch_tokens, self.max_items, self.payload_limit = batch_tokens, max_items, payload_limit
         self.max_request_tokens = max_request_tokens or 4 * batch_tokens
         self.hidden_size = model.config.hidden_size
         self.metrics = Metrics()
@@ -281,8 +326,9 @@ class EmbeddingServer:
         self.decoders = ThreadPoolExecutor(decode_threads or min(8, os.cpu_count() or 1), thread_name_prefix="moca-decode")
         self.in_flight = 0  # touched only on the event loop
 
-    def encode(self, inputs: list[tuple[str, str, list]]) -> list[Sample]:
-        """Parsed inputs -> Samples (runs in the decode pool): images decoded once, each error names its field."""
+    def encode(self, inputs: list[tuple[str, str, list]], truncate: bool = True) -> list[Sample]:
+        """Parsed inputs -> Samples (runs in the decode pool): images decoded once, each error names its field.
+        Inputs over the processor's max_length are truncated, or refused when not `truncate`."""
         items, total = [], 0
         for name, text, images in inputs:
             pictures = [decode_image(v, f) for f, v in images]
@@ -291,30 +337,53 @@ class EmbeddingServer:
             item = {"text": text, "images": pictures}
             try:
                 total += item_cost(self.processor, item)
-            except ValueError as e:  # marker count, empty input, an image too elongated
-                raise RequestError(400, f"{name}: {e}") from None
+            except ValueError as e:  # marker count, an image too elongated, images over max_length
+                raise RequestError("invalid", f"{name}: {e}", name) from None
             items.append(item)
         if total > self.max_request_tokens:
-            raise RequestError(413, f"the request brings {total} tokens + image patches, more than the limit of "
-                                    f"{self.max_request_tokens} (--max-request-tokens)")
-        return [self.processor.encode(it) for it in items]
+            raise RequestError("too_large", f"the request brings {total} tokens + image patches, more than the limit "
+                                            f"of {self.max_request_tokens} (--max-request-tokens)")
+        limit, samples = self.processor.max_length, []
+        for (name, _, _), item in zip(inputs, items):
+            sample = self.untruncated.encode(item)
+            if limit is not None and len(sample) > limit:
+                if not truncate:
+                    raise RequestError("invalid", f"{name}: {len(sample)} tokens, more than the {limit} this server "
+                                                  "takes (--max-length); truncate=true cuts it", name)
+                sample = self.processor.truncate(sample, limit)
+            samples.append(sample)
+        return samples
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused (too_large) past `payload_limit` bytes before it is all read."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.payload_limit:
+            raise RequestError("too_large", f"the body has {declared} bytes, more than the limit of "
+                                            f"{self.payload_limit} (--payload-limit)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.payload_limit:
+                raise RequestError("too_large", f"the body has more than {self.payload_limit} bytes (--payload-limit)")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
-        """Admit, parse (`check(payload)` vets the endpoint's options), decode, queue and wait
-        -> (payload, (N, hidden) float32 vectors, LLM tokens)."""
+        """Admit, parse (`check(payload)` vets the endpoint's options -> whether to truncate), decode, queue and
+        wait -> (payload, (N, hidden) float32 pooled vectors, not normalised, LLM tokens)."""
         if not self.worker.alive:
-            raise RequestError(503, "the device worker has stopped (see the server log)")
+            raise RequestError("unavailable", "the device worker has stopped (see the server log)")
         if self.in_flight >= self.max_queue:
-            raise RequestError(503, f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+            raise RequestError("overloaded", f"the queue is full ({self.max_queue} requests waiting); retry shortly",
                                headers={"Retry-After": "1"})
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            payload = parse_json(await request.body())
-            check(payload)
+            payload = parse_json(await self.body(request))
+            truncate = check(payload)
             inputs = parse_inputs(payload.get(field), field)
             loop = asyncio.get_running_loop()
-            samples = await loop.run_in_executor(self.decoders, self.encode, inputs)
+            samples = await loop.run_in_executor(self.decoders, self.encode, inputs, truncate)
             vectors = await _wait_unless_gone(request, self.worker.submit(samples, loop))
         finally:
             self.in_flight -= 1
@@ -360,30 +429,44 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
     app = FastAPI(title="moca embeddings", lifespan=lifespan)
     app.state.server = server
 
-    async def handle(request: Request, endpoint: str, field: str, check, answer, error_body) -> Response:
+    async def handle(request: Request, endpoint: str, field: str, check, answer, errors) -> Response:
+        """One embedding request; a refusal answered in the API's error shape (`errors`: OPENAI_ERRORS or
+        TEI_ERRORS), a failed forward as its backend error, the server serving on."""
         t0 = time.perf_counter()
         try:
             payload, vectors, tokens = await server.embed(request, field, check)
             response = answer(payload, vectors, tokens)
         except RequestError as e:
-            response = JSONResponse(error_body(e.status, str(e)), e.status, headers=e.headers)
+            response = error_response(errors, e.kind, str(e), e.param, e.headers)
         except ClientGone:
             response = Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        except Exception as e:  # a failed forward: answer 500, keep serving
+        except Exception as e:  # a failed forward: answer the backend error, keep serving
             log.exception("request failed")
-            response = JSONResponse(error_body(500, f"internal error: {e}"), 500)
+            response = error_response(errors, "backend", f"internal error: {e}")
         server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         server.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return response
 
-    def openai_check(payload: dict) -> None:
+    def error_response(errors: dict, kind: str, message: str, param: str | None = None, headers=None) -> Response:
+        status, kind_name = errors[kind]
+        if errors is OPENAI_ERRORS:  # {"error": {message, type, param, code}}, as OpenAI's API
+            body = {"error": {"message": message, "type": kind_name, "param": param, "code": None}}
+        else:  # {"error", "error_type"}, as text-embeddings-inference
+            body = {"error": message, "error_type": kind_name}
+        return JSONResponse(body, status, headers=headers)
+
+    def openai_check(payload: dict) -> bool:
         if payload.get("encoding_format", "float") not in ("float", "base64"):
-            raise RequestError(400, f"encoding_format: 'float' or 'base64', got {payload['encoding_format']!r}")
+            raise RequestError("invalid", f"encoding_format: 'float' or 'base64', got {payload['encoding_format']!r}",
+                               "encoding_format")
         dims = payload.get("dimensions")
         if dims is not None and dims != server.hidden_size:
-            raise RequestError(400, f"dimensions: this model returns {server.hidden_size}, got {dims!r}")
+            raise RequestError("invalid", f"dimensions: this model returns {server.hidden_size}, got {dims!r}",
+                               "dimensions")
+        return True
 
     def openai_answer(payload: dict, vectors: torch.Tensor, tokens: int) -> Response:
+        vectors = F.normalize(vectors, dim=-1)
         if payload.get("encoding_format", "float") == "base64":  # little-endian float32, as OpenAI's
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
         else:
@@ -391,33 +474,58 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         return JSONResponse({
             "object": "list",
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-            "model": payload.get("model") or server.model_name,
+            "model": server.model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         })
 
-    def openai_error(status: int, message: str) -> dict:
-        kind = {400: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
-        return {"error": {"message": message, "type": kind.get(status, "server_error"), "code": status}}
+    def tei_check(payload: dict) -> bool:
+        """TEI's /embed options: normalize (default true), truncate (default true: the server truncates at
+        --max-length, as TEI's --auto-truncate), truncation_direction right only, dimensions and prompt_name
+        only as no-ops; -> truncate."""
+        for key in ("normalize", "truncate"):
+            if not isinstance(payload.get(key, True), bool):
+                raise RequestError("invalid", f"{key}: expected true or false, got {payload[key]!r}", key)
+        direction = payload.get("truncation_direction") or "right"
+        if not isinstance(direction, str) or direction.lower() != "right":
+            raise RequestError("invalid", f"truncation_direction: this server cuts text from the end (right) only, "
+                                          f"got {direction!r}", "truncation_direction")
+        dims = payload.get("dimensions")
+        if dims is not None and dims != server.hidden_size:
+            raise RequestError("invalid", f"dimensions: this model returns {server.hidden_size}, got {dims!r}",
+                               "dimensions")
+        if payload.get("prompt_name") is not None:
+            raise RequestError("invalid", "prompt_name: this server has no named prompts (put the instruction in "
+                                          "the text)", "prompt_name")
+        return payload.get("truncate", True)
 
     def tei_answer(payload: dict, vectors: torch.Tensor, tokens: int) -> Response:
-        return JSONResponse(vectors.tolist())
-
-    def tei_error(status: int, message: str) -> dict:
-        return {"error": message, "error_type": {400: "Validation", 413: "Validation", 503: "Overloaded"}.get(status, "Backend")}
-
-    def tei_check(payload: dict) -> None:
-        if payload.get("normalize", True) is not True:
-            raise RequestError(400, "normalize: this server returns L2-normalised vectors only")
+        return JSONResponse((F.normalize(vectors, dim=-1) if payload.get("normalize", True) else vectors).tolist())
 
     @app.post("/v1/embeddings")
+    @app.post("/embeddings")  # TEI serves the OpenAI route here too
     async def openai_embeddings(request: Request) -> Response:
-        return await handle(request, "/v1/embeddings", "input", openai_check, openai_answer, openai_error)
+        return await handle(request, request.url.path, "input", openai_check, openai_answer, OPENAI_ERRORS)
 
     @app.post("/embed")
+    @app.post("/")  # TEI's route for the model's own task (huggingface_hub posts to the base URL)
     async def tei_embed(request: Request) -> Response:
-        return await handle(request, "/embed", "inputs", tei_check, tei_answer, tei_error)
+        return await handle(request, request.url.path, "inputs", tei_check, tei_answer, TEI_ERRORS)
+
+    @app.get("/info")
+    async def info() -> Response:
+        """TEI's /info: what clients read to size their requests."""
+        return JSONResponse({
+            "model_id": server.model_name, "model_sha": None, "model_dtype": str(server.worker.dtype).split(".")[-1],
+            "model_type": {"embedding": {"pooling": server.worker.pooling}},
+            "max_concurrent_requests": server.max_queue, "max_input_length": server.processor.max_length,
+            "max_batch_tokens": server.batch_tokens, "max_batch_requests": server.max_items or None,
+            "max_client_batch_size": None, "auto_truncate": server.processor.max_length is not None,
+            "tokenization_workers": server.decoders._max_workers, "served_model_name": server.model_name,
+            "version": "moca-engine", "sha": None, "docker_label": None,
+        })
 
     @app.get("/health")
+    @app.get("/ping")
     async def health() -> Response:
         if server.worker.ready.is_set() and server.worker.alive:
             return JSONResponse({"status": "ok"})
@@ -476,6 +584,7 @@ def main(argv=None) -> None:
                    help="most tokens + patches per request, 413 over it (default 4 x --batch-tokens)")
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     add_image_tokens_arg(p)
+    p.add_argument("--payload-limit", type=int, default=64 << 20, help="most bytes in a request body, 413 over it")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
     args = p.parse_args(argv)
@@ -488,7 +597,7 @@ def main(argv=None) -> None:
     processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
                      max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
-                     warmup=args.warmup)
+                     warmup=args.warmup, payload_limit=args.payload_limit)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

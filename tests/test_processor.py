@@ -61,7 +61,7 @@ def test_images_without_text_get_markers(proc):
         ({"text": MARKER + " and " + MARKER, "images": [None]}, ValueError, "names 2 image"),
         ({"text": "no marker here", "images": [b"x"]}, ValueError, "names 0 image"),
         ({"text": MARKER}, ValueError, "names 1 image"),
-        ({"text": MARKER, "images": [b"not an image at all"]}, ImageError, "<bytes>"),
+        ({"text": MARKER, "images": [b"not an image at all"]}, ImageError, "<bytes>: not an image format PIL reads$"),
         ({"text": ""}, ValueError, "empty input"),
         ("just a string", TypeError, "dict"),
     ],
@@ -199,3 +199,11 @@ def test_preset_image_resolution_and_bad_bounds():
     with pytest.raises(SystemExit):  # the command lines refuse them when parsing
         build_parser().parse_args(["cl", "--image-tokens", "64", "16"])
     assert build_parser().parse_args(["cl", "--image-tokens", "16", "64"]).image_tokens == (16, 64)
+
+
+def test_text_without_images_is_taken_literally(proc):
+    """`<image>` / `<|image_N|>` name images only in an input that has images: elsewhere they are text."""
+    text = "an HTML <image> tag and a <|image_1|> marker"
+    assert proc.encode({"text": text}).input_ids.tolist() == proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="names 1 image"):  # the Qwen marker itself still needs its image
+        proc.encode({"text": MARKER + " alone"})

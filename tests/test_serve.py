@@ -125,7 +125,7 @@ def test_base64_encoding_tei_endpoint_and_metrics(served, tiny):
     sent, items = zip(*CASES[:3])
     expected = oracle(tiny, items)
     r = client.post("/v1/embeddings", json={"input": list(sent), "encoding_format": "base64", "model": "m"})
-    assert r.status_code == 200 and r.json()["model"] == "m"
+    assert r.status_code == 200 and r.json()["model"] == "tiny"  # the served model, whatever the client named
     got = torch.from_numpy(np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]))
     assert (got - expected).abs().max().item() <= 1e-5
     tokens = r.json()["usage"]["total_tokens"]
@@ -149,6 +149,11 @@ def test_base64_encoding_tei_endpoint_and_metrics(served, tiny):
 GOOD = b64(IMG_B)
 BAD_INPUTS = [
     (b'{"input": ', 400, "not valid JSON"),
+    (b'{"input": "\\ud800 a lone surrogate"}', 400, "input: not valid Unicode text"),  # JSON may escape one
+    ({"input": [[9707, 11, 1879]]}, 400, "input: token ids are not accepted"),
+    ({"input": [9707, 11]}, 400, "input: token ids are not accepted"),
+    ({"input": ["a", ""]}, 400, "input[1]: empty text"),
+    ({"input": [{"text": "x", "image": "https://example.com/cat.png"}]}, 400, "input[0].image: image URLs"),
     (b'["a list"]', 400, "JSON object"),
     ({"inputs": "wrong field"}, 400, "input: required"),
     ({"input": []}, 400, "input: must not be empty"),
@@ -176,10 +181,44 @@ def test_bad_input_gets_its_status_naming_the_field(served, tiny, body, status, 
     assert (vectors(client.post("/v1/embeddings", json={"input": "x"})) - oracle(tiny, [{"text": "x"}])).abs().max() <= 1e-5
 
 
-def test_tei_errors_use_tei_shape(served):
+def test_tei_errors_use_tei_shape_and_statuses(served):
+    """text-embeddings-inference's router: Validation 422, Empty 400, {"error", "error_type"}."""
     _, client, _ = served
     r = client.post("/embed", json={"inputs": [{"image": "%%%"}]})
-    assert r.status_code == 400 and "inputs[0].image: not valid base64" in r.json()["error"]
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation"
+    assert "inputs[0].image: not valid base64" in r.json()["error"]
+    r = client.post("/embed", json={"inputs": []})
+    assert (r.status_code, r.json()["error_type"]) == (400, "Empty")
+    for options, field in (({"truncation_direction": "left"}, "truncation_direction"), ({"dimensions": 7}, "dimensions"),
+                           ({"prompt_name": "query"}, "prompt_name"), ({"normalize": "yes"}, "normalize")):
+        r = client.post("/embed", json={"inputs": "x", **options})
+        assert r.status_code == 422 and r.json()["error"].startswith(field), options
+
+
+def test_openai_error_body_and_tei_routes(served, tiny):
+    """OpenAI's error body names the parameter; TEI's aliases (POST / and /embeddings) and /info answer."""
+    _, client, server = served
+    r = client.post("/v1/embeddings", json={"input": "x", "dimensions": 3})
+    assert r.json()["error"] == {"message": f"dimensions: this model returns {server.hidden_size}, got 3",
+                                 "type": "invalid_request_error", "param": "dimensions", "code": None}
+    expected = oracle(tiny, [{"text": "x"}])
+    assert (torch.tensor(client.post("/", json={"inputs": "x"}).json()) - expected).abs().max() <= 1e-5
+    assert (vectors(client.post("/embeddings", json={"input": "x"})) - expected).abs().max() <= 1e-5
+    info = client.get("/info").json()
+    assert info["model_id"] == "tiny" and info["max_batch_tokens"] == 16384 and info["auto_truncate"] is False
+
+
+def test_tei_normalize_false_and_literal_markup(served, tiny):
+    """normalize=false gives the pooled vector itself; a text without images is text, `<image>` tags and all."""
+    _, client, _ = served
+    model, proc = tiny
+    text = "see the <image> tag and <|image_1|> in this HTML"
+    with torch.no_grad():
+        pooled = model.embed(proc([{"text": text}]), normalize=False)
+    raw = torch.tensor(client.post("/embed", json={"inputs": text, "normalize": False}).json())
+    assert (raw - pooled).abs().max() <= 1e-5 and abs(raw.norm() - 1) > 1e-3
+    unit = torch.tensor(client.post("/embed", json={"inputs": text}).json())
+    assert (unit - torch.nn.functional.normalize(pooled, dim=-1)).abs().max() <= 1e-5
 
 
 def test_full_queue_gives_503_and_the_server_keeps_serving(served, tiny):
@@ -247,4 +286,25 @@ def test_health_reports_ready_only_after_warm_up(tiny):
     finally:
         if held:
             worker.lock.release()
+        running.stop()
+
+
+def test_truncate_and_payload_limit(tiny):
+    """With --max-length, TEI's truncate=false refuses a longer input where the default cuts it (as the
+    processor does); a body over --payload-limit is refused before it is read whole."""
+    model, _ = tiny
+    proc = Processor.from_pretrained("tiny", max_length=8)
+    app = create_app(model, proc, warmup=False, payload_limit=2000)
+    running = start_in_thread(app)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            wait_until(lambda: client.get("/health").status_code == 200)
+            long_text = "many words here " * 10
+            cut = torch.tensor(client.post("/embed", json={"inputs": long_text}).json())
+            assert (cut - oracle((model, proc), [{"text": long_text}])).abs().max() <= 1e-5
+            r = client.post("/embed", json={"inputs": long_text, "truncate": False})
+            assert r.status_code == 422 and "more than the 8 this server takes" in r.json()["error"]
+            r = client.post("/v1/embeddings", json={"input": "x" * 3000})
+            assert r.status_code == 413 and "--payload-limit" in r.json()["error"]["message"]
+    finally:
         running.stop()
