@@ -71,7 +71,6 @@ class Embedder:
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None,
                  batch_tokens: int = 16384, num_workers: int = 0, max_length: int | None = None,
                  pooling: str = "mean", attn_backend: str | None = None, image_tokens: tuple[int, int] | None = None):
-
         if device is None:
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         self.model_name, self.device = model, device

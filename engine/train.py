@@ -112,6 +112,8 @@ def fill(args: argparse.Namespace, defaults: dict) -> None:
     """Each default where its flag was not given; a default step count only when --epochs was not given either."""
     if args.epochs is not None and args.max_steps is not None:
         raise SystemExit("moca: give --max-steps or --epochs, not both")
+    if (args.epochs is not None and args.epochs <= 0) or (args.max_steps is not None and args.max_steps < 1):
+        raise SystemExit(f"moca: --epochs must be > 0 and --max-steps >= 1, got {args.epochs}, {args.max_steps}")
     for k, v in defaults.items():
         if getattr(args, k) is None and not (k == "max_steps" and args.epochs is not None):
             setattr(args, k, v)

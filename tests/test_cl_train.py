@@ -66,3 +66,5 @@ def test_epochs_set_the_run_length(tmp_path):
         assert [r["step"] for r in _metrics(tmp_path / epochs)] == list(range(1, steps + 1))
     with pytest.raises(SystemExit, match="not both"):
         main(base + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "both")])
+    with pytest.raises(SystemExit, match="must be > 0"):
+        main(base + ["--epochs", "0", "--output-dir", str(tmp_path / "none")])
