@@ -105,8 +105,8 @@ def run(device: str, quick: bool) -> list[dict]:
                         fwd_ms, ms, peak = _measure(fn, xs, device)
                     tflops = 3 * 2 * B * B * D / ms / 1e9
                     row.update(fwd_ms=fwd_ms, ms=ms, x_2gemm=ms / (2 * gemm), tflops=tflops, peak_gib=peak)
-                except torch.OutOfMemoryError:
-                    row.update(note="OOM")
+                except Exception as e:  # noqa: BLE001 - OOM, or a kernel failing to compile: a row, not the end
+                    row.update(note=f"{type(e).__name__}: {str(e)[:120]}")
                 rows.append(row)
                 if device == "cuda":
                     torch.cuda.empty_cache()

@@ -42,19 +42,22 @@ def sync(device: str) -> None:
 
 
 def time_ms(fn, device: str, warmup: int = 2, repeats: int = 5) -> float:
-    """Median wall time of `fn()` in milliseconds. CUDA: `do_bench` for kernels and layers; a call
-    of over half a second (a whole training step) gets `repeats` synchronised wall-clock runs instead,
-    since do_bench would run it dozens of times."""
+    """Median wall time of `fn()` in milliseconds. CUDA: one untimed call first (a first call compiles
+    Triton kernels, which must not decide how the provider is timed), then a probe: under half a second,
+    `do_bench` (CUDA events, L2 flushed, at least 5 timed runs: its default 100 ms would give a 50 ms
+    kernel one); longer (a whole training step), `repeats` synchronised wall-clock runs instead."""
     if device == "cuda":
         import triton.testing
 
+        fn()
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        if time.perf_counter() - t0 < 0.5:
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        warmup = max(0, warmup - 1)
+        probe_ms = (time.perf_counter() - t0) * 1e3
+        if probe_ms < 500:
+            return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, 5 * probe_ms), return_mode="median"))
+        warmup = max(0, warmup - 2)
     for _ in range(warmup):
         fn()
     times = []

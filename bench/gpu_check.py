@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITE = "/tmp/moca-site"
 # seconds; what each step may take at most (measured cost on an H200 is well below each)
-CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 100, "infonce": 75,
+CAPS = {"setup": 90, "tests": 240, "pipeline": 240, "gate": 240, "attention": 130, "recon_loss": 140, "infonce": 90,
         "tune": 210, "attention_tuned": 130, "tune_losses": 150, "embed": 90, "cpt": 45, "cl": 90, "serve": 75}
 # Benchmarks in this order, so that the deadline cuts the least wanted: the open kernel issues' first.
 PRIORITY = ["attention", "recon_loss", "infonce", "tune", "attention_tuned", "tune_losses", "embed", "cl", "cpt",

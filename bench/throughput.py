@@ -53,20 +53,19 @@ def main(argv=None) -> dict:
             p.error(f"--rules {args.rules}: {type(e).__name__}: {e}")
         env["rules"] = f"{os.path.basename(args.rules)} ({len(chosen)} overrides)"
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
-    results, summary = {}, {}
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"latest-{args.device}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    payload = {"environment": env, "quick": args.quick, "results": {}, "summary": {}}
     for name in args.bench or names:
         mod = importlib.import_module(f"bench_{name}")
         rows = mod.run(args.device, args.quick)
         print_table(name, rows)
-        results[name] = rows
+        payload["results"][name] = rows
         if hasattr(mod, "summary"):
-            summary.update(mod.summary(rows))
-    if summary:
-        print_table("summary", [summary])
-    payload = {"environment": env, "quick": args.quick, "results": results, "summary": summary}
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"latest-{args.device}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_json(out, payload)
+            payload["summary"].update(mod.summary(rows))
+        write_json(out, payload)  # after each sub-benchmark: a later one that dies keeps the earlier rows
+    if payload["summary"]:
+        print_table("summary", [payload["summary"]])
     print(f"\nwrote {out}")
     return payload
 
