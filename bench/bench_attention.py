@@ -5,7 +5,7 @@ same with the streamed tiles through TMA descriptors, MOCA_TMA=1), ours_fused_dq
 by the dk/dv kernel with atomics, no dq kernel, MOCA_FUSED_DQ=1; its forward is ours'), the torch
 reference (SDPA per segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
-padding mask, and flash-attn / xformers when importable. Shapes: uniform 4096-token segments, a
+padding mask, and flash-attn / xformers when importable (on CUDA a row says when either is not installed). Shapes: uniform 4096-token segments, a
 mixed MMEB-like batch (16-64-token texts plus 256-1024-token images) at head dim 128 and 80, a CL
 batch of texts alone (16-64 tokens), and the vision tower (head dim 80, 16 heads; 64-patch windows,
 and whole images for full blocks). Ours rows name the path that ran (kernels.attention.path): "packed"
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import peak_gib, time_ms, with_env  # noqa: E402
+from common import missing_peer, peak_gib, time_ms, with_env  # noqa: E402
 
 from kernels.attention import path, varlen_attention, varlen_attention_torch  # noqa: E402
 
@@ -115,8 +115,9 @@ def providers(device: str) -> dict:
             return (lambda a, b, c: flash_attn_varlen_func(a, b, c, cu, cu, L, L)), (q, k, v)
 
         out["flash_attn"] = flash
-    except ImportError:
-        pass
+    except ImportError as e:
+        if device == "cuda":
+            out["flash_attn"] = missing_peer("flash-attn", e)
     try:
         import xformers.ops as xops
 
@@ -130,8 +131,9 @@ def providers(device: str) -> dict:
             return fn, (q, k, v)
 
         out["xformers"] = xformers
-    except ImportError:
-        pass
+    except ImportError as e:
+        if device == "cuda":
+            out["xformers"] = missing_peer("xformers", e)
     for name in PROVIDER_ENV:  # the variants of ours, told apart by their environment
         out[name] = ours
     if device != "cuda":  # the Triton interpreter is a correctness path, not a speed path

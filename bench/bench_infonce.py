@@ -3,7 +3,8 @@
 Rows per (B, D, r): "ours" (Triton on CUDA, the blocked torch path on CPU), "ours-tma" (CUDA, MOCA_TMA=1:
 the score GEMMs' operands through TMA descriptors; up to B = 32768, the 262144 rows take ~20 s each),
 "torch_naive" (the full (B, B + r) logit matrix; OOM is reported, not fatal), "inf_cl" (its single-GPU
-`cal_flash_loss`, CUDA only, r = 0 only since it has no hard negatives, fp32 inside) and
+`cal_flash_loss`, CUDA only, r = 0 only since it has no hard negatives, fp32 inside; a row says when it is
+not installed) and
 "gemm": the time of ONE B x B x D matmul, measured in the same run on an 8192^2 block and
 scaled by the number of blocks; `x_2gemm` = ms / (2 x gemm ms) is the issue's yardstick (<= 1.3
 wanted), though an exact loss must do at least 3 such GEMMs for forward + backward (S = Q T^T,
@@ -14,7 +15,7 @@ tflops counts those 3. Batches on GPU: 4096, 32768 and 262144 (naive torch repor
 import torch
 import torch.nn.functional as F
 
-from common import peak_gib, time_ms, with_env
+from common import missing_peer, peak_gib, time_ms, with_env
 from kernels import infonce
 
 TAU = 0.03
@@ -47,8 +48,8 @@ def _naive(q, t, neg=None):
 def _inf_cl():
     try:
         from inf_cl import cal_flash_loss
-    except ImportError:
-        return None
+    except ImportError as e:
+        return missing_peer("inf-cl", e)
 
     def loss(q, t, neg=None):
         assert neg is None
@@ -86,9 +87,8 @@ def run(device: str, quick: bool) -> list[dict]:
     providers = [("ours", ours), ("torch_naive", _naive)]
     if device == "cuda":
         providers.insert(1, ("ours-tma", ours))  # run under MOCA_TMA=1
-    inf_cl = _inf_cl() if device == "cuda" else None
-    if inf_cl is not None:
-        providers.append(("inf_cl", inf_cl))
+    if device == "cuda":
+        providers.append(("inf_cl", _inf_cl()))
 
     rows = []
     for B in batches:

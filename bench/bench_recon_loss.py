@@ -9,9 +9,10 @@ Providers: ours (the default, grad_in_forward=False: logits recomputed in the ba
 path), ours-grad-in-forward (3 GEMMs, fp32 d_weight accumulator: opt-in until measured), each also as
 "-tma" (GPU: MOCA_TMA=1, the Triton GEMMs' operands through TMA descriptors, BLOCK_K 64); torch naive
 (bf16 logits + F.cross_entropy); on GPU also torch's own chunked
-F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy and
-cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact") where
-installed. Rows tagged "@all" run what the reference release ran: the loss over ALL T = M / 0.4
+F.linear_cross_entropy where this torch has it, Liger's fused linear cross-entropy (as it ships, its
+d_weight accumulated in the input dtype, and "liger-flce-fp32acc" with accum_dtype fp32, what ours does) and
+cut-cross-entropy (its default, lossy gradient filter as "cce", exact as "cce-exact"); a peer not installed
+is a row saying so. Rows tagged "@all" run what the reference release ran: the loss over ALL T = M / 0.4
 positions with the unmasked 60% labelled -100 (with Liger when installed, else torch's chunked op,
 else naive torch); the summary gives the saving of ours on the masked rows only.
 Masked-patch rows: ours against naive torch (Linear + F.mse_loss).
@@ -29,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import peak_gib, time_ms, with_env
+from common import missing_peer, peak_gib, time_ms, with_env
 import triton
 
 from kernels import masked_lm_loss, masked_patch_loss
@@ -68,17 +69,26 @@ def _lm_providers(device: str) -> dict:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         flce = LigerFusedLinearCrossEntropyLoss()
+        flce_fp32 = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
         out["liger-flce"] = lambda h, w, t: flce(w, h, t)
-    except ImportError:
-        pass
+        out["liger-flce-fp32acc"] = lambda h, w, t: flce_fp32(w, h, t)
+    except ImportError as e:
+        out["liger-flce"] = missing_peer("liger-kernel", e)
     try:
         from cut_cross_entropy import linear_cross_entropy
 
         out["cce"] = lambda h, w, t: linear_cross_entropy(h, w, t)
         out["cce-exact"] = lambda h, w, t: linear_cross_entropy(h, w, t, filter_eps=None)
-    except ImportError:
-        pass
+    except ImportError as e:
+        out["cce"] = missing_peer("cut-cross-entropy", e)
     return out
+
+
+def _release_provider(providers: dict) -> str:
+    """The provider that stands for the reference release's loss over all positions: Liger as it ran there,
+    else torch's chunked op, else naive torch (whichever is installed first)."""
+    return next(p for p in ("liger-flce", "torch-lce", "torch-naive")
+                if p in providers and not getattr(providers[p], "missing", False))
 
 
 # Environment a provider runs under, forward and backward (None unsets): ours as shipped, or with the
@@ -176,7 +186,7 @@ def run(device: str, quick: bool) -> list[dict]:
         hidden_all = torch.randn(T, H, device=device, generator=gen).to(dtype).requires_grad_()
         labels = torch.full((T,), -100, device=device)
         labels[torch.randperm(T, device=device, generator=gen)[:M]] = targets
-        release = next(p for p in ("liger-flce", "torch-lce", "torch-naive") if p in providers)
+        release = _release_provider(providers)
         rows.append(_row("lm", f"{release}@all", (T, H, V), providers[release], (hidden_all, weight), (labels,),
                          device, repeats, 6 * M * V * H, gemm))
         del weight, hidden, hidden_all

@@ -36,6 +36,17 @@ def with_env(values: dict):
         put(saved.items())
 
 
+def missing_peer(name: str, err: ImportError):
+    """Stand-in provider for a peer this machine lacks: calling it raises, so the table carries a row that says
+    the peer was not installed rather than no row (a missing peer must not read as one we beat)."""
+
+    def fail(*args, **kwargs):
+        raise ImportError(f"{name} not installed ({err})")
+
+    fail.missing = True
+    return fail
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
