@@ -272,7 +272,11 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
                   max_per_subset=args.max_per_subset or None)
     resolve_steps(args, len(data.epoch(0)), args.grad_accum)  # a micro-batch: one global batch over the ranks
     synthetic = all(d.startswith("synthetic") for d in args.data)
+    eval_path = os.path.join(out, "eval.json")
     evals = {}
+    if resume_dir and synthetic and os.path.isfile(eval_path):  # the "before" of the run being resumed
+        with open(eval_path) as f:
+            evals = {k: v for k, v in json.load(f).items() if k == "before"}
 
     def evaluate(when):
         if ctx.is_main and synthetic:
@@ -281,6 +285,10 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
             model.train()
             log.info("synthetic eval %s: mean precision@1 %.3f %s", when, evals[when]["mean_precision@1"],
                      " ".join(f"{t}={v:.2f}" for t, v in evals[when]["tasks"].items()))
+            os.makedirs(out, exist_ok=True)
+            with open(eval_path + ".tmp", "w") as f:  # written as soon as known: a resumed run keeps "before"
+                json.dump(evals, f, indent=2)
+            os.replace(eval_path + ".tmp", eval_path)
         parallel.barrier()
 
     if not resume_dir:
@@ -295,13 +303,11 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
         plot_metrics(os.path.join(out, METRICS), os.path.join(out, "loss_curve.png"), task.part_names)
         print(f"moca cl: {trainer.step} steps from {args.model}; {data.num_bad} bad records skipped (see the log)")
         if evals:
-            with open(os.path.join(out, "eval.json"), "w") as f:
-                json.dump(evals, f, indent=2)
             print(f"{'task':8s} " + " ".join(f"{w:>8s}" for w in evals))
             for t in cl_synthetic.TASKS:
                 print(f"{t:8s} " + " ".join(f"{e['tasks'][t]:8.3f}" for e in evals.values()))
             print(f"{'mean':8s} " + " ".join(f"{e['mean_precision@1']:8.3f}" for e in evals.values()))
-            print(f"wrote {os.path.join(out, 'eval.json')}")
+            print(f"wrote {eval_path}")
         print(f"wrote {os.path.join(out, 'final')}/ (HF embedding checkpoint + tokenizer + trainer state)")
     return history
 

@@ -14,9 +14,10 @@ Design decisions:
   written last and lists every file of the checkpoint with its size: a folder counts as a
   checkpoint only when all of them are there, so a half-written or half-deleted one never does.
 * One run per folder. A fresh run refuses a folder that holds a run (unless `overwrite`); a
-  resumed one first removes what a killed run left (`.tmp-*`, `.trash-*`, `*.old`, incomplete
-  checkpoints) and cuts metrics.jsonl back to the step it resumes from. Pruning renames a
-  checkpoint to `.trash-*` before deleting it and never touches the one just saved.
+  resumed one first removes what a killed run left (`.tmp-*`, `.trash-*`, `*.old`; never a
+  checkpoint, even one that fails its checks: newer than the newest good one, it is an error), refuses
+  settings that differ from the run's (RESUME_KEYS) and cuts metrics.jsonl back to the step it resumes
+  from. Pruning renames a checkpoint to `.trash-*` before deleting it and never touches the one just saved.
 * Host work ahead of the device: the next step's micro-batches (decode, pack, mask) are prepared
   in a background thread while the current step runs; the loss normalisers are host ints summed
   over ranks with one tiny all-reduce per step, and the logged values with one more.
@@ -27,6 +28,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +53,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# TrainConfig fields that define a run's trajectory: a resume must keep them (the data and masks of a step
+# are functions of seed, step and accumulation; the optimizer and schedule of the others)
+RESUME_KEYS = ("max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "grad_accum", "seed", "precision")
 
 
 @dataclass
@@ -215,19 +220,28 @@ def _checkpoints(output_dir: str) -> tuple[list[tuple[int, str]], dict[str, RunD
 def find_checkpoint(output_dir: str) -> str | None:
     """The complete checkpoint in output_dir with the highest step (final/ included), or None.
 
-    Incomplete ones are skipped; a legacy pickle checkpoint is an error (resuming from an older
-    checkpoint instead would silently lose its steps)."""
+    A checkpoint that fails its checks (changed files, another format, a legacy pickle) is never deleted:
+    older than the newest complete one it is skipped with a warning; newer, it is an error, since resuming
+    from an older one would silently lose its steps."""
     good, bad = _checkpoints(output_dir)
-    for why in bad.values():
+    newest = good[-1] if good else None
+    for path, why in sorted(bad.items()):
         if isinstance(why, LegacyCheckpointError):
             raise LegacyCheckpointError(f"--resume: {why}; move it away (or start afresh with --overwrite)")
-        log.warning("--resume: skipping %s", why)
-    return good[-1][1] if good else None
+        name = os.path.basename(path)
+        step = math.inf if name == "final" else int(name.split("-")[1])
+        if newest is None or step > newest[0]:
+            since = f"than {newest[1]}" if newest else "than any complete checkpoint"
+            raise RunDirError(f"--resume: {why}; it is newer {since}: move it away to resume from there "
+                              "(nothing was deleted)")
+        log.warning("--resume: skipping %s (older than %s)", why, newest[1])
+    return newest[1] if newest else None
 
 
 def _remove(path: str) -> None:
     """Rename to a .trash-* name, then delete: a kill halfway leaves a name nothing reads."""
-    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}")
+    # pid and a random token: a leftover of a killed run with the same pid (a container's pid 1) is no clash
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(path, trash)
     _delete(trash)
 
@@ -251,8 +265,9 @@ def run_artifacts(output_dir: str) -> list[str]:
 
 
 def clean_run_dir(output_dir: str) -> None:
-    """Remove what a killed run left: temp and trash folders, incomplete checkpoints, `X.old` (put
-    back as X when X is gone: a save was killed between its two renames)."""
+    """Remove what a killed run left: temp and trash folders, `X.old` (put back as X when X is gone: a save
+    was killed between its two renames). Checkpoints are never touched: ours appear by one rename of a
+    finished folder, so one that fails its checks was changed by someone else (`find_checkpoint` says so)."""
     for name in _leftovers(output_dir):
         path = os.path.join(output_dir, name)
         live = path[: -len(".old")] if name.endswith(".old") else None
@@ -261,10 +276,6 @@ def clean_run_dir(output_dir: str) -> None:
         else:
             _delete(path)
         log.info("removed leftover %s", path)
-    for path, why in _checkpoints(output_dir)[1].items():
-        if not isinstance(why, LegacyCheckpointError):
-            log.warning("removing %s", why)
-            _remove(path)
 
 
 def prepare_run_dir(output_dir: str, resume: bool, overwrite: bool, ctx: DistContext) -> str | None:
@@ -344,6 +355,16 @@ class Trainer:
     def resume(self, path: str) -> None:
         """Optimizer, scheduler, RNG and position from `path` (the weights were loaded by the task)."""
         info = checkpoint_info(path)
+        saved = info.get("config", {})
+        changed = [f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_KEYS
+                   if k in saved and saved[k] != getattr(self.cfg, k)]
+        if changed:
+            raise RunDirError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changed)}): "
+                              "resuming would not continue it; pass that run's flags (its trainer_state.json "
+                              "'config'), or start a new run from its weights with --model")
+        if info["world_size"] != self.ctx.world:
+            log.warning("--resume: %s was saved by %d ranks, resumed on %d: each step's data differs from the "
+                        "uninterrupted run's", path, info["world_size"], self.ctx.world)
         state = decode_state(info["state"], load_file(os.path.join(path, STATE_TENSORS)))
         parallel.load_optimizer_state(self.module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -385,14 +406,25 @@ class Trainer:
                 _remove(path)
 
     def _truncate_metrics(self, step: int) -> None:
-        """metrics.jsonl keeps the rows of steps <= `step` (none for a fresh start)."""
+        """metrics.jsonl keeps the rows of steps <= `step` (none for a fresh start). A row cut short (a kill or a
+        full disk mid-write) is dropped with a warning; the file is replaced in one rename."""
         path = os.path.join(self.cfg.output_dir, METRICS)
         if not os.path.exists(path):
             return
+        kept = []
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line) if line.strip() else None
+                except ValueError:
+                    row = None
+                    log.warning("%s:%d: dropping an unreadable row (cut short?): %r", path, n, line[:80])
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ the loop
     def _prepare(self, step: int) -> list:

@@ -228,11 +228,7 @@ def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float
     with torch.device("meta"):
         model = MoCaModel(config)
     model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()  # to_empty from meta makes new Parameters, which unties
-    model.inv_freq.copy_(1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim))
-    vis = config.vision
-    q = vis.head_dim // 2
-    model.visual.inv_freq.copy_(1.0 / vis.rope_theta ** (torch.arange(0, q, 2, dtype=torch.float) / q))
+    model.tie_weights()  # to_empty from meta makes new Parameters, which unties (inv_freq: recomputed, fp32)
     if os.path.isdir(name_or_path):
         load_weights(model, name_or_path)
         log.info("loaded %s (%s)", name_or_path, dtype)

@@ -49,6 +49,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def rope_inv_freq(theta: float, dim: int, device=None) -> torch.Tensor:
+    """(dim/2,) fp32 RoPE inverse frequencies theta^(-2i/dim) (Su et al., 2021). Always fp32, as transformers
+    keeps them: rounded to bf16 they shift the rotary angle by up to ~1.5 rad at 1280 tokens apart (head dim 128)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)
+
+
+def keep_inv_freq_fp32(module: nn.Module, theta: float, dim: int) -> None:
+    """After a `.to()` / `.to_empty()` of `module`: its `inv_freq` buffer recomputed in fp32 on the device it was
+    moved to (a dtype cast would round it; from meta it would be empty)."""
+    module.inv_freq = rope_inv_freq(theta, dim, module.inv_freq.device)
+
+
 def mrope_cos_sin(position_ids, inv_freq, mrope_section, dtype):
     """M-RoPE: (3, T) positions -> cos, sin (T, D); frequency band i uses stream i % 3 (t, h, w)."""
     freqs = position_ids[..., None].float() * inv_freq  # (3, T, D/2)

@@ -13,7 +13,7 @@ from torch import nn
 
 from moca.batch import PackedBatch
 from moca.config import ModelConfig
-from moca.layers import DecoderLayer, RMSNorm, mrope_cos_sin
+from moca.layers import DecoderLayer, RMSNorm, keep_inv_freq_fp32, mrope_cos_sin, rope_inv_freq
 from moca.vision import VisionTower
 
 
@@ -43,10 +43,12 @@ class MoCaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        hd = config.head_dim
-        self.register_buffer(
-            "inv_freq", 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd), persistent=False
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(config.rope_theta, config.head_dim), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_inv_freq_fp32(self, self.config.rope_theta, self.config.head_dim)
+        return self
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -9,7 +9,7 @@ The merger output is put back into raster order with the host-computed inverse i
 import torch
 from torch import nn
 
-from moca.layers import Attention, GatedMLP, RMSNorm
+from moca.layers import Attention, GatedMLP, RMSNorm, keep_inv_freq_fp32, rope_inv_freq
 
 
 class VisionBlock(nn.Module):
@@ -48,10 +48,12 @@ class VisionTower(nn.Module):
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
-        quarter = cfg.head_dim // 2
-        self.register_buffer(
-            "inv_freq", 1.0 / cfg.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter), persistent=False
-        )
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope_theta, cfg.head_dim // 2), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        keep_inv_freq_fp32(self, self.cfg.rope_theta, self.cfg.head_dim // 2)
+        return self
 
     def forward(self, batch, backend=None) -> torch.Tensor:
         """batch: PackedBatch with images -> (P/4, out_hidden) merged tokens in image/raster order."""

@@ -328,3 +328,21 @@ def test_not_a_qwen_checkpoint(hf_dir, tmp_path):
     save_file({"encoder.weight": torch.zeros(2, 2)}, path / "model.safetensors")
     with pytest.raises(CheckpointError, match="not a Qwen2.5-VL checkpoint.*found encoder.weight"):
         load_model(str(path))
+
+
+def test_rope_inv_freq_stays_fp32_in_bf16_like_transformers(hf_dir):
+    """transformers' from_pretrained(dtype=bf16) keeps both RoPE inv_freq buffers fp32; ours must too, through
+    load_model and a later .to(bf16) (rounded to bf16 they move rotary angles by radians at long distances)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    ours = load_model(str(hf_dir), dtype=torch.bfloat16)
+    again = load_model(str(hf_dir)).to(torch.bfloat16)
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+    for theirs, path in ((hf.model.language_model.rotary_emb.inv_freq, "inv_freq"),
+                         (hf.model.visual.rotary_pos_emb.inv_freq, "visual.inv_freq")):
+        assert theirs.dtype == torch.float32
+        for model in (ours, again):
+            mine = model.get_buffer(path)
+            assert mine.dtype == torch.float32
+            torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0)

@@ -33,6 +33,7 @@ def test_exact_resume(tmp_path):
     main(ARGS + ["--output-dir", str(out), "--resume"])
     resumed = _metrics(out)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert json.loads((out / "eval.json").read_text()) == ev  # "before" kept from the run that was resumed
     again = load_model(str(out / "final"))
     for (name, a), b in zip(final.named_parameters(), again.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)

@@ -232,22 +232,71 @@ def test_resume_after_a_kill_in_the_first_save_starts_fresh_metrics(workdir, ful
     assert sorted(os.listdir(out)) == ["final", "loss_curve.png", "metrics.jsonl"]
 
 
-def test_half_deleted_checkpoint_never_counts_and_leftovers_are_cleaned(tmp_path):
+def test_a_changed_checkpoint_never_counts_is_never_deleted_and_leftovers_are_cleaned(tmp_path):
     _fake_checkpoint(tmp_path / "checkpoint-2", 2)
     _fake_checkpoint(tmp_path / "checkpoint-4", 4)
-    os.remove(tmp_path / "checkpoint-4" / "model.safetensors")  # a prune killed halfway: json kept, tensors gone
+    os.remove(tmp_path / "checkpoint-4" / "model.safetensors")  # deleted by hand: json kept, tensors gone
     _fake_checkpoint(tmp_path / "checkpoint-6", 6, payload=b"w")
     (tmp_path / "checkpoint-6" / "model.safetensors").write_bytes(b"wei")  # size differs from the marker's
     _fake_checkpoint(tmp_path / ".tmp-checkpoint-8-1-ab", 8)
     _fake_checkpoint(tmp_path / ".trash-checkpoint-0-1", 0)
     _fake_checkpoint(tmp_path / "checkpoint-2.old", 1)  # beside a live checkpoint-2: stale
-    _fake_checkpoint(tmp_path / "final.old", 9)  # killed between save_model's two renames: final is gone
-    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
     with pytest.raises(RunDirError, match="checkpoint-4: incomplete checkpoint"):
         checkpoint_info(str(tmp_path / "checkpoint-4"))
+    # newer than the newest complete one: resuming from checkpoint-2 would lose its steps, so it is an error
+    with pytest.raises(RunDirError, match="checkpoint-4: incomplete.*newer than .*checkpoint-2.*nothing was deleted"):
+        find_checkpoint(str(tmp_path))
     clean_run_dir(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "final"]
-    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "final")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    _fake_checkpoint(tmp_path / "final.old", 9)  # killed between save_model's two renames: final is gone
+    clean_run_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]
+    assert find_checkpoint(str(tmp_path)) == str(tmp_path / "final")  # the changed ones are older: skipped
+
+
+def test_resume_refuses_a_newer_checkpoint_it_cannot_read_and_keeps_it(workdir, full_run, tmp_path):  # noqa: F811
+    """A hand-edited config.json (same content, other indent) or another trainer-state format: an error that
+    names the file, the folder kept, no fresh start."""
+    out = tmp_path / "edited"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy(full_run / "metrics.jsonl", out / "metrics.jsonl")
+    config = out / "checkpoint-2" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()), indent=4))
+    with pytest.raises(RunDirError, match="config.json missing or not .* bytes.*nothing was deleted"):
+        main(args(workdir, out, 4, "--resume"))
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert len(metrics(out)) == 4
+
+
+@pytest.mark.parametrize("flags, message", [(("--lr", "5e-2"), "lr 0.001 -> 0.05"),
+                                            (("--seed", "7", "--grad-accum", "2"), "grad_accum 1 -> 2; seed 0 -> 7")])
+def test_resume_with_other_settings_is_refused(workdir, full_run, tmp_path, flags, message):  # noqa: F811
+    """The optimizer and schedule restore the run's lr, and seed / accumulation decide each step's data: a
+    resume that changes them would continue some other run, and its final/ would record values never used."""
+    out = tmp_path / "drift"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    with pytest.raises(RunDirError, match=re.escape(message)):
+        main(args(workdir, out, 4, "--resume", *flags))
+    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+
+
+def test_resume_drops_a_metrics_row_cut_short(workdir, full_run, tmp_path):  # noqa: F811
+    """A kill or a full disk mid-append leaves half a row (or NULs): resuming drops it, not crashes on it."""
+    out = tmp_path / "cut"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    rows = (full_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(rows[:3]) + rows[3][:40] + "\x00" * 8)
+    main(args(workdir, out, 4, "--save-every", "2", "--resume"))
+    assert [{k: r[k] for k in PARTS} for r in metrics(out)] == [{k: r[k] for k in PARTS} for r in metrics(full_run)]
+
+
+def test_overwrite_survives_a_leftover_trash_folder_of_the_same_pid(workdir, full_run, tmp_path):  # noqa: F811
+    """pids repeat (a container's entrypoint is pid 1): a killed run's .trash-<name>-<pid> is no clash."""
+    out = tmp_path / "pid"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    _fake_checkpoint(out / f".trash-checkpoint-2-{os.getpid()}", 2)
+    main(args(workdir, out, 1, "--overwrite"))
+    assert sorted(os.listdir(out)) == ["final", "loss_curve.png", "metrics.jsonl"]
 
 
 # ---------------------------------------------------------------------------------- item 5
