@@ -1,8 +1,9 @@
 """Interleaved training data: sources, record validation, cached costs, packed micro-batches.
 
 A source is random-access records `{"text": str with image markers, "images": [...]}`:
-a folder of parquet / arrow files or an HF `save_to_disk` directory (columns `text` and
-`images`, a list of encoded bytes or HF Image structs), JSONL (images as paths relative to the
+parquet / arrow files (a folder or one file; parquet read through a memory-mapped Arrow copy in the cache
+folder) or an HF `save_to_disk` directory (columns `text` and `images`, a list of encoded bytes or HF Image
+structs), JSONL (images as paths relative to the
 file), or the built-in `synthetic` corpus. `path:count` draws `count` records from a source
 (seeded, repeating it when it is smaller).
 
@@ -31,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -46,6 +48,8 @@ from moca.processor import IMAGE_PAD, Processor, check_images_fit, normalize_mar
 
 log = logging.getLogger("moca")
 CACHE_VERSION = 4  # 4: the reference's cost, capped at max_len
+# per-source cost caches and the Arrow copies of Parquet sources (train.py's --cache-dir default)
+DEFAULT_CACHE_DIR = os.environ.get("MOCA_CACHE_DIR") or os.path.expanduser("~/.cache/moca")
 
 
 class RecordError(ValueError):
@@ -149,9 +153,14 @@ class JsonlSource(Source):
 
 
 class TableSource(Source):
-    """Parquet / Arrow files of a folder, or an HF `save_to_disk` directory (pyarrow needed)."""
+    """Parquet / Arrow files (a folder, or one file) or an HF `save_to_disk` directory (pyarrow needed).
 
-    def __init__(self, path: str):
+    Records are read at random (a shuffled epoch), and one row of a Parquet file costs decoding its whole row
+    group (often the whole file): each Parquet file is therefore copied once, streamed, into a memory-mapped
+    Arrow file in `cache_dir` (keyed on its path, size and mtime), as HF datasets does; Arrow files are
+    mapped where they are."""
+
+    def __init__(self, path: str, cache_dir: str | None = None):
         try:
             import pyarrow  # noqa: F401
         except ImportError as e:
@@ -160,12 +169,16 @@ class TableSource(Source):
         self.files = self._list_files(path)
         if not self.files:
             raise FileNotFoundError(f"{path}: no .parquet or .arrow files")
+        cache_dir = cache_dir or DEFAULT_CACHE_DIR
+        self.tables = [f if f.endswith(".arrow") else _arrow_copy(f, cache_dir) for f in self.files]
         self.offsets = [0]
-        for f in self.files:
-            self.offsets.append(self.offsets[-1] + self._num_rows(f))
+        for f in self.tables:
+            self.offsets.append(self.offsets[-1] + _arrow_table(f).num_rows)
 
     @staticmethod
     def _list_files(path: str) -> list[str]:
+        if os.path.isfile(path):
+            return [path] if path.endswith((".parquet", ".arrow")) else []
         state = os.path.join(path, "state.json")
         if os.path.exists(state):  # HF Dataset.save_to_disk
             with open(state) as f:
@@ -178,38 +191,12 @@ class TableSource(Source):
         return sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
                       + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True))
 
-    @staticmethod
-    def _num_rows(f: str) -> int:
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(f).metadata.num_rows if f.endswith(".parquet") else _arrow_table(f).num_rows
-
-    @functools.lru_cache(maxsize=4)
-    def _row_group(self, fi: int, rg: int):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=["text", "images"])
-
-    def _row(self, fi: int, i: int) -> dict:
-        f = self.files[fi]
-        if f.endswith(".arrow"):
-            return _arrow_table(f).slice(i, 1).to_pylist()[0]
-        import pyarrow.parquet as pq
-
-        meta = pq.ParquetFile(f).metadata
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
-            if i < n:
-                return self._row_group(fi, rg).slice(i, 1).to_pylist()[0]
-            i -= n
-        raise IndexError(i)
-
     def __len__(self):
         return self.offsets[-1]
 
     def __getitem__(self, i):
         fi = bisect.bisect_right(self.offsets, i) - 1
-        row = self._row(fi, i - self.offsets[fi])
+        row = _arrow_table(self.tables[fi]).slice(i - self.offsets[fi], 1).to_pylist()[0]
         return {"text": row.get("text"), "images": row.get("images") or []}
 
     def fingerprint(self):
@@ -218,6 +205,36 @@ class TableSource(Source):
     def where(self, i):
         fi = bisect.bisect_right(self.offsets, i) - 1
         return f"{self.files[fi]} row {i - self.offsets[fi]}"
+
+
+def _arrow_copy(path: str, cache_dir: str) -> str:
+    """The memory-mappable Arrow copy of Parquet file `path` (its `text` and `images` columns) in cache_dir,
+    written once (streamed a row batch at a time, then renamed into place) and reused while the file's path,
+    size and mtime stay the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir, f"arrow-{os.path.splitext(os.path.basename(path))[0]}-{key}.arrow")
+    if os.path.exists(out):
+        return out
+    os.makedirs(cache_dir, exist_ok=True)
+    pf = pq.ParquetFile(path)
+    columns = [c for c in ("text", "images") if c in pf.schema_arrow.names]
+    schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
+    tmp = f"{out}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    log.info("copying %s (%d rows) to a memory-mapped Arrow file in %s", path, pf.metadata.num_rows, cache_dir)
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in pf.iter_batches(batch_size=1024, columns=columns):
+                writer.write_batch(batch)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -233,14 +250,16 @@ def _arrow_table(path: str):
         return pa.ipc.open_stream(source).read_all()
 
 
-def open_source(path: str, seed: int = 0) -> Source:
+def open_source(path: str, seed: int = 0, cache_dir: str | None = None) -> Source:
+    """The source at `path`: `synthetic[:N]`, JSONL (a file or a folder of them), or Parquet / Arrow tables
+    (Parquet copied to Arrow in `cache_dir`, default DEFAULT_CACHE_DIR). FileNotFoundError if nothing is there."""
     if path == "synthetic" or path.startswith("synthetic:"):
         return SyntheticSource(int(path.partition(":")[2] or 2000), seed)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source {path!r} does not exist")
     if path.endswith(".jsonl") or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.jsonl"))):
         return JsonlSource(path)
-    return TableSource(path)
+    return TableSource(path, cache_dir)
 
 
 def parse_source(spec: str) -> tuple[str, int | None]:
@@ -259,7 +278,7 @@ def check_record(rec: dict, processor: Processor) -> tuple[str, list[tuple[int, 
     text, images = rec.get("text"), rec.get("images") or []
     if not isinstance(text, str) or not text.strip():
         raise RecordError("empty text")
-    text = normalize_markers(text)
+    text = normalize_markers(text) if images else text  # as Processor.encode: no images, an `<image>` is text
     if text.count(IMAGE_PAD) != len(images):
         raise RecordError(f"{text.count(IMAGE_PAD)} image marker(s) but {len(images)} image(s)")
     grids = []
@@ -368,7 +387,7 @@ class CPTData:
         self._usable: list[int] = []  # per source: distinct records drawn
         for si, spec in enumerate(specs):
             path, count = parse_source(spec)
-            src = open_source(path, seed)
+            src = open_source(path, seed, cache_dir)
             c, bad = source_costs(src, processor, max_len, cache_dir, workers, progress)
             self.sources.append(src)
             self.bad[src.name] = bad

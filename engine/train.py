@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from engine import parallel
+from engine.data import DEFAULT_CACHE_DIR
 from engine.trainer import METRICS, PRECISIONS, RunDirError, TrainConfig, Trainer, freeze, plot_metrics, prepare_run_dir
 from moca.processor import add_image_tokens_arg
 
@@ -65,8 +66,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a run, deleting its checkpoints and metrics")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--cache-dir", default=os.environ.get("MOCA_CACHE_DIR", os.path.expanduser("~/.cache/moca")),
-                   help="where per-source cost caches live")
+    g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                   help="where per-source cost caches and the Arrow copies of Parquet sources live "
+                        "(default $MOCA_CACHE_DIR or ~/.cache/moca)")
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     g.add_argument("--log-every", type=int, default=None)

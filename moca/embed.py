@@ -254,9 +254,11 @@ def similarity_table(vectors: torch.Tensor, names: list[str]) -> str:
 
 
 def vector_paths(path: str) -> tuple[str, str]:
-    """--output -> (.npy, .safetensors) paths; InputError if either is an existing folder."""
-    stem = path[: -len(".npy")] if path.endswith(".npy") else path
-    targets = (stem + ".npy", stem + ".safetensors")
+    """--output (with or without a .npy / .safetensors suffix, any case) -> (.npy, .safetensors) paths;
+    InputError if either is an existing folder."""
+    root, ext = os.path.splitext(path)
+    targets = {".npy": (path, root + ".safetensors"), ".safetensors": (root + ".npy", path)}.get(
+        ext.lower(), (path + ".npy", path + ".safetensors"))
     for folder in (path, *targets):
         if os.path.isdir(folder):
             raise InputError(f"--output {path}: {folder} is a folder; give a file path such as "
@@ -288,8 +290,11 @@ def write_vectors(vectors: torch.Tensor, path: str) -> list[str]:
 def main(argv=None) -> torch.Tensor:
     p = argparse.ArgumentParser(prog="python -m moca.embed", description="Embed texts, images and interleaved inputs.")
     p.add_argument("--model", default="tiny", help="a preset (tiny, 3b, 7b) or an HF checkpoint directory")
-    p.add_argument("--text", action="append", default=[], help="a text input (repeatable)")
-    p.add_argument("--image", action="append", default=[], help="an image file input (repeatable)")
+    # one list in command-line order: the vectors' rows follow it
+    p.add_argument("--text", dest="inputs", action="append", type=lambda v: ("text", v),
+                   help="a text input (repeatable; rows follow the order of --text and --image)")
+    p.add_argument("--image", dest="inputs", action="append", type=lambda v: ("image", v),
+                   help="an image file input, embedded as the bare image (repeatable)")
     p.add_argument("--jsonl", help='a JSONL file of {"text": ..., "images": [paths]} objects')
     p.add_argument("--image-root", help="folder that relative image paths in --jsonl start from")
     p.add_argument("--output", default=None, help="where to write vectors (.npy, plus .safetensors beside it)")
@@ -305,8 +310,10 @@ def main(argv=None) -> torch.Tensor:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    items = [{"text": t} for t in args.text] + [{"text": IMAGE_MARKER, "images": [i]} for i in args.image]
-    names = [f"text: {t[:24]}" for t in args.text] + [f"image: {os.path.basename(i)}" for i in args.image]
+    items, names = [], []
+    for kind, value in args.inputs or []:
+        items.append({"text": value} if kind == "text" else {"text": IMAGE_MARKER, "images": [value]})
+        names.append(f"text: {value[:24]}" if kind == "text" else f"image: {os.path.basename(value)}")
     if args.jsonl:
         file_items, file_names = read_jsonl(args.jsonl, args.image_root)
         items += file_items
@@ -331,4 +338,7 @@ def main(argv=None) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:  # bad input: one line naming it, not a traceback (nothing was written)
+        sys.exit(f"moca.embed: {e}")

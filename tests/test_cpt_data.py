@@ -162,10 +162,39 @@ def test_parquet_folder(proc, tmp_path):
     for k, part in enumerate((recs[:4], recs[4:])):
         table = pa.table({"text": [r["text"] for r in part], "images": [r["images"] for r in part]})
         pq.write_table(table, root / f"part-{k}.parquet", row_group_size=2)
-    src = open_source(str(root))
+    src = open_source(str(root), cache_dir=str(tmp_path / "c"))
     assert len(src) == 6 and src[5]["images"] == recs[5]["images"]
     data = CPTData([str(root)], proc, max_len=512, budget=2000, cache_dir=str(tmp_path / "c"), progress=False)
     assert list(data.bad[str(root)]) == [2] and len(data) == 5
+    one = open_source(str(root / "part-1.parquet"), cache_dir=str(tmp_path / "c"))  # one file is a source too
+    assert [one[i] for i in range(len(one))] == [{"text": r["text"], "images": r["images"]} for r in recs[4:]]
+
+
+def test_parquet_records_are_read_without_decoding_parquet(tmp_path, monkeypatch):
+    """A shuffled epoch reads records at random; one Parquet row costs its whole row group (often the whole
+    file), so records come from a memory-mapped Arrow copy made once per file (and again when it changes)."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    recs = _table_records()
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in recs], "images": [r["images"] for r in recs],
+                             "url": [f"u{i}" for i in range(6)]}), path)
+    cache = tmp_path / "c"
+    src = open_source(str(path), cache_dir=str(cache))
+    copies = sorted(os.listdir(cache))
+    assert len(copies) == 1 and copies[0].endswith(".arrow")
+
+    def no_parquet(*args, **kwargs):
+        raise AssertionError("a record read decoded Parquet")
+
+    with monkeypatch.context() as m:
+        m.setattr(pq, "ParquetFile", no_parquet)
+        m.setattr(pq, "read_table", no_parquet)
+        assert [src[i] for i in (5, 0, 3)] == [{"text": recs[i]["text"], "images": recs[i]["images"]} for i in (5, 0, 3)]
+        assert len(open_source(str(path), cache_dir=str(cache))) == 6  # the copy is reused
+    pq.write_table(pa.table({"text": ["changed"], "images": [[]]}), path)
+    assert open_source(str(path), cache_dir=str(cache))[0] == {"text": "changed", "images": []}
 
 
 def test_hf_save_to_disk_layout(proc, tmp_path):
@@ -186,3 +215,16 @@ def test_hf_save_to_disk_layout(proc, tmp_path):
     assert len(sample) > 0
     img = Image.open(io.BytesIO(open_source(str(root))[0]["images"][0]["bytes"]))
     assert img.size == (synthetic.SIZE, synthetic.SIZE)
+
+
+def test_text_only_record_takes_image_tags_as_text(proc):
+    """Web text with an HTML `<image>` tag and no images is text, as Processor.encode (and the release) take it:
+    not a bad record for a marker without an image. With an image, the alias is the image's marker."""
+    from engine.data import RecordError, record_cost
+
+    text = "HTML: <image> tag and <|image_1|>"
+    n = len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert record_cost({"text": text, "images": []}, proc, 1280) == n == len(proc.encode({"text": text}).input_ids)
+    image = synthetic.record(1, 0)["images"][0]
+    with pytest.raises(RecordError, match="2 image marker"):
+        record_cost({"text": text, "images": [image]}, proc, 1280)

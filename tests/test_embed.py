@@ -192,3 +192,32 @@ def test_cuda_bf16_pinned_workers_path_matches_fp32():
     err_single = (single - ref).abs().max().item()
     assert (batched - ref).abs().max().item() <= 2 * err_single + 1e-3
     assert torch.allclose(batched.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
+
+
+def test_cli_rows_follow_the_command_line_order(tiny, tmp_path):
+    model, proc = tiny
+    image = _png(tmp_path / "a.png", 2)
+    vectors = main(["--text", "A", "--image", str(image), "--text", "B", "--output", str(tmp_path / "v"),
+                    "--device", "cpu", "--show", "0"])
+    expected = embed_items(model, proc, [{"text": "A"}, {"text": MARKER, "images": [str(image)]}, {"text": "B"}])
+    torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("output, npy, st", [("v.safetensors", "v.npy", "v.safetensors"),
+                                             ("v.NPY", "v.NPY", "v.safetensors"), ("v", "v.npy", "v.safetensors")])
+def test_output_suffix_is_either_format(tmp_path, output, npy, st):
+    from moca.embed import vector_paths
+
+    assert vector_paths(str(tmp_path / output)) == (str(tmp_path / npy), str(tmp_path / st))
+
+
+def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "in.jsonl").write_text("\n")
+    run = subprocess.run([sys.executable, "-m", "moca.embed", "--jsonl", str(tmp_path / "in.jsonl"), "--output",
+                          str(tmp_path / "v.npy")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().endswith("moca.embed: " + str(tmp_path / "in.jsonl") + ": no inputs (the file is empty "
+                                       "or holds only blank lines)")
