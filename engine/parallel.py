@@ -117,6 +117,7 @@ def wrap(module: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        module.model.vision_always_in_graph = True  # ranks with and without images: the same all-gathers
         for block in blocks_of(module):
             fully_shard(block)
         fully_shard(module)
@@ -141,16 +142,19 @@ def no_grad_sync(module: nn.Module, last: bool):
     if hasattr(module, "no_sync"):
         return module.no_sync()
     if is_fsdp(module):
-        module.set_requires_gradient_sync(False)
-
         @contextlib.contextmanager
-        def _resync():
+        def _no_sync():  # nested (GradCache's inside the trainer's): only the outermost turns sync back on
+            outer = getattr(module, "_moca_no_sync", False)
+            module.set_requires_gradient_sync(False)
+            module._moca_no_sync = True
             try:
                 yield
             finally:
-                module.set_requires_gradient_sync(True)
+                if not outer:
+                    module._moca_no_sync = False
+                    module.set_requires_gradient_sync(True)
 
-        return _resync()
+        return _no_sync()
     return contextlib.nullcontext()
 
 

@@ -280,10 +280,15 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
         with open(eval_path) as f:
             evals = {k: v for k, v in json.load(f).items() if k == "before"}
 
-    def evaluate(when):
+    def evaluate(when, sharded=False):
         if ctx.is_main and synthetic:
             subsets, images = cl_synthetic.eval_set()
-            evals[when] = cl_synthetic.evaluate(model.eval(), processor, subsets, images)
+            # a sharded (FSDP) model cannot run on one rank: its gathered weights are in final/
+            net = model
+            if sharded:
+                net = load_model(os.path.join(out, "final"), device=ctx.device)
+                net.attn_backend = model.attn_backend
+            evals[when] = cl_synthetic.evaluate(net.eval(), processor, subsets, images)
             model.train()
             log.info("synthetic eval %s: mean precision@1 %.3f %s", when, evals[when]["mean_precision@1"],
                      " ".join(f"{t}={v:.2f}" for t, v in evals[when]["tasks"].items()))
@@ -300,7 +305,7 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     if resume_dir:
         trainer.resume(resume_dir)
     history = trainer.fit()
-    evaluate("after")
+    evaluate("after", sharded=parallel.is_fsdp(trainer.module))
     if ctx.is_main:
         plot_metrics(os.path.join(out, METRICS), os.path.join(out, "loss_curve.png"), task.part_names)
         print(f"moca cl: {trainer.step} steps from {args.model}; {data.num_bad} bad records skipped (see the log)")

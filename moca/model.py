@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moca.batch import PackedBatch
+from moca.batch import PackedBatch, Sample, pack
 from moca.config import ModelConfig
 from moca.layers import DecoderLayer, RMSNorm, keep_inv_freq_fp32, mrope_cos_sin, rope_inv_freq
 from moca.vision import VisionTower
@@ -37,6 +37,10 @@ class MoCaModel(nn.Module):
             )
         self.config = config
         self.attn_backend: str | None = None  # None: Triton on CUDA / interpreter, torch otherwise
+        # Under FSDP every rank must run the same collectives: a batch without images then still runs the
+        # vision tower, once, on a black 2x2-patch image with weight 0 (parallel.wrap sets this; MOCA.md §2:
+        # the reference appends such a dummy image for the same reason)
+        self.vision_always_in_graph = False
         self.visual = VisionTower(config.vision)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -60,7 +64,16 @@ class MoCaModel(nn.Module):
         if batch.num_images:
             image_tokens = self.visual(batch, self.attn_backend).to(x.dtype)
             x = x.index_copy(0, batch.image_token_index, image_tokens)
+        elif self.vision_always_in_graph:
+            x = x + 0.0 * self.visual(self._dummy_image(x.device), self.attn_backend).sum().to(x.dtype)
         return x
+
+    def _dummy_image(self, device) -> PackedBatch:
+        """One black 2x2-patch image (one merged token) packed alone: the vision tower's smallest input."""
+        cfg, merge = self.config, self.config.vision.spatial_merge_size
+        sample = Sample(torch.full((1,), cfg.image_token_id), torch.zeros(merge * merge, cfg.vision.patch_dim),
+                        ((1, merge, merge),))
+        return pack([sample], cfg.vision, cfg.image_token_id).to(device)
 
     def forward(self, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """-> (T, hidden) final-normed last hidden states."""

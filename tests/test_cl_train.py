@@ -69,3 +69,30 @@ def test_epochs_set_the_run_length(tmp_path):
         main(base + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "both")])
     with pytest.raises(SystemExit, match="must be > 0"):
         main(base + ["--epochs", "0", "--output-dir", str(tmp_path / "none")])
+
+
+def _rank(rank, port, argv):
+    import os
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    main(argv)
+
+
+def test_fsdp_run_ends_with_its_evaluation(tmp_path):
+    """Under FSDP the trained model is sharded: the "after" evaluation reads the gathered final/ (it crashed on
+    mixed Tensor / DTensor weights, after training, with no eval.json)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp"
+    argv = ["cl", "--model", "tiny", "--data", "synthetic:16", "--batch-size", "2", "--max-steps", "1", "--lr", "1e-3",
+            "--no-progress", "--attn-backend", "torch", "--parallel", "fsdp", "--output-dir", str(out)]
+    mp.spawn(_rank, args=(port, argv), nprocs=2, join=True)
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev) == {"before", "after"} and 0 <= ev["after"]["mean_precision@1"] <= 1
