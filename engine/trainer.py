@@ -313,8 +313,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
 def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
     # clones: torch.set_rng_state reads a view's storage from its start (a row > 0 segfaults, torch 2.13)
     torch.set_rng_state(state["torch"].clone())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # the devices this process sees (maybe fewer than the saver)
+        for device, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.clone(), device)
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -35,7 +35,7 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.checkpoint import load_model
 from moca.image import ImageError, image_grid
-from moca.processor import IMAGE_MARKER, Processor, add_image_tokens_arg, check_images_fit, input_text
+from moca.processor import IMAGE_MARKER, Processor, add_image_tokens_arg, check_images_fit, item_parts
 
 log = logging.getLogger("moca")
 
@@ -81,11 +81,7 @@ def image_size(src) -> tuple[int, int]:
 def item_cost(processor: Processor, item: dict) -> int:
     """`sample_cost` of `processor.encode(item)` without decoding pixels. Raises the errors `encode`
     would: a missing image names its path, images over `max_length` are a TruncationError."""
-    text = item.get("text") or ""
-    images = list(item.get("images") or [])
-    if not text and not images:
-        raise ValueError("empty input: no text and no images")
-    text = input_text(text, len(images))
+    text, images = item_parts(item)
     merge = processor.config.vision.spatial_merge_size**2
     tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(images)
     grids = [image_grid(*image_size(img), processor.image_config) for img in images]

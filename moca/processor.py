@@ -106,6 +106,22 @@ def normalize_markers(text: str) -> str:
     return _MARKER_ALIASES.sub(IMAGE_MARKER, text)
 
 
+def item_parts(item: dict) -> tuple[str, list]:
+    """An input {"text": str, "images": [image, ...]} -> (text with its markers in place, images). TypeError for
+    a text that is not a string or images that are not a list (one path alone is not split into characters);
+    ValueError for an empty input or markers that do not match the images."""
+    if not isinstance(item, dict):
+        raise TypeError(f"an input is a dict with 'text' and/or 'images', got {type(item).__name__}")
+    text, images = item.get("text") or "", item.get("images") or []
+    if not isinstance(text, str):
+        raise TypeError(f"'text' must be a string, got {type(text).__name__}")
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"'images' must be a list of images, got a {type(images).__name__}")
+    if not text and not images:
+        raise ValueError("empty input: no text and no images")
+    return input_text(text, len(images)), list(images)
+
+
 def input_text(text: str, n_images: int) -> str:
     """The text of an input with n_images images, markers in place: aliases rewritten (`normalize_markers`)
     when it has images, one marker per image when it has no text; a text without images is taken as it is
@@ -156,13 +172,7 @@ class Processor:
     # ------------------------------------------------------------------ one input
     def encode(self, item: dict) -> Sample:
         """{"text": str, "images": [image, ...]} -> Sample. Images: PIL, bytes, paths or {"bytes"/"path"}."""
-        if not isinstance(item, dict):
-            raise TypeError(f"an input is a dict with 'text' and/or 'images', got {type(item).__name__}")
-        text = item.get("text") or ""
-        images = list(item.get("images") or [])
-        if not text and not images:
-            raise ValueError("empty input: no text and no images")
-        text = input_text(text, len(images))
+        text, images = item_parts(item)
         processed = [preprocess_image(img, self.image_config) for img in images]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         merge = self.config.vision.spatial_merge_size**2

@@ -221,3 +221,14 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().endswith("moca.embed: " + str(tmp_path / "in.jsonl") + ": no inputs (the file is empty "
                                        "or holds only blank lines)")
+
+
+@pytest.mark.parametrize("item, message", [({"text": MARKER, "images": "a.png"}, "'images' must be a list"),
+                                           ({"text": 7}, "'text' must be a string")])
+def test_api_bad_item_types_are_named(tiny, item, message):
+    """One path alone is not split into characters (the old error named an image file '.')."""
+    model, proc = tiny
+    with pytest.raises(InputError, match=f"input 1: {message}"):
+        embed_items(model, proc, [{"text": "fine"}, item])
+    with pytest.raises(TypeError, match=message):
+        proc.encode(item)

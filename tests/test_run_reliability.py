@@ -146,6 +146,17 @@ def test_each_rank_gets_its_own_rng_state_back():
         assert torch.equal(torch.rand(4), draws[rank])
 
 
+def test_cuda_rng_states_of_more_devices_than_visible_restore_those_visible(monkeypatch):
+    """Saved with 4 visible GPUs, resumed where 2 are visible: devices 0 and 1 get theirs, no IndexError."""
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, s))
+    cuda = torch.arange(4 * 3, dtype=torch.uint8).view(4, 3)
+    _set_rng_state({"torch": torch.get_rng_state(), "cuda": cuda})
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[d], cuda[d]) for d in (0, 1))
+
+
 def _rank(rank, world, port, argv):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
