@@ -5,7 +5,6 @@ no-sync nested inside the trainer's keeps the whole micro-batch unsynchronised."
 import datetime
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
