@@ -250,6 +250,22 @@ class RankBatch:
         return len(self.negatives[0]) if self.negatives else 0
 
 
+def _draw(good: np.ndarray, count: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` record indices: permutations of `good` back to back (as many as `count` needs). Where a batch
+    straddles two permutations it is filled with records it does not hold yet (when `good` has that many),
+    so an upsampled subset never meets itself as an in-batch negative."""
+    draw: list[int] = []
+    for _ in range(-(-count // len(good))):
+        perm = rng.permutation(good).tolist()
+        if r := len(draw) % batch:
+            held = set(draw[-r:])
+            fresh = [x for x in perm if x not in held][: batch - r]
+            taken = set(fresh)
+            perm = fresh + [x for x in perm if x not in taken]
+        draw += perm
+    return np.asarray(draw[:count], dtype=np.int64)
+
+
 class CLData:
     """The subsets as one endless, deterministic sequence of task-homogeneous global batches."""
 
@@ -318,8 +334,7 @@ class CLData:
             for si, (good, count) in enumerate(zip(self.good, self.counts)):
                 if count < self.global_batch:
                     continue
-                rng = np.random.default_rng([self.seed, e, si])
-                draw = np.concatenate([rng.permutation(good) for _ in range(-(-count // len(good)))])[:count]
+                draw = _draw(good, count, self.global_batch, np.random.default_rng([self.seed, e, si]))
                 batches += [(si, draw[k : k + self.global_batch])
                             for k in range(0, count - self.global_batch + 1, self.global_batch)]
             order = np.random.default_rng([self.seed, e, len(self.good)]).permutation(len(batches))

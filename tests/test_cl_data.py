@@ -154,3 +154,29 @@ def test_max_per_subset_caps_subsets_given_without_a_count(subsets, processor):
     assert CLData([beta + ":17"], processor, global_batch=2, max_per_subset=6).counts == [17]  # counted: as asked
     with pytest.raises(ValueError, match="max_per_subset"):
         CLData([beta], processor, global_batch=2, max_per_subset=0)
+
+
+def test_upsampled_subset_never_repeats_a_record_inside_a_batch(subsets, processor):
+    """beta:40 draws its 9 records over 5 permutations; batches of 4 straddle them (9 is not a multiple of 4),
+    and a record twice in one batch would be its own in-batch negative. Every record still comes 4 or 5 times."""
+    beta = str(subsets / "beta.jsonl")
+    data = CLData([beta + ":40"], processor, global_batch=4, seed=3)
+    for e in range(3):
+        batches = [b.tolist() for _, b in data.epoch(e)]
+        assert len(batches) == 10 and all(len(set(b)) == 4 for b in batches)
+        counts = np.bincount(np.concatenate(batches))
+        assert sorted(set(counts[counts > 0].tolist())) == [4, 5] and counts.sum() == 40
+
+
+def test_draw_fills_a_straddling_batch_with_records_it_does_not_hold():
+    from engine.cl_data import _draw
+
+    rng = np.random.default_rng(0)
+    for n, count, batch in ((5, 50, 4), (7, 70, 7), (6, 61, 5), (3, 12, 4)):
+        draw = _draw(np.arange(n), count, batch, rng).tolist()
+        assert len(draw) == count
+        for k in range(0, count, batch):
+            chunk = draw[k:k + batch]
+            assert len(set(chunk)) == min(len(chunk), n)  # distinct whenever the subset has enough records
+        for p in range(count // n):  # each pass of n draws is still a permutation of the subset (reordered)
+            assert sorted(draw[p * n:(p + 1) * n]) == list(range(n))
