@@ -13,7 +13,9 @@ Design decisions:
   `trainer_state.json`, whose nested dicts/lists/tuples point at the tensors by name. That JSON is
   written last and lists every file of the checkpoint with its size: a folder counts as a
   checkpoint only when all of them are there, so a half-written or half-deleted one never does.
-* One run per folder. A fresh run refuses a folder that holds a run (unless `overwrite`); a
+* One run per folder. The main rank holds an exclusive lock on `OUTPUT/.lock` (flock: the kernel drops it
+  when the process ends, however it ends), so a second run on a folder in use is refused before it
+  reads or deletes anything. A fresh run refuses a folder that holds a run (unless `overwrite`); a
   resumed one first removes what a killed run left (`.tmp-*`, `.trash-*`, `*.old`; never a
   checkpoint, even one that fails its checks: newer than the newest good one, it is an error), refuses
   settings that differ from the run's (RESUME_KEYS) and cuts metrics.jsonl back to the step it resumes
@@ -23,6 +25,7 @@ Design decisions:
   over ranks with one tiny all-reduce per step, and the logged values with one more.
 """
 
+import fcntl
 import json
 import logging
 import math
@@ -49,6 +52,8 @@ STATE_TENSORS, STATE_JSON, METRICS = "trainer_state.safetensors", "trainer_state
 LEGACY_STATE = "trainer_state.pt"  # a pickle written by earlier versions: recognised, never loaded
 STATE_FORMAT = 2
 _CHECKPOINT = re.compile(r"checkpoint-\d+|final")
+LOCK = ".lock"
+_held_locks: dict[str, int] = {}  # realpath of an output dir -> the open fd whose flock this process holds
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
@@ -278,13 +283,44 @@ def clean_run_dir(output_dir: str) -> None:
         log.info("removed leftover %s", path)
 
 
+def lock_run_dir(output_dir: str) -> None:
+    """Take (or keep) this process's exclusive lock on output_dir, creating the folder.
+
+    Raises RunDirError naming the holder's pid when another process holds it. The lock lives as long
+    as the process; taking it again in the same process is a no-op."""
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    fd = os.open(os.path.join(output_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RunDirError(f"{output_dir} is in use by another run (pid {holder}, its {LOCK}): "
+                          "wait for it to end or choose another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[key] = fd
+
+
 def prepare_run_dir(output_dir: str, resume: bool, overwrite: bool, ctx: DistContext) -> str | None:
     """-> the checkpoint to resume from, or None for a fresh start.
 
-    A fresh run refuses a folder that holds a run unless `overwrite` (which deletes that run);
-    a resumed one cleans the leftovers of a killed run first."""
+    The main rank first locks the folder (`lock_run_dir`). A fresh run refuses a folder that holds a run
+    unless `overwrite` (which deletes that run); a resumed one cleans the leftovers of a killed run first."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
+    refused = None
+    if ctx.is_main:
+        try:
+            lock_run_dir(output_dir)
+        except RunDirError as e:
+            refused = e
+    # every rank learns of the refusal (the others would wait at the barrier below for ever)
+    if parallel.all_reduce_sum(torch.tensor([float(refused is not None)], dtype=torch.float64)).item():
+        raise refused or RunDirError(f"{output_dir} is in use by another run (the main rank's log names it)")
     held = run_artifacts(output_dir)
     if held and not (resume or overwrite):
         raise RunDirError(f"{output_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "

@@ -288,8 +288,19 @@ def _follow_umask(folder: str, like: str) -> None:
             os.chmod(f, mode)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype | None = None, extra_files=None) -> None:
     """Write an HF-layout checkpoint atomically: a temp dir beside `path`, renamed into place.
+
+    Its files and folder reach the disk (fsync) before the rename, and the rename before this returns:
+    after a crash or power loss the folder is the old checkpoint or the complete new one.
 
     `processor` (moca.Processor) adds tokenizer files and preprocessor_config.json;
     `extra_files` maps file names to callables `fn(full_path)` that write more state.
@@ -312,6 +323,9 @@ def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype |
         for name, write in (extra_files or {}).items():
             write(os.path.join(tmp, name))
         _follow_umask(tmp, like=os.path.join(tmp, "config.json"))
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
         if os.path.exists(path):
             old = path + ".old"
             shutil.rmtree(old, ignore_errors=True)
@@ -320,6 +334,7 @@ def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype |
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
+        _fsync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

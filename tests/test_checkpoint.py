@@ -147,6 +147,31 @@ def test_save_over_existing_checkpoint_replaces_it(hf_dir, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_save_reaches_the_disk_before_the_rename(hf_dir, tmp_path, monkeypatch):
+    """Crash safety: every file and the folder are fsynced before the rename that publishes them, the
+    parent after it (else a power loss can leave a published checkpoint with empty files)."""
+    model = load_model(str(hf_dir))
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(a, b):
+        events.append(("rename", str(b)))
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "ckpt"
+    save_model(model, str(out), processor=Processor.from_pretrained("tiny"))
+    published = events.index(("rename", str(out)))
+    synced = {os.path.basename(p) for kind, p in events[:published] if kind == "fsync"}
+    assert set(os.listdir(out)) < synced and any(n.startswith(".tmp-ckpt") for n in synced)
+    assert ("fsync", str(tmp_path)) in events[published:]
+
+
 def test_presets_have_published_shapes():
     from moca.config import ModelConfig
 

@@ -70,7 +70,7 @@ def test_run_writes_metrics_checkpoints_and_plot(full_run):
         assert set(PARTS) <= set(r) and r["tokens"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
         assert abs(r["loss"] - (r["mlm_loss"] + 0.1 * r["mae_loss"])) < 1e-4 * r["loss"]
     assert rows[-1]["mlm_loss"] < rows[0]["mlm_loss"]
-    assert sorted(os.listdir(full_run)) == ["checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(os.listdir(full_run)) == [".lock", "checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
     from PIL import Image
 
     assert Image.open(full_run / "loss_curve.png").size[1] == 3 * 300

@@ -10,6 +10,8 @@ import pathlib
 import re
 import shutil
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +24,8 @@ from engine.data import CPTData, DataError, open_source, source_costs
 from engine.masking import add_mask_token
 from engine.train import main
 from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, LegacyCheckpointError, RunDirError, _rng_state,
-                            _set_rng_state, checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint)
+                            _set_rng_state, checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint,
+                            lock_run_dir)
 from moca import Processor
 from moca.checkpoint import save_model
 from moca.processor import IMAGE_MARKER
@@ -204,9 +207,32 @@ def test_fresh_run_refuses_a_folder_holding_a_run(workdir, full_run, tmp_path): 
         main(args(workdir, out, 2, "--save-every", "1"))
     assert sorted(os.listdir(out)) == before
     main(args(workdir, out, 3, "--save-every", "1", "--keep-last", "1", "--overwrite"))
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "final", "loss_curve.png", "metrics.jsonl"]
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert checkpoint_info(str(out / "checkpoint-2"))["step"] == 2 and checkpoint_info(str(out / "final"))["step"] == 3
+
+
+def test_a_folder_in_use_by_another_run_is_refused(workdir, full_run, tmp_path):  # noqa: F811
+    """Two runs on one folder (a second launch, a forgotten one): the second is refused before it reads or
+    deletes anything, even with --overwrite; once the holder has ended, however it ended, the folder is free."""
+    out = tmp_path / "busy"
+    shutil.copytree(full_run, out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from engine.trainer import lock_run_dir; "
+                               f"lock_run_dir({str(out)!r}); print('locked', flush=True); sys.stdin.read()"],
+                              cwd=pathlib.Path(__file__).resolve().parents[1], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        for extra in (("--overwrite",), ("--resume",)):
+            with pytest.raises(RunDirError, match=re.escape(f"{out} is in use by another run (pid {holder.pid},")):
+                main(args(workdir, out, 2, *extra))
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    finally:
+        holder.kill()  # a kill, not an exit: the kernel drops the lock either way
+        holder.wait()
+    lock_run_dir(str(out))  # free again; the same process taking it twice is a no-op
+    lock_run_dir(str(out))
 
 
 def _fake_checkpoint(folder, step, payload=b"weights"):
@@ -240,7 +266,7 @@ def test_resume_after_a_kill_in_the_first_save_starts_fresh_metrics(workdir, ful
     shutil.copytree(full_run / "checkpoint-2", out / ".tmp-checkpoint-2-123-abcd")
     main(args(workdir, out, 3, "--resume"))
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    assert sorted(os.listdir(out)) == ["final", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "final", "loss_curve.png", "metrics.jsonl"]
 
 
 def test_a_changed_checkpoint_never_counts_is_never_deleted_and_leftovers_are_cleaned(tmp_path):
@@ -275,7 +301,7 @@ def test_resume_refuses_a_newer_checkpoint_it_cannot_read_and_keeps_it(workdir, 
     config.write_text(json.dumps(json.loads(config.read_text()), indent=4))
     with pytest.raises(RunDirError, match="config.json missing or not .* bytes.*nothing was deleted"):
         main(args(workdir, out, 4, "--resume"))
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2", "metrics.jsonl"]
     assert len(metrics(out)) == 4
 
 
@@ -288,7 +314,7 @@ def test_resume_with_other_settings_is_refused(workdir, full_run, tmp_path, flag
     shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
     with pytest.raises(RunDirError, match=re.escape(message)):
         main(args(workdir, out, 4, "--resume", *flags))
-    assert sorted(os.listdir(out)) == ["checkpoint-2"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-2"]
 
 
 def test_resume_drops_a_metrics_row_cut_short(workdir, full_run, tmp_path):  # noqa: F811
@@ -307,7 +333,7 @@ def test_overwrite_survives_a_leftover_trash_folder_of_the_same_pid(workdir, ful
     shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
     _fake_checkpoint(out / f".trash-checkpoint-2-{os.getpid()}", 2)
     main(args(workdir, out, 1, "--overwrite"))
-    assert sorted(os.listdir(out)) == ["final", "loss_curve.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "final", "loss_curve.png", "metrics.jsonl"]
 
 
 # ---------------------------------------------------------------------------------- item 5
