@@ -2,7 +2,8 @@
 
 MMEB-eval: DIR/<subset>/test-*.parquet with `qry_text`, `qry_img_path`, `tgt_text` (list),
 `tgt_img_path` (list); candidate 0 is the right one; image paths relative to an image root.
-ViDoRe v2: DIR/<dataset>/{corpus,queries,qrels}/*.parquet in the BEIR layout.
+ViDoRe v2: DIR/<dataset>/{corpus,queries,qrels}/*.parquet in the BEIR layout; the queries' optional
+`language` column (the multilingual sets: each query in 4 languages) is kept for per-language scores.
 Key decision: every distinct (text, image) input of a subset is embedded once; rows refer to
 inputs by index. An input's key (what the embedding cache is keyed by) names an image by its
 content: the bytes' SHA-256 for inline images, absolute path + size + mtime for files
@@ -14,6 +15,7 @@ silently change what precision@1 means, so none is skipped.
 
 import glob
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -50,18 +52,22 @@ class EvalDataError(ValueError):
     """A data set that does not match its layout, or names files that do not exist."""
 
 
-def read_parquet(files: list[str], columns: list[str]) -> dict[str, list]:
-    """Concatenate `columns` of parquet `files` -> {column: python list}."""
+def read_parquet(files: list[str], columns: list[str], optional: tuple[str, ...] = ()) -> dict[str, list]:
+    """Concatenate `columns` of parquet `files` -> {column: python list}; an `optional` column is
+    returned only when every file has it."""
     import pyarrow.parquet as pq
 
-    out = {c: [] for c in columns}
+    out = {c: [] for c in [*columns, *optional]}
     for f in files:
         table = pq.read_table(f)
         missing = [c for c in columns if c not in table.column_names]
         if missing:
             raise EvalDataError(f"{f}: missing column(s) {missing}; has {table.column_names}")
-        for c in columns:
-            out[c].extend(table.column(c).to_pylist())
+        for c in list(out):
+            if c in table.column_names:
+                out[c].extend(table.column(c).to_pylist())
+            else:
+                del out[c]
     return out
 
 
@@ -123,7 +129,17 @@ def load_mmeb_subset(data: str, name: str, images: str) -> MMEBSubset:
             raise EvalDataError(f"MMEB subset {name!r}, {where}: neither text nor image")
         return inputs.add((item["text"], identity[path] if path else ""), item)
 
+    if not cols["qry_text"]:
+        raise EvalDataError(f"MMEB subset {name!r}: no rows in {', '.join(files)}")
     for r, (qt, qi, tts, tis) in enumerate(zip(*(cols[c] for c in ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")))):
+        for column, cell in (("tgt_text", tts), ("tgt_img_path", tis)):
+            if cell is not None and not (isinstance(cell, (list, tuple)) and all(isinstance(x, (str, type(None))) for x in cell)):
+                raise EvalDataError(f"MMEB subset {name!r}, row {r}: {column} must be a list of strings, got "
+                                    f"{type(cell).__name__} {cell!r:.60}")
+        for column, cell in (("qry_text", qt), ("qry_img_path", qi)):
+            if cell is not None and not isinstance(cell, str):
+                raise EvalDataError(f"MMEB subset {name!r}, row {r}: {column} must be a string, got "
+                                    f"{type(cell).__name__} {cell!r:.60}")
         tts, tis = list(tts or []), list(tis or [])
         if not tts and not tis:
             raise EvalDataError(f"MMEB subset {name!r}, row {r}: no candidates")
@@ -152,6 +168,7 @@ class BeirDataset:
     query_index: list[int]  # (Q,) input index of each query
     qrels: dict[str, dict[str, float]]  # query-id -> corpus-id -> graded relevance
     unjudged_queries: int  # queries without any qrels: not scored
+    languages: list[str] | None = None  # (Q,) each query's `language` cell, when the queries have that column
 
 
 def _parquet_files(folder: str, part: str) -> list[str]:
@@ -187,7 +204,7 @@ def _image_identity(img):
 def load_beir(data: str, name: str) -> BeirDataset:
     folder = os.path.join(data, name)
     corpus = read_parquet(_parquet_files(folder, "corpus"), ["corpus-id", "image"])
-    queries = read_parquet(_parquet_files(folder, "queries"), ["query-id", "query"])
+    queries = read_parquet(_parquet_files(folder, "queries"), ["query-id", "query"], optional=("language",))
     qrels_cols = read_parquet(_parquet_files(folder, "qrels"), ["query-id", "corpus-id", "score"])
 
     corpus_ids = [str(c) for c in corpus["corpus-id"]]
@@ -199,15 +216,20 @@ def load_beir(data: str, name: str) -> BeirDataset:
         pages.add(("page", cid, _image_identity(img)), {"text": DOCUMENT_PROMPT, "images": [img]})
     qrels: dict[str, dict[str, float]] = {}
     known = set(corpus_ids)
-    for qid, cid, score in zip(qrels_cols["query-id"], qrels_cols["corpus-id"], qrels_cols["score"]):
+    for row, (qid, cid, score) in enumerate(zip(qrels_cols["query-id"], qrels_cols["corpus-id"], qrels_cols["score"])):
         if str(cid) not in known:
             raise EvalDataError(f"{folder}: qrels name corpus-id {cid!r}, which is not in the corpus")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise EvalDataError(f"{folder}: qrels row {row} (query-id {qid!r}, corpus-id {cid!r}): score must be "
+                                f"a finite number, got {score!r}")
         qrels.setdefault(str(qid), {})[str(cid)] = float(score)
-    query_text = {}
-    for qid, text in zip(queries["query-id"], queries["query"]):
+    query_text, language = {}, {}
+    for row, (qid, text) in enumerate(zip(queries["query-id"], queries["query"])):
         if str(qid) in query_text:
             raise EvalDataError(f"{folder}: duplicate query-id {qid!r}")
         query_text[str(qid)] = text
+        if "language" in queries:
+            language[str(qid)] = str(queries["language"][row])
     unknown = sorted(set(qrels) - set(query_text))
     if unknown:
         raise EvalDataError(f"{folder}: qrels name query-id(s) not in queries, e.g. {unknown[0]!r}")
@@ -219,7 +241,11 @@ def load_beir(data: str, name: str) -> BeirDataset:
             raise EvalDataError(f"{folder}: query-id {qid!r} has an empty query")
         query_ids.append(qid)
         query_index.append(q_inputs.add(("query", text), {"text": text}))
-    return BeirDataset(name, corpus_ids, pages, query_ids, q_inputs, query_index, qrels, len(query_text) - len(query_ids))
+    if not query_ids:
+        raise EvalDataError(f"{folder}: no query has qrels ({len(query_text)} queries, {len(qrels_cols['score'])} "
+                            "qrels rows): nothing to score")
+    return BeirDataset(name, corpus_ids, pages, query_ids, q_inputs, query_index, qrels, len(query_text) - len(query_ids),
+                       [language[q] for q in query_ids] if language else None)
 
 
 def beir_datasets(data: str) -> list[str]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine import eval_data
+from engine import eval_data, parallel
 from engine.metrics import ndcg_at_k, precision_at_1, recall_at_k
 from moca.processor import add_image_tokens_arg, image_config
 
@@ -117,10 +117,9 @@ class Embedder:
         path = f"{cache_stem}-{key[:16]}.safetensors"
         cached = self._read_cache(path, key, len(items))
         rank, world = _rank_world()
-        hit = torch.tensor([int(cached is not None)])
-        if world > 1:
-            dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank embeds unless every rank has the cache
-        if hit.item():
+        # every rank embeds unless every rank has the cache (on CUDA under NCCL: it serves no CPU tensor)
+        hits = parallel.all_reduce_sum(torch.tensor([float(cached is not None)], dtype=torch.float64))
+        if hits.item() == world:
             log.info("cached: %s", path)
             return cached
         model, processor = self.load()
@@ -147,7 +146,7 @@ class Embedder:
 def _write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=2, allow_nan=False)  # strict JSON: a NaN is a bug, never a score
     os.replace(path + ".tmp", path)
 
 
@@ -172,10 +171,11 @@ def score_mmeb_subset(vectors: torch.Tensor, subset: eval_data.MMEBSubset, rows_
 
 
 def summarize_mmeb(subsets: dict[str, dict]) -> dict:
-    """Per-subset precision@1 -> means per meta-task, IND/OOD and overall (unweighted over subsets)."""
+    """Per-subset precision@1 -> means per meta-task, IND/OOD and overall (unweighted over MMEB's subsets;
+    others are listed, in no mean)."""
     unknown = sorted(set(subsets) - set(eval_data.MMEB_SUBSETS))
     if unknown:
-        log.warning("subsets not in MMEB's 36 count in 'overall' only: %s", unknown)
+        log.warning("subsets not in MMEB's 36 are scored but left out of every mean: %s", unknown)
 
     def group(names):
         vals = [subsets[n]["precision@1"] for n in names if n in subsets]
@@ -187,7 +187,7 @@ def summarize_mmeb(subsets: dict[str, dict]) -> dict:
         "subsets": subsets,
         "meta_tasks": tasks,
         "splits": splits,
-        "overall": _mean([v["precision@1"] for v in subsets.values()]),
+        "overall": _mean([v["precision@1"] for n, v in subsets.items() if n in eval_data.MMEB_SUBSETS]),
         "complete": set(eval_data.MMEB_SUBSETS) <= set(subsets),
     }
 
@@ -226,32 +226,59 @@ def format_mmeb(scores: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- ViDoRe
-def score_beir(query_vectors: torch.Tensor, page_vectors: torch.Tensor, ds: eval_data.BeirDataset) -> dict:
-    """(Q, H) judged queries and (D, H) pages -> mean nDCG@k / recall@k over the judged queries."""
-    scores = query_vectors @ page_vectors.T  # (Q, D)
-    column = {cid: j for j, cid in enumerate(ds.corpus_ids)}
+def score_beir(query_vectors: torch.Tensor, page_vectors: torch.Tensor, ds: eval_data.BeirDataset,
+               languages: list[str] | None = None) -> dict:
+    """(Q, H) judged queries and (D, H) pages -> mean nDCG@k / recall@k over the judged queries.
+
+    Tied scores rank by corpus-id, descending as strcmp orders them: trec_eval's rule, so pytrec_eval (MTEB,
+    ViDoRe) gives the same numbers when pages coincide. With a `language` column (ViDoRe v2's multilingual
+    sets) each language is scored on its own queries and the data set's score is the mean over languages,
+    as MTEB scores its language subsets; `languages` keeps only those. Raises EvalDataError when the
+    `languages` asked for are not in the data set."""
+    order = sorted(range(len(ds.corpus_ids)), key=lambda j: ds.corpus_ids[j].encode(), reverse=True)
+    scores = (query_vectors @ page_vectors.T)[:, order]  # (Q, D), columns in trec_eval's tie order
+    column = {ds.corpus_ids[j]: c for c, j in enumerate(order)}
     relevance = torch.zeros(scores.shape, dtype=torch.float64)
     for i, qid in enumerate(ds.query_ids):
         for cid, rel in ds.qrels[qid].items():
             relevance[i, column[cid]] = rel
-    out = {f"ndcg@{k}": ndcg_at_k(scores, relevance, k).mean().item() for k in NDCG_KS}
-    out.update({f"recall@{k}": recall_at_k(scores, relevance, k).mean().item() for k in RECALL_KS})
+    per_query = {f"ndcg@{k}": ndcg_at_k(scores, relevance, k) for k in NDCG_KS}
+    per_query.update({f"recall@{k}": recall_at_k(scores, relevance, k) for k in RECALL_KS})
+    if ds.languages is None:
+        if languages:
+            raise eval_data.EvalDataError(f"{ds.name}: --languages given, but its queries have no language column")
+        return {m: v.mean().item() for m, v in per_query.items()}
+    found = sorted(set(ds.languages))
+    wanted = languages or found
+    if set(wanted) - set(found):
+        raise eval_data.EvalDataError(f"{ds.name}: no queries in {sorted(set(wanted) - set(found))}; it has {found}")
+    by_language = {}
+    for lang in wanted:
+        rows = torch.tensor([i for i, q in enumerate(ds.languages) if q == lang])
+        by_language[lang] = {m: v[rows].mean().item() for m, v in per_query.items()}
+        by_language[lang]["n_queries"] = len(rows)
+    out = {m: _mean([r[m] for r in by_language.values()]) for m in per_query}
+    out["languages"] = by_language
     return out
 
 
-def evaluate_vidore(embedder: Embedder, data: str, output: str, datasets: list[str] | None = None) -> dict:
+def evaluate_vidore(embedder: Embedder, data: str, output: str, datasets: list[str] | None = None,
+                    languages: list[str] | None = None) -> dict:
     names = datasets or eval_data.beir_datasets(data)
     if not names:
         raise eval_data.EvalDataError(f"{data}: no data set folders with corpus/, queries/, qrels/")
     results = {}
     for name in names:
         ds = eval_data.load_beir(data, name)
+        if languages and ds.languages is None:  # before anything is embedded
+            raise eval_data.EvalDataError(f"{name}: --languages given, but its queries have no language column")
         stem = os.path.join(output, "embeddings", "vidore", name)
         pages = embedder.embed(ds.pages.items, ds.pages.keys, stem + "-corpus")
         queries = embedder.embed(ds.queries.items, ds.queries.keys, stem + "-queries")
-        results[name] = score_beir(queries[torch.tensor(ds.query_index, dtype=torch.int64)], pages, ds)
-        results[name].update(n_queries=len(ds.query_ids), n_pages=len(ds.corpus_ids), unjudged_queries=ds.unjudged_queries)
-        log.info("%s: nDCG@5 %.4f over %d queries, %d pages", name, results[name]["ndcg@5"], len(ds.query_ids), len(ds.corpus_ids))
+        results[name] = score_beir(queries[torch.tensor(ds.query_index, dtype=torch.int64)], pages, ds, languages)
+        n_queries = sum(r["n_queries"] for r in results[name]["languages"].values()) if ds.languages else len(ds.query_ids)
+        results[name].update(n_queries=n_queries, n_pages=len(ds.corpus_ids), unjudged_queries=ds.unjudged_queries)
+        log.info("%s: nDCG@5 %.4f over %d queries, %d pages", name, results[name]["ndcg@5"], n_queries, len(ds.corpus_ids))
     scores = {"datasets": results, "mean_ndcg@5": _mean([r["ndcg@5"] for r in results.values()])}
     if _rank_world()[0] == 0:
         _write_json(os.path.join(output, "scores.json"), scores)
@@ -266,6 +293,9 @@ def format_vidore(scores: dict) -> str:
     for name, r in scores["datasets"].items():
         lines.append(f"{name:<{width}} " + " ".join(f"{100 * r[m]:9.2f}" for m in metrics)
                      + f" {r['n_queries']:>8} {r['n_pages']:>6}")
+        for lang, lr in r.get("languages", {}).items():
+            lines.append(f"{'  ' + lang:<{width}} " + " ".join(f"{100 * lr[m]:9.2f}" for m in metrics)
+                         + f" {lr['n_queries']:>8}")
     lines.append(f"{'mean nDCG@5':<{width}} {100 * scores['mean_ndcg@5']:9.2f}")
     return "\n".join(lines)
 
@@ -283,6 +313,9 @@ def main(argv=None) -> dict:
             s.add_argument("--subsets", nargs="+", default=None, help="subset folders to score (default: all found)")
         else:
             s.add_argument("--datasets", nargs="+", default=None, help="data set folders to score (default: all found)")
+            s.add_argument("--languages", nargs="+", default=None,
+                           help="score only queries in these languages (the queries' `language` column, e.g. english); "
+                                "default: every language, each scored alone, the data set's score their mean (MTEB's)")
         s.add_argument("--output", required=True, help="folder for scores.json and the embedding cache")
         s.add_argument("--batch-tokens", type=int, default=16384, help="token budget per micro-batch")
         s.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images")
@@ -308,7 +341,7 @@ def main(argv=None) -> dict:
         )
         if args.task == "mmeb":
             return evaluate_mmeb(embedder, args.data, args.images, args.output, args.subsets)
-        return evaluate_vidore(embedder, args.data, args.output, args.datasets)
+        return evaluate_vidore(embedder, args.data, args.output, args.datasets, args.languages)
     finally:
         if distributed:
             dist.destroy_process_group()

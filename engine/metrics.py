@@ -4,7 +4,8 @@ Tie rules (documented because they decide scores when vectors coincide, e.g. a c
 listed twice): precision@1 takes the argmax like `torch.argmax` / `np.argmax` in the
 reference evaluation, i.e. the FIRST maximal candidate, so the correct candidate (index 0)
 wins every tie. Rankings for nDCG/recall sort by score descending with a stable sort, so
-tied documents keep corpus order. nDCG follows trec_eval's `ndcg_cut` (as pytrec_eval,
+tied documents keep column order: the caller's (`engine.evaluate.score_beir` orders columns by
+document id, descending, trec_eval's tie rule). nDCG follows trec_eval's `ndcg_cut` (as pytrec_eval,
 used by ViDoRe/MTEB): linear gain (the graded qrel score), discount 1/log2(rank + 1), ideal
 DCG from the query's own qrels; a query whose qrels hold no positive score gets nDCG 0 and
 recall 0 (it still counts in the mean).

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine import eval_data
-from engine.evaluate import Embedder, evaluate_mmeb, evaluate_vidore, score_mmeb_subset
+from engine.evaluate import Embedder, evaluate_mmeb, evaluate_vidore, score_beir, score_mmeb_subset, summarize_mmeb
 from hf_oracle import random_image
 
 MARKER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -216,7 +216,7 @@ def test_vidore_ndcg_against_loop_oracle(tiny, tmp_path):
     for qid, rels in qrels.items():
         q = embed_alone(model, proc, {"text": texts[qid]})
         sims = [float(q @ d) for d in doc]
-        ranked = [10 + j for j in sorted(range(5), key=lambda j: (-sims[j], j))]
+        ranked = sorted(range(10, 15), key=lambda c: (-sims[c - 10], [-b for b in str(c).encode()]))  # trec_eval ties
         dcg = sum(rels.get(c, 0) / math.log2(r + 2) for r, c in enumerate(ranked[:5]))
         idcg = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rels.values(), reverse=True)[:5]))
         ndcg.append(dcg / idcg if idcg else 0.0)
@@ -251,3 +251,95 @@ def test_vidore_page_files_are_keyed_on_content(tmp_path):
     random_image(60, 80, seed=99).save(ds / "page0.png")  # same name and size in pixels, new content
     again = eval_data.load_beir(str(data), "synthetic_v2").pages.keys
     assert again[0] != keys[0] and again[1:] == keys[1:]
+
+
+def beir(corpus_ids, qrels, languages=None):
+    """A BeirDataset for score_beir alone (no files): qrels {qid: {cid: grade}}, one query per key."""
+    qids = list(qrels)
+    return eval_data.BeirDataset("t", corpus_ids, eval_data.Inputs(), qids, eval_data.Inputs(), list(range(len(qids))),
+                                 qrels, 0, languages)
+
+
+def test_vidore_ties_rank_like_trec_eval():
+    """Byte-identical pages embed to one vector. trec_eval (pytrec_eval: MTEB, ViDoRe) ranks tied scores by
+    document id, descending as strcmp compares them: "9" above "2", and "9" above "10"."""
+    pages = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # ids below: 2 and 9 (or 10 and 9) tie
+    query = torch.tensor([[0.0, 1.0]])
+    got = score_beir(query, pages, beir(["5", "2", "9"], {"q": {"9": 1.0}}))
+    assert got["recall@1"] == 1.0 and got["ndcg@5"] == 1.0  # 9 first; corpus order would put 2 first
+    got = score_beir(query, pages, beir(["5", "9", "10"], {"q": {"10": 1.0}}))
+    assert got["recall@1"] == 0.0 and got["ndcg@5"] == pytest.approx(1 / math.log2(3))  # "9" > "10": 10 second
+
+
+def test_vidore_languages_scored_alone_and_averaged():
+    """ViDoRe v2's multilingual sets: each query in 4 languages. MTEB scores each language on its own queries
+    and the task as their mean, which differs from pooling all queries when the counts differ."""
+    pages = torch.eye(3)
+    queries = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])  # each query finds page i first
+    # en: q0 right (nDCG 1), q1 relevant page ranked 3rd (tied, id order 2, 1, 0: page 0 last)
+    # fr: q2 relevant page ranked 2nd
+    qrels = {"q0": {"0": 1.0}, "q1": {"0": 1.0}, "q2": {"1": 1.0}}
+    ds = beir(["0", "1", "2"], qrels, languages=["english", "english", "french"])
+    got = score_beir(queries, pages, ds)
+    en, fr = (1 + 1 / math.log2(4)) / 2, 1 / math.log2(3)
+    assert got["languages"]["english"]["ndcg@5"] == pytest.approx(en)
+    assert got["languages"]["french"]["ndcg@5"] == pytest.approx(fr)
+    assert got["ndcg@5"] == pytest.approx((en + fr) / 2)  # not the pooled (1 + 1/log2(4) + 1/log2(3)) / 3
+    assert [got["languages"][lang]["n_queries"] for lang in ("english", "french")] == [2, 1]
+    only = score_beir(queries, pages, ds, languages=["english"])
+    assert list(only["languages"]) == ["english"] and only["ndcg@5"] == pytest.approx(en)
+    with pytest.raises(eval_data.EvalDataError, match=r"no queries in \['german'\]"):
+        score_beir(queries, pages, ds, languages=["german"])
+    with pytest.raises(eval_data.EvalDataError, match="no language column"):
+        score_beir(queries, pages, beir(["0", "1", "2"], qrels), languages=["english"])
+
+
+def test_vidore_language_column_is_read_and_filtered(tiny, tmp_path, monkeypatch):
+    embedder = tiny[0]
+    data, _ = write_vidore(tmp_path)
+    queries = data / "synthetic_v2" / "queries" / "test-00000-of-00001.parquet"
+    table = pq.read_table(queries)
+    pq.write_table(table.append_column("language", pa.array(["english", "french", "english", "french"])), queries)
+    ds = eval_data.load_beir(str(data), "synthetic_v2")
+    assert ds.languages == ["english", "french", "english"]  # q4 has no qrels: not scored
+    scores = evaluate_vidore(embedder, str(data), str(tmp_path / "out"), languages=["english"])
+    got = scores["datasets"]["synthetic_v2"]
+    assert list(got["languages"]) == ["english"] and got["n_queries"] == 2
+    pq.write_table(table, queries)  # no language column: --languages is refused before any embedding
+    monkeypatch.setattr(Embedder, "embed", lambda *a: pytest.fail("embedded before checking the languages"))
+    with pytest.raises(eval_data.EvalDataError, match="no language column"):
+        evaluate_vidore(embedder, str(data), str(tmp_path / "out2"), languages=["english"])
+
+
+def test_empty_and_malformed_eval_data_are_named_errors(tmp_path):
+    data, _ = write_vidore(tmp_path)
+    qrels = data / "synthetic_v2" / "qrels" / "test-00000-of-00001.parquet"
+    table = pq.read_table(qrels)
+    pq.write_table(table.slice(0, 0), qrels)  # no qrels rows: every metric would be NaN
+    with pytest.raises(eval_data.EvalDataError, match="no query has qrels"):
+        eval_data.load_beir(str(data), "synthetic_v2")
+    pq.write_table(pa.table({"query-id": ["q1"], "corpus-id": [10], "score": pa.array([None], pa.int64())}), qrels)
+    with pytest.raises(eval_data.EvalDataError, match=r"qrels row 0 \(query-id 'q1', corpus-id 10\): score must be a finite"):
+        eval_data.load_beir(str(data), "synthetic_v2")
+
+    mmeb, images, _ = write_mmeb(tmp_path)
+    path = mmeb / "MSCOCO_t2i" / "test-00000-of-00001.parquet"
+    rows = pq.read_table(path)
+    pq.write_table(rows.slice(0, 0), path)
+    with pytest.raises(eval_data.EvalDataError, match="'MSCOCO_t2i': no rows"):
+        eval_data.load_mmeb_subset(str(mmeb), "MSCOCO_t2i", str(images))
+    # one candidate given as a plain string would be split into single-character candidates
+    pq.write_table(pa.table({"qry_text": ["a dog"], "qry_img_path": [""], "tgt_text": ["goldfish"],
+                             "tgt_img_path": [None]}), path)
+    with pytest.raises(eval_data.EvalDataError, match="row 0: tgt_text must be a list of strings, got str 'goldfish'"):
+        eval_data.load_mmeb_subset(str(mmeb), "MSCOCO_t2i", str(images))
+
+
+def test_mmeb_means_leave_out_subsets_not_in_mmeb():
+    subsets = {"ImageNet-1K": {"precision@1": 0.5, "n": 2}, "MSCOCO_t2i": {"precision@1": 0.25, "n": 4},
+               "MyOwnSet": {"precision@1": 1.0, "n": 3}}
+    got = summarize_mmeb(subsets)
+    assert got["overall"] == pytest.approx(0.375) and got["complete"] is False
+    assert got["meta_tasks"]["Classification"] == {"precision@1": 0.5, "n_subsets": 1}
+    assert got["splits"]["IND"] == {"precision@1": pytest.approx(0.375), "n_subsets": 2}
+    assert got["subsets"]["MyOwnSet"]["precision@1"] == 1.0  # still listed

@@ -27,6 +27,9 @@ def _worker(rank, world, port, paths, embedder):
         assert torch.equal(gather_rows(local, 7), torch.arange(7.0)[:, None].repeat(1, 3))
         mmeb = evaluate_mmeb(embedder, paths["mmeb"], paths["images"], paths["out"])
         vidore = evaluate_vidore(embedder, paths["vidore"], paths["out_vidore"])
+        # again: every rank sees rank 0's cache, so the ranks vote to read it (an all-reduce) and embed nothing
+        embedder.load = lambda: (_ for _ in ()).throw(AssertionError("embedded again despite the cache"))
+        assert evaluate_mmeb(embedder, paths["mmeb"], paths["images"], paths["out"]) == mmeb
         with open(f"{paths['out']}/rank{rank}.json", "w") as f:
             json.dump({"mmeb": mmeb, "vidore": vidore}, f)
     finally:
