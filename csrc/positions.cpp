@@ -9,7 +9,8 @@
 namespace moca {
 namespace {
 
-// Checks grid_thw (I, 3) int64 on CPU with t, h, w >= 1 and h, w divisible by merge; returns it contiguous.
+// Checks grid_thw (I, 3) int64 on CPU with t, h, w >= 1, h, w divisible by merge and at most 2^31 - 1
+// patches in all (so no product or sum of the ops below overflows); returns it contiguous.
 at::Tensor checked_grids(const at::Tensor& grid_thw, int64_t merge, const char* name) {
   TORCH_CHECK_VALUE(merge >= 1, "spatial_merge_size must be >= 1, got ", merge);
   TORCH_CHECK_VALUE(grid_thw.device().is_cpu(), name, " must be a CPU tensor");
@@ -18,12 +19,20 @@ at::Tensor checked_grids(const at::Tensor& grid_thw, int64_t merge, const char* 
                     grid_thw.sizes());
   at::Tensor grids = grid_thw.contiguous();
   const int64_t* g = grids.data_ptr<int64_t>();
+  constexpr int64_t kMaxPatches = std::numeric_limits<int32_t>::max();
+  int64_t total = 0;
   for (int64_t i = 0; i < grids.size(0); ++i) {
     const int64_t t = g[3 * i], h = g[3 * i + 1], w = g[3 * i + 2];
     TORCH_CHECK_VALUE(t >= 1 && h >= 1 && w >= 1, name, "[", i, "] = (", t, ", ", h, ", ", w,
                       ") must be positive");
     TORCH_CHECK_VALUE(h % merge == 0 && w % merge == 0, name, "[", i, "] = (", t, ", ", h, ", ", w,
                       "): h and w must be divisible by spatial_merge_size ", merge);
+    // each factor is below 2^31 here, so the division-based bound holds without overflow
+    TORCH_CHECK_VALUE(t <= kMaxPatches && h <= kMaxPatches / t && w <= kMaxPatches / (t * h) &&
+                          t * h * w <= kMaxPatches - total,
+                      name, "[", i, "] = (", t, ", ", h, ", ", w, "): more than ", kMaxPatches,
+                      " patches in all (int32 indexing)");
+    total += t * h * w;
   }
   return grids;
 }

@@ -57,7 +57,9 @@ Design decisions a reader must know:
 """
 
 import functools
+import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -739,14 +741,18 @@ def _tiles(*xs):
     return [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
 
 
-def _meta(dtype, q, k, max_seqlen, mode):
-    """Launch constants shared by the three kernels (q, k: the operands from `_tiles`) and the
-    seq bucket of max_seqlen (the config key)."""
+def _meta(dtype, operands, max_seqlen, mode):
+    """Launch constants shared by the three kernels (operands: q, k, then the other (T, H, D) tensors the
+    kernels index, from `_tiles`) and the seq bucket of max_seqlen (the config key). ValueError when a
+    segment's in-segment offsets would not fit in int32."""
+    q, k = operands[:2]
     T, _, D = q.shape
     span = max(int(max_seqlen), 1)  # rows a tile's offsets reach; a packed tile's: two short segments + a tile
     if mode != "segments":
         span = max(span, 2 * min(int(max_seqlen), tuned.PACKED_MAX_SEQLEN) + 256)
-    assert max(x.stride(0) for x in (q, k)) * span < 2**31, "segment too long for int32 offsets"
+    if max(x.stride(0) for x in operands) * span >= 2**31:
+        raise ValueError(f"a {span}-token span at row strides {[x.stride(0) for x in operands]} overflows the "
+                         "kernels' int32 in-segment offsets: pass contiguous tensors or shorter segments")
     d0, d1 = _split_head_dim(D)
     meta = dict(
         GROUP=q.shape[1] // k.shape[1],
@@ -792,7 +798,7 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     if T == 0 or n_seg == 0:
         return o.to(dtype), lse
     mode = path(max_seqlen, T, n_seg)
-    meta, bucket = _meta(dtype, q, k, max_seqlen, mode)
+    meta, bucket = _meta(dtype, (q, k, v, o), max_seqlen, mode)
     seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
     streamed = (k, v) if _tma_ok((k, v), meta["HEAD_DIM"], meta["D0"], meta["D1"]) else None
@@ -816,7 +822,7 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     if T == 0 or n_seg == 0:
         return dq.to(dtype), dk.to(dtype), dv.to(dtype)
     mode = path(max_seqlen, T, n_seg)
-    meta, bucket = _meta(dtype, q, k, max_seqlen, mode)
+    meta, bucket = _meta(dtype, (q, k, v, o, do, dq, dk), max_seqlen, mode)
     delta = torch.empty((H, T), device=q.device, dtype=torch.float32)
     block_t = 64
     _attn_bwd_preprocess[(triton.cdiv(T, block_t), H)](
@@ -865,12 +871,51 @@ def _autocast_inputs(q, k, v):
     return q, k, v
 
 
+_checked_cu: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref to it, its _version, T, max_seqlen) once checked
+
+
+def _check_cu_seqlens(cu_seqlens, n_tokens: int, max_seqlen: int) -> None:
+    """cu_seqlens must run from 0 to T, never decrease, and step by at most max_seqlen (else the kernels
+    read and write out of bounds, or leave rows unwritten). A CPU tensor is checked on the host
+    (ValueError); a CUDA one by a device-side assert (no host sync). Once per tensor and contents: every
+    layer of a forward passes the same one."""
+    seen = _checked_cu.get(id(cu_seqlens))
+    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (cu_seqlens._version, n_tokens, max_seqlen):
+        return
+    if cu_seqlens.numel() == 0:
+        raise ValueError("cu_seqlens: (B+1,) with B >= 0 segments, got an empty tensor")
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    if cu_seqlens.device.type == "cpu":
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != n_tokens:
+            raise ValueError(f"cu_seqlens must run from 0 to T = {n_tokens}, got {first} .. {last}")
+        if lens.numel() and int(lens.min()) < 0:
+            raise ValueError(f"cu_seqlens must not decrease (segment {int(lens.argmin())} has length {int(lens.min())})")
+        if lens.numel() and int(lens.max()) > max_seqlen:
+            raise ValueError(f"max_seqlen {max_seqlen} is below the longest segment's {int(lens.max())} tokens")
+    else:
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == n_tokens)
+        if lens.numel():
+            ok &= (lens.min() >= 0) & (lens.max() <= max_seqlen)
+        torch._assert_async(ok, "cu_seqlens must run from 0 to T, never decrease, and step by at most max_seqlen")
+    key = id(cu_seqlens)
+    _checked_cu[key] = (weakref.ref(cu_seqlens, lambda _, key=key: _checked_cu.pop(key, None)), cu_seqlens._version,
+                        n_tokens, max_seqlen)
+
+
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
-    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32, max_seqlen: int -> (T, Hq, D).
+    """q: (T, Hq, D), k/v: (T, Hkv, D), cu_seqlens: (B+1,) int32 from 0 to T, max_seqlen: int at least
+    the longest segment -> (T, Hq, D). scale: softmax scale > 0, default D ** -0.5.
 
     Under torch.autocast the inputs are cast to the autocast dtype first. Raises TypeError for
-    mismatched dtypes outside autocast, ValueError for bad shapes."""
+    mismatched dtypes outside autocast, ValueError for bad shapes, a scale <= 0 and (CPU tensors; CUDA:
+    a device-side assert) a cu_seqlens that does not run from 0 to T or steps by more than max_seqlen."""
     q, k, v = _autocast_inputs(q, k, v)
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    cu_seqlens = cu_seqlens.contiguous()
+    if cu_seqlens.dim() == 1:  # other layouts: the backends' own checks name them
+        _check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
     if resolve(backend, q) == "torch":
         return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

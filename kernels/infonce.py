@@ -33,6 +33,8 @@ The torch backend runs the same blocked algorithm with torch ops in fp32; it is 
 path. Across ranks, `gathered_infonce` gathers with autograd (`gather_with_grad`).
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 import triton
@@ -309,16 +311,23 @@ def infonce(q, t, negatives=None, temperature=0.03, backend=None):
     (fp32, fp16 or bf16; accumulation is fp32). temperature: host float. Gradients flow to
     q, t and negatives. Memory beyond inputs and gradients: O(B) saved for backward, for
     16-bit inputs the fp32 (B, D) dt accumulator whose storage the returned dt keeps, and
-    (CHUNK x CHUNK) + (CHUNK x r x D) blocks; never a (B x B) matrix.
+    (CHUNK x CHUNK) + (CHUNK x r x D) blocks; never a (B x B) matrix. Raises ValueError for bad
+    shapes or a temperature that is not > 0, TypeError for mismatched dtypes or devices.
     """
-    assert q.dim() == 2 and t.shape == q.shape, f"q, t must both be (B, D); got {tuple(q.shape)}, {tuple(t.shape)}"
-    assert q.shape[0] > 0, "empty batch"
-    assert t.dtype == q.dtype and t.device == q.device
+    def need(ok, msg, error=ValueError):
+        if not ok:
+            raise error(msg)
+
+    need(q.dim() == 2 and t.shape == q.shape, f"q, t must both be (B, D); got {tuple(q.shape)}, {tuple(t.shape)}")
+    need(q.shape[0] > 0, "empty batch")
+    need(t.dtype == q.dtype and t.device == q.device, f"t: {t.dtype} on {t.device}, q: {q.dtype} on {q.device}", TypeError)
+    need(q.dtype in (torch.float32, torch.float16, torch.bfloat16), f"fp32, fp16 or bf16 inputs, got {q.dtype}", TypeError)
+    need(math.isfinite(temperature) and temperature > 0, f"temperature must be a finite number > 0, got {temperature}")
     if negatives is not None:
-        assert negatives.dim() == 3 and negatives.shape[0] == q.shape[0] and negatives.shape[2] == q.shape[1], (
-            f"negatives must be (B, r, D); got {tuple(negatives.shape)}"
-        )
-        assert negatives.dtype == q.dtype and negatives.device == q.device
+        need(negatives.dim() == 3 and negatives.shape[0] == q.shape[0] and negatives.shape[2] == q.shape[1],
+             f"negatives must be (B, r, D) = ({q.shape[0]}, r, {q.shape[1]}); got {tuple(negatives.shape)}")
+        need(negatives.dtype == q.dtype and negatives.device == q.device,
+             f"negatives: {negatives.dtype} on {negatives.device}, q: {q.dtype} on {q.device}", TypeError)
         negatives = negatives.contiguous() if negatives.shape[1] > 0 else None
     backend = resolve(backend, q)
     return _InfoNCE.apply(q.contiguous(), t.contiguous(), negatives, float(temperature), backend)

@@ -483,7 +483,9 @@ def _lm_bwd_torch(h, w, tgt, lse, scale):
 
 def _patch_triton(h, w, b, t, need_grad):
     """-> (sum of squared residuals, fp32 scalar; residual gradient G = 2 r / (N D) of the mean loss,
-    (N, D) in the input dtype, or None). h: (N, H); w: (D, H); b: (D,); t: (N, D)."""
+    (N, D) in the input dtype, or None). h: (N, H); w: (D, H); b: (D,); t: (N, D).
+    fp16: G = r unscaled instead, scaled in the backward together with the upstream gradient (loss
+    scaling), since 2 r / (N D) falls below fp16's normal range (6e-5) for N D of about 1e7."""
     N, H = h.shape
     D = w.shape[0]
     cfg = _launch_cfg(h.dtype, N, D, h.is_cuda, _use_tma(h, w))
@@ -492,7 +494,8 @@ def _patch_triton(h, w, b, t, need_grad):
     grid = (triton.cdiv(D, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_M"]))
     partial = torch.empty(grid[1], grid[0], dtype=torch.float32, device=h.device)
     g = torch.empty(N, D, dtype=h.dtype, device=h.device) if need_grad else None
-    _patch_kernel[grid](h, w, b, t, partial, partial if g is None else g, *descs, 2.0 / (N * D), N, D, H,
+    grad_scale = 1.0 if h.dtype == torch.float16 else 2.0 / (N * D)
+    _patch_kernel[grid](h, w, b, t, partial, partial if g is None else g, *descs, grad_scale, N, D, H,
                         WRITE_GRAD=need_grad, **cfg)
     return partial.sum(), g
 
@@ -561,8 +564,10 @@ class _MaskedPatchLoss(torch.autograd.Function):
         if ctx.backend == "torch":
             scale = (grad.float() / targets.numel()).reshape(1)
             return (*_patch_bwd_torch(hidden, weight, bias, targets, scale), None, None)
-        G = ctx.residual_grad  # (N, D) = d loss / d prediction for upstream grad 1
+        G = ctx.residual_grad  # (N, D) = d loss / d prediction for upstream grad 1 (fp16: r, see _patch_triton)
         g = grad.float()
+        if G.dtype == torch.float16:  # the upstream (loss-scaled) gradient first, in fp32, then fp16 GEMMs
+            G, g = (G.float() * (2.0 * g / G.numel())).to(torch.float16), torch.ones_like(g)
         d_bias = (G.sum(0, dtype=torch.float32) * g).to(bias.dtype)
         return (G @ weight).mul_(g), (G.t() @ hidden).mul_(g), d_bias, None, None
 
@@ -580,7 +585,7 @@ def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=Fal
     """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits.
 
     hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
-    targets: (M,) int64 in [0, V) (checked on the host when not on CUDA, never synced on CUDA).
+    targets: (M,) int64 in [0, V) (checked: ValueError on the host, a device-side assert on CUDA, no sync).
     Returns an fp32 scalar; gradients flow to hidden and lm_weight.
     grad_in_forward (Triton backend, when a gradient is needed): False (default) recomputes the logits
     in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)); True computes the gradients in the
@@ -593,8 +598,10 @@ def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=Fal
     _require(max(hidden.numel(), lm_weight.numel()) < 2**31, "more than 2^31 elements (the kernels use int32 offsets)")
     _require(targets.dtype == torch.int64 and tuple(targets.shape) == (hidden.shape[0],),
              f"targets must be ({hidden.shape[0]},) int64, got {tuple(targets.shape)} {targets.dtype}")
-    if not targets.is_cuda:
-        V = lm_weight.shape[0]
+    V = lm_weight.shape[0]
+    if targets.is_cuda:  # a device-side assert: no host sync (out-of-range targets would read out of bounds)
+        torch._assert_async(((targets >= 0) & (targets < V)).all(), f"masked_lm_loss: targets outside [0, {V})")
+    else:
         _require(bool((targets >= 0).all()) and bool((targets < V).all()), f"targets outside [0, {V})")
     backend = resolve(backend, hidden)
     return _MaskedLMLoss.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(), backend,

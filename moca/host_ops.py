@@ -35,6 +35,9 @@ def _warn_fallback() -> None:
 # Input checks shared by the references and the fake impls (the C++ ops repeat them in C++).
 
 
+MAX_PATCHES = 2**31 - 1  # patches of all grids of one call: the ops index them (and cu_seqlens count them) in int32
+
+
 def _check_tensor(x: Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
@@ -45,7 +48,8 @@ def _check_tensor(x: Tensor, name: str, dtype: torch.dtype, dim: int) -> None:
 
 
 def _check_grid_thw(grid_thw: Tensor, merge: int, name: str = "grid_thw") -> list[list[int]]:
-    """Static checks always; value checks (positive, h and w divisible by merge) only on real data."""
+    """Static checks always; value checks (positive, h and w divisible by merge, at most MAX_PATCHES in all)
+    only on real data."""
     _check_tensor(grid_thw, name, torch.int64, 2)
     if grid_thw.shape[1] != 3:
         raise ValueError(f"{name} must have shape (I, 3), got {tuple(grid_thw.shape)}")
@@ -53,12 +57,15 @@ def _check_grid_thw(grid_thw: Tensor, merge: int, name: str = "grid_thw") -> lis
         raise ValueError(f"spatial_merge_size must be >= 1, got {merge}")
     if isinstance(grid_thw, torch._subclasses.FakeTensor) or grid_thw.device.type == "meta":
         return []
-    grids = grid_thw.tolist()
+    grids, total = grid_thw.tolist(), 0
     for i, (t, h, w) in enumerate(grids):
         if min(t, h, w) < 1:
             raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}) must be positive")
         if h % merge or w % merge:
             raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}): h and w must be divisible by spatial_merge_size {merge}")
+        total += t * h * w
+        if total > MAX_PATCHES:
+            raise ValueError(f"{name}[{i}] = ({t}, {h}, {w}): more than {MAX_PATCHES} patches in all (int32 indexing)")
     return grids
 
 

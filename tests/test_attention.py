@@ -5,6 +5,8 @@ Rule (flash-attention's): err(ours) <= 2 * err(torch reference in the same dtype
 with err the max abs difference to the float64 oracle, the same upstream gradient everywhere.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -100,6 +102,40 @@ def test_strided_views_of_fused_qkv():
     assert not q.is_contiguous()
     do = torch.randn(T, hq, d, dtype=torch.float64)
     ours = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, cu, 64, backend="triton"), q, k, v, do)
+    truth = fwd_bwd(lambda a, b, c: dense_fp64(a, b, c, cu), q.double(), k.double(), v.double(), do)
+    assert max(errors(ours, truth)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_cu_seqlens_max_seqlen_and_scale_are_errors(backend):
+    """A cu_seqlens that does not run from 0 to T, decreases, or has a segment longer than max_seqlen would
+    make the kernels read and write out of bounds or leave rows unwritten: a ValueError instead."""
+    q, k, v, cu, max_len = make_inputs([10, 100], 2, 1, 16, torch.float32)
+    run = functools.partial(varlen_attention, q, k, v, backend=backend)
+    for bad, message in [([0, 10, 120], "from 0 to T = 110, got 0 .. 120"), ([0, 10, 100], "0 .. 100"),
+                         ([5, 10, 110], "5 .. 110"), ([0, 60, 50, 110], "must not decrease .segment 1"),
+                         ([0], "0 .. 0")]:
+        with pytest.raises(ValueError, match=message):
+            run(torch.tensor(bad, dtype=torch.int32), 128)
+    with pytest.raises(ValueError, match="empty"):
+        run(torch.tensor([], dtype=torch.int32), 128)
+    with pytest.raises(ValueError, match="max_seqlen 64 is below the longest segment's 100"):
+        run(cu, 64)  # an understated max_seqlen took the packed tiles, which skip the 100-token segment
+    for scale in (0.0, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            run(cu, max_len, scale)
+    run(cu, max_len)
+    cu[-1] += 5  # changed in place after a check: checked again
+    with pytest.raises(ValueError, match="0 .. 115"):
+        run(cu, max_len)
+
+
+def test_strided_cu_seqlens():
+    q, k, v, cu, max_len = make_inputs([5, 7], 2, 1, 16, torch.float32)
+    strided = torch.stack([cu, torch.full_like(cu, 999)], 1)[:, 0]  # every other int32 of a buffer
+    assert not strided.is_contiguous()
+    do = torch.randn(q.shape, dtype=torch.float64)
+    ours = fwd_bwd(lambda a, b, c: varlen_attention(a, b, c, strided, max_len, backend="triton"), q, k, v, do)
     truth = fwd_bwd(lambda a, b, c: dense_fp64(a, b, c, cu), q.double(), k.double(), v.double(), do)
     assert max(errors(ours, truth)) < 1e-5
 

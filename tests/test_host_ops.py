@@ -322,6 +322,11 @@ BAD = {
     "window grid int32": ("vision_window_index", (_grid([1, 4, 4]).int(), 112, 14, 2)),
     "positions grid not divisible": ("vision_positions", (_grid([1, 6, 4]), 4)),
     "positions grid 1-D": ("vision_positions", (torch.tensor([1, 4, 4]), 2)),
+    # patch counts whose int64 products wrap (to 0 or -1): an output allocated too small, written past
+    "positions grid overflows": ("vision_positions", (_grid([1, 2, 2], [2**32, 2**32, 2]), 2)),
+    "window grid overflows": ("vision_window_index", (_grid([2**32, 2**32, 2]), 112, 14, 2)),
+    "mrope grid overflows": ("mrope_positions", (_ids, _cu, _grid([1, 2**32 + 2, 2**32 - 2]), IMAGE, 2)),
+    "more than 2^31 patches": ("vision_positions", (_grid([1, 2**16, 2**16], [1, 2, 2]), 2)),
     "costs float": ("pack_bins", (torch.rand(5), 10, 0)),
     "costs 2-D": ("pack_bins", (torch.ones(2, 2, dtype=torch.int64), 10, 0)),
     "negative cost": ("pack_bins", (torch.tensor([3, -1, 2]), 10, 0)),

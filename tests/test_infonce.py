@@ -127,10 +127,21 @@ def test_partial_requires_grad(frozen):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
 
 
-def test_rejects_mismatched_negatives():
+def test_rejects_bad_inputs():
+    """Checked errors, not asserts (`python -O` drops those, and a 3-row t would read out of bounds)."""
     q, t = make_inputs(5, 64, 0)
-    with pytest.raises(AssertionError):
-        infonce(q, t, torch.randn(4, 2, 64), backend="torch")
+    for args, error, message in [
+        ((q, t, torch.randn(4, 2, 64)), ValueError, r"negatives must be \(B, r, D\) = \(5, r, 64\)"),
+        ((q, t, torch.randn(5, 2, 32)), ValueError, "negatives must be"),
+        ((q, t[:3]), ValueError, r"q, t must both be \(B, D\)"),
+        ((q[:0], t[:0]), ValueError, "empty batch"),
+        ((q, t.double()), TypeError, "t: torch.float64"),
+        ((q, t, None, 0.0), ValueError, "temperature must be a finite number > 0"),
+        ((q, t, None, -0.03), ValueError, "temperature must be"),
+    ]:
+        for backend in ("torch", "triton"):
+            with pytest.raises(error, match=message):
+                infonce(*args, backend=backend)
 
 
 @pytest.mark.gpu

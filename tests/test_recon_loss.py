@@ -315,6 +315,23 @@ PATCH_CASES = [
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_patch_loss_fp16_under_loss_scaling(backend):
+    """fp16 training scales the loss (here by 2^16) so that small gradients stay representable: the
+    residual gradient 2 r / (N D), about 1e-6 here, is below fp16's normal range unless it is scaled
+    by the upstream gradient before it is rounded to fp16, as unfused autograd does."""
+    hidden, weight, bias, targets = patch_inputs(257, 64, torch.float16, torch.float16)
+    with torch.no_grad():  # targets near the prediction: small residuals, as late in training
+        targets = (F.linear(hidden, weight, bias).float() + 0.1 * torch.randn(targets.shape, device=DEV)).half()
+    g = torch.tensor(2.0**16, device=DEV)
+    params = (hidden, weight, bias)
+    truth = grads(lambda *p: naive_patch(*(x.double() for x in p), targets.double()), params, g.double())
+    naive = grads(lambda *p: naive_patch(*p, targets), params, g)
+    ours = grads(lambda *p: masked_patch_loss(*p, targets, backend=backend), params, g)
+    for i, (o, n, t) in enumerate(zip(ours, naive, truth)):
+        assert rel_err(o, t) <= 2 * rel_err(n, t) + FLOOR[torch.float16], (i, rel_err(o, t), rel_err(n, t))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("N,H,dtype,target_dtype", PATCH_CASES)
 def test_patch_loss_matches_float64(backend, N, H, dtype, target_dtype):
     hidden, weight, bias, targets = patch_inputs(N, H, dtype, target_dtype)
