@@ -94,7 +94,9 @@ def item_cost(processor: Processor, item: dict) -> int:
 
 
 class PackedBins(Dataset):
-    """Bin b -> (input indices (n,) int64, PackedBatch of those inputs); built in a worker."""
+    """Bin b -> (input indices (n,) int64, PackedBatch of those inputs, None), or (indices, None, the
+    InputError's message) when an input fails: raised by the caller, so that a DataLoader worker's
+    failure reads as one line, not as the worker's traceback."""
 
     def __init__(self, processor: Processor, items: list, order: torch.Tensor, offsets: torch.Tensor, names=None):
         self.processor, self.items, self.order, self.offsets = processor, items, order, offsets.tolist()
@@ -110,8 +112,8 @@ class PackedBins(Dataset):
             try:
                 samples.append(self.processor.encode(self.items[i]))
             except (ValueError, TypeError) as e:  # pixels that do not decode although the header did
-                raise InputError(f"{_where(self.names, i)}: {e}") from e
-        return idx, self.processor.pack(samples)
+                return idx, None, f"{_where(self.names, i)}: {e}"
+        return idx, self.processor.pack(samples), None
 
 
 @torch.no_grad()
@@ -158,7 +160,9 @@ def embed_items(
     )
     bar = tqdm(total=len(items), desc="embed", unit="input", disable=not progress, file=sys.stderr)
     pending = None  # CUDA: (indices, pinned host vectors, event) of the batch before
-    for idx, batch in loader:
+    for idx, batch, error in loader:
+        if error is not None:
+            raise InputError(error)
         out = model.embed(batch.to(device, non_blocking=cuda), pooling=pooling)
         if cuda:
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
@@ -200,12 +204,12 @@ def read_jsonl(path: str, image_root: str | None = None) -> tuple[list[dict], li
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not (obj.get("text") or obj.get("images")):
-                raise InputError(f"{where}: expected an object with 'text' and/or 'images'")
+            try:
+                item_parts(obj)  # the checks every input gets: a dict, text a string, images a list, a key typo
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{where}: {e}") from None
             text, images = obj.get("text") or "", obj.get("images") or []
-            if not isinstance(text, str):
-                raise InputError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-            if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            if not all(isinstance(p, str) and p for p in images):
                 raise InputError(f"{where}: 'images' must be a list of image paths")
             items.append({"text": text, "images": [p if os.path.isabs(p) else os.path.join(root, p) for p in images]})
             names.append(where)

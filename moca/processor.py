@@ -106,12 +106,19 @@ def normalize_markers(text: str) -> str:
     return _MARKER_ALIASES.sub(IMAGE_MARKER, text)
 
 
+_IMAGE_KEY_TYPOS = ("image", "img", "image_path", "image_paths", "img_path", "img_paths")
+
+
 def item_parts(item: dict) -> tuple[str, list]:
     """An input {"text": str, "images": [image, ...]} -> (text with its markers in place, images). TypeError for
-    a text that is not a string or images that are not a list (one path alone is not split into characters);
+    a text that is not a string, images that are not a list (one path alone is not split into characters)
+    or given under another key such as 'image' (its image would be left out);
     ValueError for an empty input or markers that do not match the images."""
     if not isinstance(item, dict):
         raise TypeError(f"an input is a dict with 'text' and/or 'images', got {type(item).__name__}")
+    typo = next((k for k in _IMAGE_KEY_TYPOS if k in item), None)
+    if typo is not None:  # else its image would be silently left out
+        raise TypeError(f"an input's images go in 'images' (a list), not {typo!r}")
     text, images = item.get("text") or "", item.get("images") or []
     if not isinstance(text, str):
         raise TypeError(f"'text' must be a string, got {type(text).__name__}")

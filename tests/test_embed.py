@@ -113,9 +113,11 @@ def _png(path, seed, size=(80, 120)):
          "in.jsonl:2: the text names 2 image"),
         ([b'{"text": "<image>", "images": "a.png"}'], "in.jsonl:1: 'images' must be a list"),
         ([b'{"text": 7}'], "in.jsonl:1: 'text' must be a string"),
+        ([b'{"text": "<image> a caption", "image": "a.png"}'], "in.jsonl:1: an input's images go in 'images'.*'image'"),
+        ([b'[1, 2]'], "in.jsonl:1: an input is a dict"),
     ],
     ids=["not-utf8", "missing-image", "junk-image", "truncated-image", "marker-mismatch", "images-not-list",
-         "text-not-str"],
+         "text-not-str", "image-key", "not-an-object"],
 )
 def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
     _png(tmp_path / "a.png", 1)
@@ -224,7 +226,8 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("item, message", [({"text": MARKER, "images": "a.png"}, "'images' must be a list"),
-                                           ({"text": 7}, "'text' must be a string")])
+                                           ({"text": 7}, "'text' must be a string"),
+                                           ({"text": "a photo", "image": ["a.png"]}, "an input's images go in 'images'")])
 def test_api_bad_item_types_are_named(tiny, item, message):
     """One path alone is not split into characters (the old error named an image file '.')."""
     model, proc = tiny
@@ -232,3 +235,15 @@ def test_api_bad_item_types_are_named(tiny, item, message):
         embed_items(model, proc, [{"text": "fine"}, item])
     with pytest.raises(TypeError, match=message):
         proc.encode(item)
+
+
+def test_worker_decode_error_is_one_line(tiny, tmp_path):
+    """An image whose header reads but whose pixels do not fails in a DataLoader worker: the error names
+    the input, without the worker's traceback."""
+    model, proc = tiny
+    good = _png(tmp_path / "a.png", 1).read_bytes()
+    (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
+    items = [{"text": "fine"}, {"images": [str(tmp_path / "cut.png")]}]
+    with pytest.raises(InputError) as err:
+        embed_items(model, proc, items, num_workers=1)
+    assert str(err.value).startswith("input 1: ") and "Traceback" not in str(err.value)
