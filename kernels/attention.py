@@ -874,6 +874,7 @@ def _autocast_inputs(q, k, v):
 _checked_cu: dict[int, tuple] = {}  # id(cu_seqlens) -> (weakref to it, its _version, T, max_seqlen) once checked
 
 
+@torch.compiler.disable  # host logic (a cache keyed on the tensor): run eagerly, outside any compiled graph
 def _check_cu_seqlens(cu_seqlens, n_tokens: int, max_seqlen: int) -> None:
     """cu_seqlens must run from 0 to T, never decrease, and step by at most max_seqlen (else the kernels
     read and write out of bounds, or leave rows unwritten). A CPU tensor is checked on the host
