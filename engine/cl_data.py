@@ -2,11 +2,19 @@
 
 A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
 `neg_text`, `neg_image_path` (the last two lists, or strings) from a .jsonl file, a folder of
-parquet / arrow files (pyarrow), or the built-in `synthetic` tasks; image paths are relative to
-an image root (default: the subset's folder); in-memory images (bytes, HF dicts) pass through.
-`path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller); a subset
-without a count gives all its records, or `max_per_subset` of them (a seeded sample) when it has more:
-the release drew up to 50k a subset (MOCA.md §3).
+parquet / arrow files (pyarrow), or the built-in `synthetic` tasks. A folder with no .parquet / .arrow
+file directly in it is a folder of subsets (MMEB-train's layout, `mmeb-train/A-OKVQA/*.parquet`, ...):
+each child `*.jsonl` and each child folder holding .parquet / .arrow files is a subset named after it;
+other children (`images/`) are skipped. In a subset folder holding HF shards of several splits
+(MMEB-train: `original-`, `diverse_instruction-` and a legacy `train-00000-of-00001.parquet`, the same
+pairs three times) only the `original` split (else `train`) is read, as VLM2Vec's `--split_name
+original`: the same pair twice in a batch would be its own in-batch negative.
+Image paths are relative to an image root: --image-root, else the folder given (for a subset of a
+folder of subsets too: MMEB-train's paths are `images/<subset>/...` from its root, VLM2Vec's
+`--image_dir MMEB-train`), or a file's folder; in-memory images (bytes, HF dicts) pass through.
+`path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller), of each
+subset of a folder of subsets; a subset without a count gives all its records, or `max_per_subset` of
+them (a seeded sample) when it has more: the release drew up to 50k a subset (MOCA.md §3).
 
 Design decisions:
 * Every record is validated once, when its subset is opened (query and positive not empty,
@@ -38,13 +46,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import cl_synthetic
-from engine.data import DataError
+from engine.data import DataError, require_columns
 from moca.batch import Sample
 from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
 
 log = logging.getLogger("moca")
 FIELDS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 _ANY_MARKER = re.compile(r"<image>|<\|image_\d+\|>|" + re.escape(IMAGE_MARKER))
+_TABLES = (".parquet", ".arrow")
+_SHARD = re.compile(r"(.+)-\d{5}-of-\d{5}\.(?:parquet|arrow)$")  # HF hub shard name: SPLIT-00000-of-00001
+SPLITS = ("original", "train")  # the split read from a folder of several, the first found
 
 
 class RecordError(ValueError):
@@ -106,9 +117,9 @@ class TableSubset(Subset):
             raise RuntimeError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
         self.name = os.path.basename(os.path.normpath(path))
         self.image_root = image_root or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-        files = [path] if os.path.isfile(path) else sorted(
+        files = [path] if os.path.isfile(path) else _one_split(path, sorted(
             glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)
-            + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True))
+            + glob.glob(os.path.join(path, "**", "*.arrow"), recursive=True)))
         if not files:
             raise FileNotFoundError(f"{path}: no .parquet or .arrow files")
         self.columns = {c: [] for c in FIELDS}
@@ -123,6 +134,7 @@ class TableSubset(Subset):
                     except pa.ArrowInvalid:
                         src.seek(0)
                         table = pa.ipc.open_stream(src).read_all()
+            require_columns(f, table.column_names, ("qry", "qry_image_path"), ("pos_text", "pos_image_path"))
             n = table.num_rows
             self.offsets.append(self.offsets[-1] + n)
             for c in FIELDS:
@@ -147,9 +159,35 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     return spec, None
 
 
+def _one_split(folder: str, files: list[str]) -> list[str]:
+    """The files of one split when `files` are HF shards (`SPLIT-00000-of-00001.parquet`) of several: the
+    first of SPLITS there (logged), else all of them (a warning)."""
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        m = _SHARD.match(os.path.basename(f))
+        splits.setdefault(m.group(1) if m else "", []).append(f)
+    if len(splits) < 2:
+        return files
+    keep = next((s for s in SPLITS if s in splits), None)
+    if keep is None:
+        log.warning("%s: files of splits %s: reading them all (give one split's file to read one)", folder, sorted(splits))
+        return files
+    log.info("%s: files of splits %s: reading %r", folder, sorted(splits), keep)
+    return splits[keep]
+
+
+def _has_tables(folder: str, recursive: bool) -> bool:
+    if not recursive:
+        return any(f.endswith(_TABLES) for f in os.listdir(folder))
+    return any(f.endswith(_TABLES) for _, _, names in os.walk(folder) for f in names)
+
+
 def open_subsets(spec: str, image_root: str | None = None, seed: int = 0) -> list[tuple[Subset, int | None]]:
     """One spec -> [(subset, count)]. `synthetic[:N]` is the four built-in tasks (N records each,
-    default 2000); `synthetic/<task>[:N]` one of them."""
+    default 2000); `synthetic/<task>[:N]` one of them. A .jsonl or table file, or a folder with .parquet /
+    .arrow files directly in it (or an HF DatasetDict), is one subset; another folder is a folder of
+    subsets (module docstring), `count` applying to each, the image root defaulting to the folder.
+    FileNotFoundError when there is no data."""
     path, count = parse_spec(spec)
     if path == "synthetic" or path.startswith("synthetic/"):
         tasks = cl_synthetic.TASKS if path == "synthetic" else (path.partition("/")[2],)
@@ -158,7 +196,19 @@ def open_subsets(spec: str, image_root: str | None = None, seed: int = 0) -> lis
         raise FileNotFoundError(f"data source {path!r} does not exist")
     if path.endswith(".jsonl"):
         return [(JsonlSubset(path, image_root), count)]
-    return [(TableSubset(path, image_root), count)]
+    if os.path.isfile(path) or _has_tables(path, False) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return [(TableSubset(path, image_root), count)]
+    subsets: list[Subset] = []
+    for name in sorted(os.listdir(path)):
+        child = os.path.join(path, name)
+        if name.endswith(".jsonl") and os.path.isfile(child):
+            subsets.append(JsonlSubset(child, image_root or path))
+        elif os.path.isdir(child) and _has_tables(child, True):
+            subsets.append(TableSubset(child, image_root or path))
+    if not subsets:
+        raise FileNotFoundError(f"{path}: no .parquet, .arrow or .jsonl files")
+    log.info("%s: %d subsets: %s", path, len(subsets), ", ".join(s.name for s in subsets))
+    return [(s, count) for s in subsets]
 
 
 # ------------------------------------------------------------------------------- validation

@@ -57,7 +57,16 @@ class RecordError(ValueError):
 
 
 class DataError(RuntimeError):
-    """A source that can no longer feed training: every record it had fails to load."""
+    """A source that cannot feed training: its table lacks a column records need, or every record it had
+    fails to load."""
+
+
+def require_columns(path: str, names: list[str], *needs: tuple[str, ...]) -> None:
+    """DataError unless the table `path`, with columns `names`, has a column of each group in `needs`
+    (alternatives): a wrong schema is one error when the table is opened, not a bad record per row."""
+    missing = [" / ".join(group) for group in needs if not set(group) & set(names)]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; its columns: {', '.join(names) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -172,8 +181,10 @@ class TableSource(Source):
         cache_dir = cache_dir or DEFAULT_CACHE_DIR
         self.tables = [f if f.endswith(".arrow") else _arrow_copy(f, cache_dir) for f in self.files]
         self.offsets = [0]
-        for f in self.tables:
-            self.offsets.append(self.offsets[-1] + _arrow_table(f).num_rows)
+        for f, t in zip(self.files, self.tables):
+            table = _arrow_table(t)
+            require_columns(f, table.column_names, ("text",))  # `images` is optional: text-only records
+            self.offsets.append(self.offsets[-1] + table.num_rows)
 
     @staticmethod
     def _list_files(path: str) -> list[str]:
@@ -210,7 +221,7 @@ class TableSource(Source):
 def _arrow_copy(path: str, cache_dir: str) -> str:
     """The memory-mappable Arrow copy of Parquet file `path` (its `text` and `images` columns) in cache_dir,
     written once (streamed a row batch at a time, then renamed into place) and reused while the file's path,
-    size and mtime stay the same."""
+    size and mtime stay the same. DataError, before any copying, when it has no `text` column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -221,6 +232,7 @@ def _arrow_copy(path: str, cache_dir: str) -> str:
         return out
     os.makedirs(cache_dir, exist_ok=True)
     pf = pq.ParquetFile(path)
+    require_columns(path, pf.schema_arrow.names, ("text",))
     columns = [c for c in ("text", "images") if c in pf.schema_arrow.names]
     schema = pa.schema([pf.schema_arrow.field(c) for c in columns])
     tmp = f"{out}.tmp-{os.getpid()}-{secrets.token_hex(4)}"

@@ -180,3 +180,93 @@ def test_draw_fills_a_straddling_batch_with_records_it_does_not_hold():
             assert len(set(chunk)) == min(len(chunk), n)  # distinct whenever the subset has enough records
         for p in range(count // n):  # each pass of n draws is still a permutation of the subset (reordered)
             assert sorted(draw[p * n:(p + 1) * n]) == list(range(n))
+
+
+def _write_table(path, records):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({k: [r[k] for r in records] for k in records[0]}), path)
+
+
+def _mmeb_train(root):
+    """MMEB-train's public layout: one folder per subset holding the `original`, `diverse_instruction` and legacy
+    `train` shards of the same pairs, image paths `images/<subset>/...` from the root, zips beside them."""
+    sizes = {"A-OKVQA": 10, "CIRR": 6}
+    for sub, n in sizes.items():
+        for split in ("original", "diverse_instruction", "train"):
+            recs = [{"qry": f"<|image_1|> {split} {sub} {i}" if sub == "A-OKVQA" else f"{split} {sub} {i}",
+                     "qry_image_path": f"images/{sub}/Train/{i}.png" if sub == "A-OKVQA" else "",
+                     "pos_text": f"positive {sub} {i}", "pos_image_path": "", "neg_text": "", "neg_image_path": ""}
+                    for i in range(n)]
+            _write_table(root / sub / f"{split}-00000-of-00001.parquet", recs)
+    (root / "images" / "A-OKVQA" / "Train").mkdir(parents=True)
+    for i in range(sizes["A-OKVQA"]):
+        Image.new("RGB", (40, 30), (10 * i, 0, 0)).save(root / "images" / "A-OKVQA" / "Train" / f"{i}.png")
+    (root / "images_zip").mkdir()
+    (root / "images_zip" / "A-OKVQA.zip").write_bytes(b"zip")
+    return sizes
+
+
+def test_folder_of_subsets_is_one_subset_per_child(tmp_path, processor, caplog):
+    """`--data mmeb-train/`: a subset per child folder (images/ and images_zip/ skipped), the `original` split
+    only, images found from the root, a count or the cap per subset, every global batch one subset's."""
+    from engine.cl_data import open_subsets
+
+    root = tmp_path / "mmeb-train"
+    sizes = _mmeb_train(root)
+    with caplog.at_level(logging.INFO, logger="moca"):
+        found = open_subsets(str(root) + "/")
+    assert [(s.name, len(s), c) for s, c in found] == [(k, n, None) for k, n in sizes.items()]
+    assert all(s.files == [str(root / s.name / "original-00000-of-00001.parquet")] for s, _ in found)
+    assert "2 subsets: A-OKVQA, CIRR" in caplog.text
+    assert [c for _, c in open_subsets(f"{root}:4")] == [4, 4]
+    assert all(s.image_root == str(tmp_path / "x") for s, _ in open_subsets(str(root), str(tmp_path / "x")))
+    data = CLData([str(root)], processor, global_batch=3, max_per_subset=8, seed=1)
+    assert data.num_bad == 0 and data.counts == [8, 6]  # the cap is per subset
+    for k in range(len(data.epoch(0))):
+        rb = data.rank_batch(k)
+        queries = [_text(processor, q) for q in rb.queries]
+        assert len(queries) == 3 and all(f"original {rb.subset} " in q for q in queries), queries
+        assert all(bool(q.grids) == (rb.subset == "A-OKVQA") for q in rb.queries)
+
+
+def test_folder_of_jsonl_subsets(subsets, processor):
+    """A folder of .jsonl files is a subset per file, a count applying to each."""
+    from engine.cl_data import open_subsets
+
+    (subsets / "notes.txt").write_text("not data")
+    found = open_subsets(f"{subsets}:5")
+    assert [(s.name, len(s), c) for s, c in found] == [("alpha", 14, 5), ("beta", 9, 5)]
+    data = CLData([str(subsets)], processor, global_batch=4, negative_ratio=0)
+    for k in range(len(data.epoch(0))):
+        rb = data.rank_batch(k)
+        assert all(f"query {rb.subset} " in _text(processor, q) for q in rb.queries)
+
+
+def test_folder_with_tables_in_it_stays_one_subset(tmp_path):
+    from engine.cl_data import open_subsets
+
+    root = tmp_path / "pairs"
+    for k, n in ((0, 3), (1, 2)):
+        _write_table(root / f"part-{k}.parquet", [{"qry": f"q{k} {i}", "pos_text": "p"} for i in range(n)])
+    _write_table(root / "more" / "part-2.parquet", [{"qry": "q2", "pos_text": "p"}])
+    (found, count), = open_subsets(str(root))
+    assert (found.name, len(found), count, found.image_root) == ("pairs", 6, None, str(root))
+
+
+def test_table_with_wrong_columns_is_one_data_error(tmp_path):
+    """A table that cannot form a query and a positive is one DataError naming the file and its columns, not a
+    bad record per row; an image-only positive (no pos_text column) is a valid schema."""
+    from engine.cl_data import open_subsets
+    from engine.data import DataError
+
+    bad = tmp_path / "captions" / "part-0.parquet"
+    _write_table(bad, [{"caption": f"c{i}", "url": "u"} for i in range(50)])
+    with pytest.raises(DataError, match=r"part-0.parquet: missing column\(s\) qry / qry_image_path, "
+                                        r"pos_text / pos_image_path; its columns: caption, url"):
+        open_subsets(str(bad.parent))
+    ok = tmp_path / "i2i" / "part-0.parquet"
+    _write_table(ok, [{"qry_image_path": "a.png", "pos_image_path": "b.png"}])
+    assert len(open_subsets(str(ok.parent))[0][0]) == 1

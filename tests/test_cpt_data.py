@@ -228,3 +228,24 @@ def test_text_only_record_takes_image_tags_as_text(proc):
     image = synthetic.record(1, 0)["images"][0]
     with pytest.raises(RecordError, match="2 image marker"):
         record_cost({"text": text, "images": [image]}, proc, 1280)
+
+
+def test_table_with_wrong_columns_is_one_data_error(tmp_path):
+    """A table without a `text` column is one DataError when it is opened, naming the file and its columns (not a
+    bad record per row after a full cost pass), and its Parquet is not copied; `images` is optional."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from engine.data import DataError
+
+    cache = tmp_path / "c"
+    pq.write_table(pa.table({"caption": ["a", "b"], "images": [[], []]}), tmp_path / "wrong.parquet")
+    with pytest.raises(DataError, match=r"wrong.parquet: missing column\(s\) text; its columns: caption, images"):
+        open_source(str(tmp_path / "wrong.parquet"), cache_dir=str(cache))
+    assert not cache.exists() or not os.listdir(cache)
+    table = pa.table({"caption": ["a"]})
+    with pa.OSFile(str(tmp_path / "wrong.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    with pytest.raises(DataError, match=r"wrong.arrow: missing column\(s\) text; its columns: caption"):
+        open_source(str(tmp_path / "wrong.arrow"))
+    pq.write_table(pa.table({"text": ["only text"]}), tmp_path / "text.parquet")
+    assert open_source(str(tmp_path / "text.parquet"), cache_dir=str(cache))[0] == {"text": "only text", "images": []}
