@@ -327,6 +327,15 @@ def main(argv=None) -> dict:
         s.add_argument("--attn-backend", choices=["auto", "triton", "torch"], default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from moca.checkpoint import check_model_name
+    from moca.embed import writable_folder
+
+    # user errors before anything is read, embedded or written; the output folder is made here
+    check_model_name(args.model)
+    for flag, folder in (("--data", args.data), ("--images", getattr(args, "images", None))):
+        if folder is not None and not os.path.isdir(folder):
+            raise eval_data.EvalDataError(f"{flag} {folder}: no such folder")
+    writable_folder(args.output, "--output")
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -348,4 +357,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moca.embed import run_cli
+
+    run_cli(main, "engine.evaluate", errors=(eval_data.EvalDataError,))  # a user error: one line, no traceback

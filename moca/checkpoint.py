@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moca.config import CheckpointError, ModelConfig, read_json
+from moca.config import PRESETS, CheckpointError, ModelConfig, read_json
 from moca.model import MoCaModel
 
 log = logging.getLogger("moca")
@@ -217,12 +217,18 @@ def _load_lm_head(model: MoCaModel, path: str, index: dict, read) -> None:
     model.lm_head.weight.copy_(head)
 
 
+def check_model_name(name_or_path: str) -> None:
+    """CheckpointError unless `name_or_path` is an existing directory or a preset name: a CLI checks its
+    --model with it before any other work."""
+    if not os.path.isdir(name_or_path) and name_or_path not in PRESETS:
+        raise CheckpointError(f"{name_or_path!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+
+
 def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> MoCaModel:
     """A preset name ("tiny", "3b", "7b": seeded random weights) or an HF checkpoint directory."""
+    check_model_name(name_or_path)
     if os.path.isdir(name_or_path):
         config = ModelConfig.from_hf_config(name_or_path)
-    elif os.path.sep in name_or_path or name_or_path.startswith("."):
-        raise CheckpointError(f"checkpoint directory {name_or_path!r} does not exist")
     else:
         config = ModelConfig.from_name(name_or_path)
     with torch.device("meta"):

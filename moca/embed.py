@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -33,9 +34,10 @@ from tqdm import tqdm
 
 from moca import host_ops
 from moca.batch import Sample
-from moca.checkpoint import load_model
+from moca.checkpoint import check_model_name, load_model
+from moca.config import CheckpointError
 from moca.image import ImageError, image_grid
-from moca.processor import IMAGE_MARKER, Processor, add_image_tokens_arg, check_images_fit, item_parts
+from moca.processor import IMAGE_MARKER, Processor, TruncationError, add_image_tokens_arg, check_images_fit, item_parts
 
 log = logging.getLogger("moca")
 
@@ -66,6 +68,8 @@ def image_size(src) -> tuple[int, int]:
         name = os.fspath(path) if path else name
     elif isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
+    elif not isinstance(src, (bytes, bytearray, memoryview)):
+        raise TypeError(f"cannot load an image from {type(src).__name__}")  # as load_image says
     try:
         if isinstance(src, (bytes, bytearray, memoryview)):
             with Image.open(io.BytesIO(bytes(src))) as img:
@@ -266,6 +270,34 @@ def vector_paths(path: str) -> tuple[str, str]:
     return targets
 
 
+def writable_folder(folder: str, flag: str) -> None:
+    """Create `folder` (and parents) and check that a file can be written in it, before any compute:
+    NotADirectoryError if it is a file, PermissionError if it cannot be made or written (a probe file,
+    deleted at once: nothing is left behind). Each message names `flag` and the folder."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f"{flag}: {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise PermissionError(f"{flag}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+# A user's mistake (a bad path, file, input or --model), not a bug: the CLIs print it as one line.
+USER_ERRORS = (CheckpointError, InputError, ImageError, TruncationError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run_cli(main, prog: str, errors: tuple = ()) -> None:
+    """`python -m` entry: run main(); a user error (USER_ERRORS or `errors`) ends the process with status 1
+    and one line `prog: message` on stderr; anything else (a bug) keeps its traceback."""
+    try:
+        main()
+    except USER_ERRORS + tuple(errors) as e:
+        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        sys.exit(f"{prog}: {message}")
+
+
 def write_vectors(vectors: torch.Tensor, path: str) -> list[str]:
     """Write `path` (.npy) and the same stem as .safetensors: both written to temp files first,
     then renamed into place; on failure no temp file is left."""
@@ -323,7 +355,8 @@ def main(argv=None) -> torch.Tensor:
         items, names = demo_items()
         log.info("no inputs given: embedding %d built-in examples with model %r", len(items), args.model)
     output = args.output or (os.path.join("runs", "embed", "embeddings.npy") if demo else "embeddings.npy")
-    vector_paths(output)  # a bad --output fails before the model loads
+    check_model_name(args.model)  # a bad --model or --output fails before the model loads
+    writable_folder(os.path.dirname(os.path.abspath(vector_paths(output)[0])), f"--output {output}")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
 
     model = load_model(args.model, device=args.device, dtype=dtype)
@@ -338,7 +371,4 @@ def main(argv=None) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:  # bad input: one line naming it, not a traceback (nothing was written)
-        sys.exit(f"moca.embed: {e}")
+    run_cli(main, "moca.embed")  # a bad input or path: one line naming it, not a traceback (nothing was written)

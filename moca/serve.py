@@ -52,7 +52,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from moca import host_ops
 from moca.batch import Sample
-from moca.embed import demo_items, item_cost, sample_cost
+from moca.embed import demo_items, item_cost, run_cli, sample_cost
 from moca.image import ImageError, load_image
 from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, normalize_markers
 
@@ -602,4 +602,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "moca.serve")  # a bad --model: one line, not a traceback

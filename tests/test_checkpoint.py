@@ -92,11 +92,12 @@ def test_bad_checkpoint_errors_name_the_weight(hf_dir, tmp_path, edit, message):
         load_model(str(path))
 
 
-def test_nonexistent_directory_and_unknown_preset():
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_model("./no/such/checkpoint")
-    with pytest.raises(ValueError, match="unknown preset"):
-        load_model("13b")
+@pytest.mark.parametrize("name", ["./no/such/checkpoint", "/no/such/dir", "13b"])
+def test_nonexistent_directory_and_unknown_preset(name):
+    """One message for both: a path is not called an unknown preset, nor a preset name a missing folder."""
+    with pytest.raises(CheckpointError, match=f"^'{name}' is neither a checkpoint directory nor a preset "
+                                              r"\(tiny, 3b, 7b\)$"):
+        load_model(name)
 
 
 def test_save_loads_in_transformers_and_back(hf_dir, tmp_path):
@@ -134,6 +135,15 @@ def test_failed_save_leaves_nothing_behind(hf_dir, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         save_model(model, str(out), extra_files={"state.pt": boom})
     assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_without_tokenizer_says_it_uses_the_embedded_one(hf_dir, caplog):
+    """hf_dir holds config and weights only: the embedded tokenizer stands in, and the log says so."""
+    assert not (hf_dir / "tokenizer.json").exists()
+    with caplog.at_level("WARNING", logger="moca"):
+        proc = Processor.from_pretrained(str(hf_dir))
+    assert "has no tokenizer.json / vocab.json: using the embedded Qwen2 tokenizer" in caplog.text
+    assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == proc.image_token_id
 
 
 def test_save_over_existing_checkpoint_replaces_it(hf_dir, tmp_path):

@@ -227,7 +227,9 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
 
 @pytest.mark.parametrize("item, message", [({"text": MARKER, "images": "a.png"}, "'images' must be a list"),
                                            ({"text": 7}, "'text' must be a string"),
-                                           ({"text": "a photo", "image": ["a.png"]}, "an input's images go in 'images'")])
+                                           ({"text": "a photo", "image": ["a.png"]}, "an input's images go in 'images'"),
+                                           ({"images": [None]}, "cannot load an image from NoneType"),
+                                           ({"images": [np.zeros((4, 4, 3), np.uint8)]}, "cannot load an image from ndarray")])
 def test_api_bad_item_types_are_named(tiny, item, message):
     """One path alone is not split into characters (the old error named an image file '.')."""
     model, proc = tiny
@@ -247,3 +249,34 @@ def test_worker_decode_error_is_one_line(tiny, tmp_path):
     with pytest.raises(InputError) as err:
         embed_items(model, proc, items, num_workers=1)
     assert str(err.value).startswith("input 1: ") and "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--jsonl", "{tmp}/none.jsonl"], "{tmp}/none.jsonl: No such file or directory"),
+    (["--model", "{tmp}/no-model", "--text", "hi"], "'{tmp}/no-model' is neither a checkpoint directory nor a preset "
+                                                     "(tiny, 3b, 7b)"),
+    (["--text", "hi", "--output", "{tmp}/afile/v.npy"], "--output {tmp}/afile/v.npy: {tmp}/afile is a file, not a folder"),
+], ids=["missing-jsonl", "bad-model", "output-under-a-file"])
+def test_cli_user_errors_are_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "afile").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    run = subprocess.run([sys.executable, "-m", "moca.embed", *args], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == ["moca.embed: " + message.format(tmp=tmp_path)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("output, message", [("afile/v.npy", "afile is a file, not a folder"),
+                                             ("afile/sub/v.npy", r"cannot write in .*afile/sub \(Not a directory\)")])
+def test_cli_bad_output_fails_before_the_model_loads(tmp_path, monkeypatch, output, message):
+    import moca.embed
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(moca.embed, "load_model", lambda *a, **k: pytest.fail("loaded the model before checking --output"))
+    with pytest.raises(OSError, match=message):
+        main(["--text", "hello", "--output", str(tmp_path / output), "--device", "cpu"])
+    assert [p.name for p in tmp_path.rglob("*")] == ["afile"] and (tmp_path / "afile").read_text() == ""

@@ -343,3 +343,38 @@ def test_mmeb_means_leave_out_subsets_not_in_mmeb():
     assert got["meta_tasks"]["Classification"] == {"precision@1": 0.5, "n_subsets": 1}
     assert got["splits"]["IND"] == {"precision@1": pytest.approx(0.375), "n_subsets": 2}
     assert got["subsets"]["MyOwnSet"]["precision@1"] == 1.0  # still listed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/nope"], "--data {tmp}/nope: no such folder"),
+    (["--subsets", "Nope"], "MMEB subset 'Nope': no test-*.parquet in {tmp}/mmeb/Nope"),
+    (["--output", "{tmp}/afile"], "--output: {tmp}/afile is a file, not a folder"),
+], ids=["missing-data", "unknown-subset", "output-is-a-file"])
+def test_cli_user_errors_are_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    write_mmeb(tmp_path)
+    (tmp_path / "afile").write_text("")
+    base = {"--data": "{tmp}/mmeb", "--images": "{tmp}/images", "--output": "{tmp}/out"}
+    base.update(zip(args[::2], args[1::2]))
+    argv = [x.format(tmp=tmp_path) for kv in base.items() for x in kv]
+    run = subprocess.run([sys.executable, "-m", "engine.evaluate", "mmeb", "--num-workers", "0", *argv],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == ["engine.evaluate: " + message.format(tmp=tmp_path)]
+
+
+@pytest.mark.parametrize("task", ["mmeb", "vidore"])
+def test_cli_output_is_checked_before_the_model_loads(tmp_path, monkeypatch, task):
+    import moca.checkpoint
+    from engine.evaluate import main
+
+    data = write_mmeb(tmp_path)[0] if task == "mmeb" else write_vidore(tmp_path)[0]
+    (tmp_path / "afile").write_text("scores")
+    monkeypatch.setattr(moca.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(Embedder, "load", lambda self: pytest.fail("embedded before checking --output"))
+    images = ["--images", str(tmp_path / "images")] if task == "mmeb" else []
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        main([task, "--data", str(data), *images, "--output", str(tmp_path / "afile"), "--num-workers", "0"])
+    assert (tmp_path / "afile").read_text() == "scores" and not list(tmp_path.rglob("*.safetensors"))

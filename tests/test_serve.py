@@ -308,3 +308,14 @@ def test_truncate_and_payload_limit(tiny):
             assert r.status_code == 413 and "--payload-limit" in r.json()["error"]["message"]
     finally:
         running.stop()
+
+
+def test_cli_bad_model_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "moca.serve", "--model", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == [f"moca.serve: '{tmp_path / 'nope'}' is neither a checkpoint directory nor a "
+                                       "preset (tiny, 3b, 7b)"]
