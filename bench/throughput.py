@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
     p.add_argument("bench", nargs="*", help=f"sub-benchmarks to run (default: all of {names})")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    p.add_argument("--json", default=None, help="write the rows and summary here (default bench/results/<device>.json)")
+    p.add_argument("--json", default=None, help="write the rows and summary here (default bench/results/latest-<device>.json)")
     p.add_argument("--rules", default=None, help="an attention tuning's STEM.json: its chosen overrides of "
                                                  "kernels/tuned.py's rules hold for this run")
     args = p.parse_args(argv)

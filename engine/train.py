@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from engine import parallel
 from engine.data import DEFAULT_CACHE_DIR
-from engine.trainer import METRICS, PRECISIONS, RunDirError, TrainConfig, Trainer, freeze, plot_metrics, prepare_run_dir
+from engine.trainer import (METRICS, PRECISIONS, DivergedError, RunDirError, TrainConfig, Trainer, UsageError,
+                            freeze, overwrite_run_dir, plot_metrics, prepare_run_dir)
 from moca.processor import add_image_tokens_arg
 
 log = logging.getLogger("moca")
@@ -34,6 +35,12 @@ PRESET_DEFAULTS = {
 # no max_steps: a run is --epochs (1, as the release) passes over its data
 COMMON_DEFAULTS = dict(lr=2e-6, warmup_ratio=0.1, grad_accum=4, max_len=1280, budget=12800, log_every=10)
 
+# Stage 2 (MOCA.md §3): release hyper-parameters, and the embedded default's (tiny model, CPU, synthetic pairs:
+# mean precision@1 0.88 after 1000 steps, about 3 min on 2 cores; the README table).
+CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_len=1280, log_every=10)  # 1 epoch: --epochs
+CL_EMBEDDED = dict(lr=3e-4, warmup_ratio=0.1, grad_accum=1, max_steps=1000, max_len=512, log_every=25,
+                   freeze=["embed_tokens"])
+
 
 class _TqdmHandler(logging.StreamHandler):
     def emit(self, record):
@@ -47,57 +54,95 @@ def setup_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def add_common_args(p: argparse.ArgumentParser) -> None:
+def _bounded(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] (low excluded when low_open), else a usage error."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (
+                high is not None and v > high):
+            bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return v
+    return parse
+
+
+def _data_spec(text: str) -> str:
+    """`path` or `path:count` with count >= 1."""
+    _, sep, tail = text.rpartition(":")
+    if sep and tail.isdigit() and int(tail) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: the count after ':' must be >= 1")
+    return text
+
+
+POSITIVE, COUNT = _bounded(int, 1), _bounded(int, 0)
+SHARE = _bounded(float, 0.0, 1.0)
+
+
+def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
+    """The flags both stages take; help texts give `stage`'s defaults (release, then the tiny preset's)."""
+    release, tiny = (COMMON_DEFAULTS, PRESET_DEFAULTS["tiny"]) if stage == "cpt" else (CL_DEFAULTS, CL_EMBEDDED)
     g = p.add_argument_group("run")
-    g.add_argument("--model", default="tiny", help="preset (tiny, 3b, 7b) or an HF checkpoint directory (default: tiny)")
-    g.add_argument("--data", nargs="+", default=["synthetic:1000"],
-                   help="sources: parquet/arrow folder, HF save_to_disk dir, .jsonl, or synthetic[:N]; 'path:count' "
-                        "draws count records (default: synthetic:1000)")
-    g.add_argument("--output-dir", default=None, help="run directory (default: runs/<stage>-<model name>)")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--model", default="tiny" if stage == "cpt" else None,
+                   help="preset (tiny, 3b, 7b) or an HF checkpoint directory (default: " + (
+                       "tiny)" if stage == "cpt" else "the newest runs/cpt-tiny*/final, else tiny)"))
+    data = "synthetic:1000" if stage == "cpt" else "synthetic:2000"
+    sources = ("parquet/arrow folder or file, HF save_to_disk dir, .jsonl, or synthetic[:N]" if stage == "cpt" else
+               "a subset (.jsonl, parquet/arrow folder or file), a folder of subsets, synthetic[:N] or synthetic/<task>")
+    g.add_argument("--data", nargs="+", type=_data_spec, default=[data],
+                   help=f"sources: {sources}; 'path:count' draws count records (default: {data})")
+    g.add_argument("--output-dir", default=None, help=f"run directory (default: runs/{stage}-<model name>)")
+    g.add_argument("--max-steps", type=POSITIVE, default=None,
                    help="total optimizer steps, also across a resume (default: --epochs of the data; the tiny preset's "
-                        "embedded runs: cpt 80, cl 1000)")
-    g.add_argument("--epochs", type=float, default=None,
+                        f"embedded run: {tiny['max_steps']})")
+    g.add_argument("--epochs", type=_bounded(float, 0.0, low_open=True), default=None,
                    help="passes over the data when --max-steps is not given (default 1, as MOCA.md's release)")
-    g.add_argument("--save-every", type=int, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoint-<step>/ directories to keep")
+    g.add_argument("--save-every", type=COUNT, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
+    g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --output-dir that holds a run, deleting its checkpoints and metrics")
+                   help="start afresh in an --output-dir that holds a run, deleting it once the model and data load")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                   help="where per-source cost caches and the Arrow copies of Parquet sources live "
-                        "(default $MOCA_CACHE_DIR or ~/.cache/moca)")
-    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    g.add_argument("--log-every", type=int, default=None)
+    g.add_argument("--log-every", type=POSITIVE, default=None, help=f"log a line every N steps ({release['log_every']})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (MOCA.md: 2e-6; tiny: 3e-4)")
-    o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up share of max-steps (0.1)")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--grad-clip", type=float, default=5.0)
-    o.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step and rank (4)")
-    o.add_argument("--max-len", type=int, default=None, help="tokens per sample, longer ones truncated (1280)")
+    o.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=None,
+                   help=f"peak learning rate (MOCA.md: {release['lr']:g}; tiny: {tiny['lr']:g})")
+    o.add_argument("--warmup-ratio", type=SHARE, default=None,
+                   help=f"linear warm-up share of max-steps ({release['warmup_ratio']:g}; tiny: {tiny['warmup_ratio']:g})")
+    o.add_argument("--weight-decay", type=_bounded(float, 0.0), default=0.0)
+    o.add_argument("--grad-clip", type=_bounded(float, 0.0, low_open=True), default=5.0)
+    o.add_argument("--grad-accum", type=POSITIVE, default=None,
+                   help=f"micro-batches per optimizer step and rank ({release['grad_accum']})")
+    o.add_argument("--max-len", type=POSITIVE, default=None,
+                   help=f"tokens per sample, longer ones truncated ({release['max_len']}; tiny: {tiny['max_len']})")
     add_image_tokens_arg(o)
-    o.add_argument("--budget", type=int, default=None, help="equivalent tokens per micro-batch (12800)")
-    o.add_argument("--max-items", type=int, default=0, help="most samples per micro-batch (0: no limit)")
     o.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device; fp32")
     o.add_argument("--activation-checkpointing", action="store_true")
     o.add_argument("--compile", action="store_true", help="torch.compile every block")
     o.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP or FSDP2")
     o.add_argument("--freeze", nargs="+", default=None, metavar="PREFIX",
-                   help="do not train parameters whose names start with these (e.g. embed_tokens visual)")
+                   help="do not train parameters whose names start with these (e.g. embed_tokens visual)"
+                        + ("" if stage == "cpt" else "; tiny: embed_tokens"))
     o.add_argument("--attn-backend", choices=["triton", "torch"], default=None,
                    help="attention/loss kernels (default: Triton on GPU, torch on CPU)")
 
 
 def add_cpt_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cpt objective")
-    g.add_argument("--mlm-prob", type=float, default=0.4, help="share of non-special tokens masked")
-    g.add_argument("--mae-prob", type=float, default=0.5, help="share of image tokens (2x2 patches) masked")
-    g.add_argument("--mae-weight", type=float, default=0.1, help="loss = MLM + w * MAE")
+    g = p.add_argument_group("cpt data and objective")
+    g.add_argument("--budget", type=POSITIVE, default=None, help="equivalent tokens per micro-batch (12800; tiny: 1024)")
+    g.add_argument("--max-items", type=COUNT, default=0, help="most samples per micro-batch (0: no limit)")
+    g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                   help="where per-source cost caches and the Arrow copies of Parquet sources live "
+                        "(default $MOCA_CACHE_DIR or ~/.cache/moca)")
+    g.add_argument("--workers", type=POSITIVE, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
+    g.add_argument("--mlm-prob", type=SHARE, default=0.4, help="share of non-special tokens masked")
+    g.add_argument("--mae-prob", type=SHARE, default=0.5, help="share of image tokens (2x2 patches) masked")
+    g.add_argument("--mae-weight", type=_bounded(float, 0.0), default=0.1, help="loss = MLM + w * MAE")
     g.add_argument("--no-mlm", action="store_true", help="switch the MLM loss off")
     g.add_argument("--no-mae", action="store_true", help="switch the MAE loss off")
 
@@ -114,8 +159,6 @@ def fill(args: argparse.Namespace, defaults: dict) -> None:
     """Each default where its flag was not given; a default step count only when --epochs was not given either."""
     if args.epochs is not None and args.max_steps is not None:
         raise SystemExit("moca: give --max-steps or --epochs, not both")
-    if (args.epochs is not None and args.epochs <= 0) or (args.max_steps is not None and args.max_steps < 1):
-        raise SystemExit(f"moca: --epochs must be > 0 and --max-steps >= 1, got {args.epochs}, {args.max_steps}")
     for k, v in defaults.items():
         if getattr(args, k) is None and not (k == "max_steps" and args.epochs is not None):
             setattr(args, k, v)
@@ -131,14 +174,23 @@ def resolve_steps(args: argparse.Namespace, micro_batches: int, per_step: int) -
                  per_step, args.max_steps)
 
 
-def train_config(args: argparse.Namespace, out: str) -> TrainConfig:
-    """The loop settings both stages share, from their common flags."""
+# Per stage, the flags that decide each step's batches and loss: a resume refuses other values (TrainConfig.settings)
+SETTINGS = {
+    "cpt": ("max_len", "image_tokens", "budget", "max_items", "mlm_prob", "mae_prob", "mae_weight", "no_mlm", "no_mae",
+            "freeze"),
+    "cl": ("max_len", "image_tokens", "batch_size", "negative_ratio", "temperature", "max_per_subset", "freeze"),
+}
+
+
+def train_config(args: argparse.Namespace, out: str, stage: str) -> TrainConfig:
+    """The loop settings, from the common flags, plus the stage's `SETTINGS` and data specs."""
     return TrainConfig(
         output_dir=out, max_steps=args.max_steps, lr=args.lr, warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, precision=args.precision,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
         log_every=args.log_every, progress=not args.no_progress,
+        settings={k: getattr(args, k) for k in SETTINGS[stage]}, data=list(args.data),
     )
 
 
@@ -187,10 +239,12 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     data = build_data() if ctx.is_main else None  # rank 0 fills the cost cache, the others then read it
     parallel.barrier()
     data = data or build_data()
+    if args.overwrite:
+        overwrite_run_dir(out, ctx)
     resolve_steps(args, len(data.epoch_bins(0)), ctx.world * args.grad_accum)
     task = CPTTask(model, processor, data, head, seed=args.seed, mlm_prob=0.0 if args.no_mlm else args.mlm_prob,
                    mae_prob=0.0 if args.no_mae else args.mae_prob, mae_weight=args.mae_weight)
-    trainer = Trainer(task, train_config(args, out), ctx)
+    trainer = Trainer(task, train_config(args, out, "cpt"), ctx)
     if resume_dir:
         trainer.resume(resume_dir)
     history = trainer.fit()
@@ -217,22 +271,16 @@ def report(out: str, names: tuple[str, ...], data) -> None:
     print(f"wrote {png}")
 
 
-# Stage 2 (MOCA.md §3): release hyper-parameters, and the embedded default's (tiny model, CPU, synthetic pairs:
-# mean precision@1 0.88 after 1000 steps, about 3 min on 2 cores; the README table).
-CL_DEFAULTS = dict(lr=2e-5, warmup_ratio=0.05, grad_accum=1, max_len=1280, log_every=10)  # 1 epoch: --epochs
-CL_EMBEDDED = dict(lr=3e-4, warmup_ratio=0.1, grad_accum=1, max_steps=1000, max_len=512, log_every=25,
-                   freeze=["embed_tokens"])
 
 
 def add_cl_args(p: argparse.ArgumentParser) -> None:
-    p.set_defaults(model=None, data=["synthetic:2000"])
-    g = p.add_argument_group("cl objective")
-    g.add_argument("--batch-size", type=int, default=None, help="queries per device and micro-batch (24; tiny: 16)")
-    g.add_argument("--negative-ratio", type=int, default=2, help="hard negatives per query")
-    g.add_argument("--temperature", type=float, default=0.03)
-    g.add_argument("--grad-cache-chunk", type=int, default=0, help="GradCache chunk in samples (0: off)")
-    g.add_argument("--image-root", default=None, help="root of relative image paths (default: each subset's folder)")
-    g.add_argument("--max-per-subset", type=int, default=50000,
+    g = p.add_argument_group("cl data and objective")
+    g.add_argument("--batch-size", type=POSITIVE, default=None, help="queries per device and micro-batch (24; tiny: 16)")
+    g.add_argument("--negative-ratio", type=COUNT, default=2, help="hard negatives per query")
+    g.add_argument("--temperature", type=_bounded(float, 0.0, low_open=True), default=0.03, help="InfoNCE's tau (0.03)")
+    g.add_argument("--grad-cache-chunk", type=COUNT, default=0, help="GradCache chunk in samples (0: off)")
+    g.add_argument("--image-root", default=None, help="root of relative image paths (default: the folder given to --data; a file's folder)")
+    g.add_argument("--max-per-subset", type=COUNT, default=50000,
                    help="records drawn from a subset given without :count, a seeded sample when it has more "
                         "(MOCA.md: the release's 50000; 0: all)")
 
@@ -258,7 +306,8 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     if embedded:
         args.model = newest_cpt_run() or "tiny"
     fill(args, CL_EMBEDDED if embedded or args.model in PRESET_DEFAULTS else CL_DEFAULTS)
-    args.batch_size = args.batch_size or (16 if embedded else 24)
+    if args.batch_size is None:
+        args.batch_size = 16 if embedded else 24
     out = args.output_dir or os.path.join("runs", "cl-tiny" if embedded else f"cl-{os.path.basename(os.path.normpath(args.model))}")
     resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
@@ -272,6 +321,8 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     data = CLData(args.data, processor, global_batch=args.batch_size * ctx.world, negative_ratio=args.negative_ratio,
                   image_root=args.image_root, max_len=args.max_len, seed=args.seed,
                   max_per_subset=args.max_per_subset or None)
+    if args.overwrite:
+        overwrite_run_dir(out, ctx)
     resolve_steps(args, len(data.epoch(0)), args.grad_accum)  # a micro-batch: one global batch over the ranks
     synthetic = all(d.startswith("synthetic") for d in args.data)
     eval_path = os.path.join(out, "eval.json")
@@ -301,7 +352,7 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     if not resume_dir:
         evaluate("before")
     task = CLTask(model, processor, data, chunk=args.grad_cache_chunk, temperature=args.temperature)
-    trainer = Trainer(task, train_config(args, out), ctx)
+    trainer = Trainer(task, train_config(args, out, "cl"), ctx)
     if resume_dir:
         trainer.resume(resume_dir)
     history = trainer.fit()
@@ -328,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (add_args, _) in STAGES.items():
         sp = sub.add_parser(name, help={"cpt": "continual pre-training (MLM + MAE), MOCA.md §2",
                                          "cl": "contrastive fine-tuning (InfoNCE), MOCA.md §3"}[name])
-        add_common_args(sp)
+        add_common_args(sp, name)
         add_args(sp)
     return p
 
@@ -343,7 +394,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except RunDirError as e:
-        sys.exit(f"moca: {e}")
+    from engine.data import DataError
+    from moca.embed import run_cli
+
+    # bad flags, data or folders (and a diverged run): one line, no traceback
+    run_cli(main, "moca", errors=(RunDirError, DivergedError, UsageError, DataError))

@@ -15,11 +15,14 @@ Design decisions:
   checkpoint only when all of them are there, so a half-written or half-deleted one never does.
 * One run per folder. The main rank holds an exclusive lock on `OUTPUT/.lock` (flock: the kernel drops it
   when the process ends, however it ends), so a second run on a folder in use is refused before it
-  reads or deletes anything. A fresh run refuses a folder that holds a run (unless `overwrite`); a
-  resumed one first removes what a killed run left (`.tmp-*`, `.trash-*`, `*.old`; never a
-  checkpoint, even one that fails its checks: newer than the newest good one, it is an error), refuses
-  settings that differ from the run's (RESUME_KEYS) and cuts metrics.jsonl back to the step it resumes
-  from. Pruning renames a checkpoint to `.trash-*` before deleting it and never touches the one just saved.
+  reads or deletes anything. A fresh run refuses a folder that holds a run (unless `overwrite`, which
+  deletes it once the new run's model and data have loaded); a resumed one first removes what a killed
+  run left (`.tmp-*`, `.trash-*`, `*.old`; never a checkpoint, even one that fails its checks: newer than
+  the newest good one, it is an error), refuses settings that differ from the run's (RESUME_KEYS and the
+  stage's `settings`; other data specs only warn, since folders move) and cuts metrics.jsonl back to the
+  step it resumes from. Pruning renames a checkpoint to `.trash-*` before deleting it and never touches
+  the one just saved.
+* A non-finite loss or gradient norm stops the run (DivergedError) before the step is logged or saved.
 * Host work ahead of the device: the next step's micro-batches (decode, pack, mask) are prepared
   in a background thread while the current step runs; the loss normalisers are host ints summed
   over ranks with one tiny all-reduce per step, and the logged values with one more.
@@ -36,7 +39,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,6 +52,7 @@ from engine.parallel import DistContext
 
 log = logging.getLogger("moca")
 STATE_TENSORS, STATE_JSON, METRICS = "trainer_state.safetensors", "trainer_state.json", "metrics.jsonl"
+REPORTS = ("loss_curve.png", "eval.json")  # written by the stages from a run's metrics and weights
 LEGACY_STATE = "trainer_state.pt"  # a pickle written by earlier versions: recognised, never loaded
 STATE_FORMAT = 2
 _CHECKPOINT = re.compile(r"checkpoint-\d+|final")
@@ -81,6 +85,10 @@ class TrainConfig:
     parallel: str = "ddp"
     log_every: int = 10
     progress: bool = True
+    # the stage's settings that decide each step's batches and loss (batch size, temperature, masking
+    # probabilities, max_len, ...): like RESUME_KEYS, a resume refuses other values
+    settings: dict = field(default_factory=dict)
+    data: list = field(default_factory=list)  # the data specs: a resume on other ones warns (folders move)
 
 
 class Task:
@@ -125,7 +133,7 @@ def freeze(model: nn.Module, prefixes: list[str] | tuple[str, ...]) -> int:
     for prefix in prefixes:
         if not any(n.startswith(prefix) for n in named):
             roots = sorted({n.split(".")[0] for n in named})
-            raise ValueError(f"--freeze {prefix!r} matches no parameter (top-level modules: {', '.join(roots)})")
+            raise UsageError(f"--freeze {prefix!r} matches no parameter (top-level modules: {', '.join(roots)})")
     hit = [p for n, p in named.items() if n.startswith(tuple(prefixes))]
     for p in hit:
         p.requires_grad_(False)
@@ -151,6 +159,14 @@ class RunDirError(RuntimeError):
 
 class LegacyCheckpointError(RunDirError):
     """A checkpoint whose trainer state is the pickle of earlier versions: never loaded, never deleted."""
+
+
+class UsageError(ValueError):
+    """A flag that does not fit the model or the data (e.g. a --freeze prefix naming no parameter)."""
+
+
+class DivergedError(RuntimeError):
+    """A step's loss or gradient norm is not finite: the run stops before anything of it is saved."""
 
 
 # ------------------------------------------------------------------ state as safetensors + JSON
@@ -269,6 +285,19 @@ def run_artifacts(output_dir: str) -> list[str]:
     return sorted(n for n in names if _CHECKPOINT.fullmatch(n) or n == METRICS) + _leftovers(output_dir)
 
 
+def overwrite_run_dir(output_dir: str, ctx: DistContext) -> None:
+    """--overwrite: delete the run output_dir holds (its artifacts and the reports made from them), called
+    once the new run's model and data have loaded, so that a typo in a flag deletes nothing."""
+    if ctx.is_main:
+        names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+        gone = run_artifacts(output_dir) + sorted(n for n in names if n in REPORTS)
+        for name in gone:
+            _remove(os.path.join(output_dir, name))
+        if gone:
+            log.warning("--overwrite: deleted the previous run in %s (%s)", output_dir, ", ".join(gone))
+    parallel.barrier()
+
+
 def clean_run_dir(output_dir: str) -> None:
     """Remove what a killed run left: temp and trash folders, `X.old` (put back as X when X is gone: a save
     was killed between its two renames). Checkpoints are never touched: ours appear by one rename of a
@@ -309,7 +338,8 @@ def prepare_run_dir(output_dir: str, resume: bool, overwrite: bool, ctx: DistCon
     """-> the checkpoint to resume from, or None for a fresh start.
 
     The main rank first locks the folder (`lock_run_dir`). A fresh run refuses a folder that holds a run
-    unless `overwrite` (which deletes that run); a resumed one cleans the leftovers of a killed run first."""
+    unless `overwrite` (the caller deletes that run with `overwrite_run_dir` once its model and data have
+    loaded); a resumed one cleans the leftovers of a killed run first."""
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
     refused = None
@@ -325,14 +355,8 @@ def prepare_run_dir(output_dir: str, resume: bool, overwrite: bool, ctx: DistCon
     if held and not (resume or overwrite):
         raise RunDirError(f"{output_dir} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): "
                           "pass --resume to continue it or --overwrite to delete it and start afresh")
-    if ctx.is_main:
-        if overwrite:
-            for name in held:
-                _remove(os.path.join(output_dir, name))
-            if held:
-                log.warning("--overwrite: deleted the previous run in %s (%s)", output_dir, ", ".join(held))
-        elif resume:
-            clean_run_dir(output_dir)
+    if ctx.is_main and resume:
+        clean_run_dir(output_dir)
     parallel.barrier()
     return find_checkpoint(output_dir) if resume else None
 
@@ -395,10 +419,15 @@ class Trainer:
         saved = info.get("config", {})
         changed = [f"{k} {saved[k]!r} -> {getattr(self.cfg, k)!r}" for k in RESUME_KEYS
                    if k in saved and saved[k] != getattr(self.cfg, k)]
+        now = json.loads(json.dumps(self.cfg.settings))  # as the checkpoint holds them (tuples as lists)
+        changed += [f"{k} {v!r} -> {now.get(k)!r}" for k, v in saved.get("settings", {}).items() if now.get(k) != v]
         if changed:
             raise RunDirError(f"--resume: {path} belongs to a run with other settings ({'; '.join(changed)}): "
                               "resuming would not continue it; pass that run's flags (its trainer_state.json "
                               "'config'), or start a new run from its weights with --model")
+        if saved.get("data", self.cfg.data) != self.cfg.data:
+            log.warning("--resume: %s trained on %s, this run reads %s: the steps after the resume see other data "
+                        "than the uninterrupted run's (fine if only the files moved)", path, saved["data"], self.cfg.data)
         if info["world_size"] != self.ctx.world:
             log.warning("--resume: %s was saved by %d ranks, resumed on %d: each step's data differs from the "
                         "uninterrupted run's", path, info["world_size"], self.ctx.world)
@@ -513,6 +542,12 @@ class Trainer:
                 if self.step + 1 < cfg.max_steps:
                     ahead = loader.submit(self._prepare, self.step + 1)
                 m = self.train_step(mbs)
+                bad = {k: m[k] for k in (*self.task.part_names, "grad_norm") if not math.isfinite(m[k])}
+                if bad:  # the same on every rank (all-reduced); stop before a NaN reaches a checkpoint
+                    raise DivergedError(
+                        f"step {self.step + 1}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; stopped, "
+                        f"nothing of this step saved (the last checkpoint in {cfg.output_dir}, if any, is intact: "
+                        "lower --lr or check the data, then --resume or --overwrite)")
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize(ctx.device)
                 dt = time.perf_counter() - t0

@@ -880,8 +880,10 @@ def _check_cu_seqlens(cu_seqlens, n_tokens: int, max_seqlen: int) -> None:
     read and write out of bounds, or leave rows unwritten). A CPU tensor is checked on the host
     (ValueError); a CUDA one by a device-side assert (no host sync). Once per tensor and contents: every
     layer of a forward passes the same one."""
+    # inference tensors (torch.inference_mode) keep no version counter: there the tensor alone is the key
+    version = None if cu_seqlens.is_inference() else cu_seqlens._version
     seen = _checked_cu.get(id(cu_seqlens))
-    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (cu_seqlens._version, n_tokens, max_seqlen):
+    if seen is not None and seen[0]() is cu_seqlens and seen[1:] == (version, n_tokens, max_seqlen):
         return
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens: (B+1,) with B >= 0 segments, got an empty tensor")
@@ -900,8 +902,8 @@ def _check_cu_seqlens(cu_seqlens, n_tokens: int, max_seqlen: int) -> None:
             ok &= (lens.min() >= 0) & (lens.max() <= max_seqlen)
         torch._assert_async(ok, "cu_seqlens must run from 0 to T, never decrease, and step by at most max_seqlen")
     key = id(cu_seqlens)
-    _checked_cu[key] = (weakref.ref(cu_seqlens, lambda _, key=key: _checked_cu.pop(key, None)), cu_seqlens._version,
-                        n_tokens, max_seqlen)
+    _checked_cu[key] = (weakref.ref(cu_seqlens, lambda _, key=key: _checked_cu.pop(key, None)), version, n_tokens,
+                        max_seqlen)
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):

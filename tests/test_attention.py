@@ -130,6 +130,17 @@ def test_bad_cu_seqlens_max_seqlen_and_scale_are_errors(backend):
         run(cu, max_len)
 
 
+def test_inference_mode():
+    """Inference tensors keep no version counter (the server embeds under torch.inference_mode)."""
+    q, k, v, cu, max_len = make_inputs([5, 7], 2, 1, 16, torch.float32)
+    with torch.inference_mode():
+        q, k, v, cu = (x.clone() for x in (q, k, v, cu))
+        out = varlen_attention(q, k, v, cu, max_len, backend="triton")
+        with pytest.raises(ValueError, match="max_seqlen 6 is below"):
+            varlen_attention(q, k, v, cu, 6, backend="triton")
+    assert (out.double() - dense_fp64(q, k, v, cu)).abs().max() < 1e-5
+
+
 def test_strided_cu_seqlens():
     q, k, v, cu, max_len = make_inputs([5, 7], 2, 1, 16, torch.float32)
     strided = torch.stack([cu, torch.full_like(cu, 999)], 1)[:, 0]  # every other int32 of a buffer

@@ -67,8 +67,9 @@ def test_epochs_set_the_run_length(tmp_path):
         assert [r["step"] for r in _metrics(tmp_path / epochs)] == list(range(1, steps + 1))
     with pytest.raises(SystemExit, match="not both"):
         main(base + ["--epochs", "1", "--max-steps", "2", "--output-dir", str(tmp_path / "both")])
-    with pytest.raises(SystemExit, match="must be > 0"):
+    with pytest.raises(SystemExit) as exit_:  # refused when parsed, as a usage error
         main(base + ["--epochs", "0", "--output-dir", str(tmp_path / "none")])
+    assert exit_.value.code == 2
 
 
 def _rank(rank, port, argv):
@@ -96,3 +97,35 @@ def test_fsdp_run_ends_with_its_evaluation(tmp_path):
     mp.spawn(_rank, args=(port, argv), nprocs=2, join=True)
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev) == {"before", "after"} and 0 <= ev["after"]["mean_precision@1"] <= 1
+
+
+def test_help_gives_each_stage_its_defaults_and_flags(capsys):
+    from engine.train import build_parser
+
+    helps = {}
+    for stage in ("cpt", "cl"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([stage, "--help"])
+        helps[stage] = " ".join(capsys.readouterr().out.split())
+    assert "(default: synthetic:2000)" in helps["cl"] and "MOCA.md: 2e-05" in helps["cl"]
+    assert "newest runs/cpt-tiny*/final" in helps["cl"]
+    assert "(default: synthetic:1000)" in helps["cpt"] and "MOCA.md: 2e-06" in helps["cpt"]
+    for cpt_only in ("--budget", "--max-items", "--cache-dir", "--workers", "--mlm-prob"):
+        assert cpt_only in helps["cpt"] and cpt_only not in helps["cl"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cl", "--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cl", "--temperature", "0"])
+
+
+def test_overwrite_deletes_the_old_reports_too(tmp_path):
+    """The previous run's eval.json must not sit beside a new run's checkpoints."""
+    out = tmp_path / "run"
+    argv = ["cl", "--model", "tiny", "--data", "synthetic:8", "--batch-size", "4", "--max-steps", "1", "--no-progress",
+            "--attn-backend", "torch", "--output-dir", str(out)]
+    main(argv)
+    assert (out / "eval.json").exists()
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"qry": f"query {i}", "pos_text": f"positive {i}"}) + "\n"
+                                              for i in range(8)))
+    main(argv[:4] + [str(tmp_path / "a.jsonl")] + argv[5:] + ["--overwrite"])  # real data: no synthetic eval
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "loss_curve.png", "metrics.jsonl"]

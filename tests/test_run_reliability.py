@@ -336,6 +336,81 @@ def test_overwrite_survives_a_leftover_trash_folder_of_the_same_pid(workdir, ful
     assert sorted(os.listdir(out)) == [".lock", "final", "loss_curve.png", "metrics.jsonl"]
 
 
+def test_overwrite_deletes_nothing_until_model_and_data_load(workdir, full_run, tmp_path):  # noqa: F811
+    """A typo in --data with --overwrite: an error, and the previous run is still all there."""
+    out = tmp_path / "kept"
+    shutil.copytree(full_run, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    argv = args(workdir, out, 1, "--overwrite")
+    argv[argv.index("--data") + 1] = str(tmp_path / "typo.jsonl")
+    with pytest.raises(FileNotFoundError, match="typo.jsonl"):
+        main(argv)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
+
+
+@pytest.mark.parametrize("flags, message", [(("--mlm-prob", "0.3"), "mlm_prob 0.4 -> 0.3"),
+                                            (("--max-len", "200", "--no-mae"), "max_len 256 -> 200; no_mae False -> True")])
+def test_resume_with_another_objective_or_batching_is_refused(workdir, full_run, tmp_path, flags, message):  # noqa: F811
+    """What decides each step's batches and loss (the stage's settings) must match the run resumed."""
+    out = tmp_path / "objective"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    with pytest.raises(RunDirError, match=re.escape(message)):
+        main(args(workdir, out, 4, "--resume", *flags))
+
+
+def test_resume_on_other_data_warns(workdir, full_run, tmp_path, caplog):  # noqa: F811
+    out = tmp_path / "moved"
+    shutil.copytree(full_run / "checkpoint-2", out / "checkpoint-2")
+    argv = args(workdir, out, 4, "--resume")
+    argv[argv.index("--data") + 1] = "synthetic:40"
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        main(argv)
+    assert "trained on ['synthetic:48'], this run reads ['synthetic:40']" in caplog.text
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(workdir, tmp_path, monkeypatch):  # noqa: F811
+    from engine.cpt import CPTTask
+    from engine.trainer import DivergedError
+
+    real, calls = CPTTask.backward, []
+
+    def backward(self, *a):  # the loss of the second step's micro-batch turns NaN, as a diverging run's does
+        calls.append(1)
+        parts = real(self, *a)
+        return parts * float("nan") if len(calls) == 2 else parts
+
+    monkeypatch.setattr(CPTTask, "backward", backward)
+    out = tmp_path / "nan"
+    with pytest.raises(DivergedError, match="step 2: loss = nan.*nothing of this step saved"):
+        main(args(workdir, out, 4, "--save-every", "1"))
+    assert [r["step"] for r in metrics(out)] == [1]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--grad-accum", "0"), "--grad-accum: must be >= 1, got 0"),
+    (("--mlm-prob", "1.5"), r"--mlm-prob: must be in \[0.0, 1.0\], got 1.5"),
+    (("--warmup-ratio", "2"), "--warmup-ratio: must be in"),
+    (("--budget", "0"), "--budget: must be >= 1"),
+    (("--lr", "nan"), "--lr: must be > 0.0"),
+    (("--data", "synthetic:50:0"), "the count after ':' must be >= 1"),
+])
+def test_flag_values_are_checked_when_parsed(workdir, tmp_path, capsys, flags, message):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
+        main(args(workdir, tmp_path / "never", 2, *flags))
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "never").exists()
+
+
+def test_user_errors_are_one_line(workdir, tmp_path):  # noqa: F811
+    argv = args(workdir, tmp_path / "out", 1)
+    argv[argv.index("--data") + 1] = str(tmp_path / "typo.jsonl")
+    run = subprocess.run([sys.executable, "-m", "engine.train", *argv], cwd=pathlib.Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f"moca: data source {str(tmp_path / 'typo.jsonl')!r} does not exist"
+
+
 # ---------------------------------------------------------------------------------- item 5
 @pytest.fixture(scope="module")
 def proc():
