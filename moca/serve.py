@@ -553,11 +553,25 @@ class RunningServer:
         self.thread.join()
 
 
-def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> RunningServer:
-    """Bind host:port (0 = a free port), serve `app` from a thread, return once it accepts connections."""
+class BindError(RuntimeError):
+    """host:port cannot be listened on (in use, not an address of this machine, a privileged port)."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (0 = a free port). BindError naming the address when that fails."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> RunningServer:
+    """Bind host:port (0 = a free port), serve `app` from a thread, return once it accepts connections."""
+    sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="moca-http", daemon=True)
     thread.start()
@@ -590,16 +604,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from moca.checkpoint import load_model
+    from moca.checkpoint import check_model_name, load_model
 
+    check_model_name(args.model)
+    sock = bind(args.host, args.port)  # before the model loads: a port in use fails at once, not minutes later
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     model = load_model(args.model, device=args.device, dtype=dtype)
     processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
                      max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
                      warmup=args.warmup, payload_limit=args.payload_limit)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    log.info("listening on http://%s:%d", args.host, sock.getsockname()[1])
+    uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
 
 
 if __name__ == "__main__":
-    run_cli(main, "moca.serve")  # a bad --model: one line, not a traceback
+    run_cli(main, "moca.serve", errors=(BindError,))  # a bad --model or address: one line, not a traceback

@@ -39,7 +39,7 @@ def subsets(tmp_path):
     a[4] = {**a[4], "qry": "", "qry_image_path": ""}  # empty query
     a[5] = {**a[5], "qry": "<|image_1|> query alpha 5", "qry_image_path": "missing.png"}  # no such file
     a[6] = {**a[6], "neg_image_path": ["", "", "", ""]}  # 2 neg_text vs 4 neg_image_path
-    a[7]["neg_text"] = ["", f"negative alpha 7 1", ""]  # empty negatives are skipped
+    a[7]["neg_text"] = ["", "negative alpha 7 1", ""]  # empty negatives are skipped
     a[7]["neg_image_path"] = ["", "", ""]
     a[8] = {**a[8], "qry": "<|image_1|> query alpha 8", "qry_image_path": "broken.png"}  # fails when decoded
     a[9] = {**a[9], "neg_text": [], "neg_image_path": []}  # no negative in a subset that has them

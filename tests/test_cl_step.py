@@ -2,14 +2,11 @@
 embeddings and the plain matmul + cross-entropy loss (float64 oracle); GradCache gives the same
 update; two gloo ranks give the loss and update of one process holding the whole global batch."""
 
-import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from engine import parallel
@@ -18,6 +15,7 @@ from engine.cl_data import CLData
 from moca.config import ModelConfig, VisionConfig
 from moca.model import MoCaModel
 from moca.processor import Processor
+from spawn_ranks import free_port, run_ranks
 
 GLOBAL, R, LR = 4, 2, 0.5
 
@@ -124,11 +122,6 @@ def test_gradcache_same_update(setup):
 
 
 # ------------------------------------------------------------------------------ two gloo ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _step(module, model, processor, rb, chunk, scale):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -161,7 +154,7 @@ def test_two_ranks_equal_one_process(setup, tmp_path):
     model = make_model()
     ref_loss, ref_params = _step(CLModule(model), model, processor, rb, 0, scale=1.0)
     start = dict(make_model().named_parameters())
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_ranks(_worker, (free_port(), str(tmp_path)))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt")
         for chunk, (loss, params) in out.items():

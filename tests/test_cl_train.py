@@ -9,6 +9,7 @@ import torch
 
 from engine.train import main
 from moca.checkpoint import load_model
+from spawn_ranks import free_port, run_ranks
 
 ARGS = ["cl", "--model", "tiny", "--data", "synthetic:16", "--batch-size", "4", "--max-steps", "4",
         "--save-every", "2", "--lr", "1e-3", "--no-progress", "--attn-backend", "torch"]
@@ -84,17 +85,11 @@ def _rank(rank, port, argv):
 def test_fsdp_run_ends_with_its_evaluation(tmp_path):
     """Under FSDP the trained model is sharded: the "after" evaluation reads the gathered final/ (it crashed on
     mixed Tensor / DTensor weights, after training, with no eval.json)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "fsdp"
     argv = ["cl", "--model", "tiny", "--data", "synthetic:16", "--batch-size", "2", "--max-steps", "1", "--lr", "1e-3",
             "--no-progress", "--attn-backend", "torch", "--parallel", "fsdp", "--output-dir", str(out)]
-    mp.spawn(_rank, args=(port, argv), nprocs=2, join=True)
+    run_ranks(_rank, (port, argv))
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev) == {"before", "after"} and 0 <= ev["after"]["mean_precision@1"] <= 1
 

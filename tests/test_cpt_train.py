@@ -4,11 +4,9 @@ process, a source with bad records, and the final checkpoint in moca and in tran
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -21,6 +19,7 @@ from moca.checkpoint import load_model, save_model
 from moca.config import ModelConfig, VisionConfig
 from moca.model import MoCaModel
 from test_cpt_data import write_bad_jsonl
+from spawn_ranks import free_port, run_ranks
 
 PARTS = ("loss", "mlm_loss", "mae_loss", "lr", "grad_norm", "tokens", "samples")
 
@@ -155,12 +154,10 @@ def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(workdir, one_p
     """2 ranks x 1 micro-batch and 1 process x 2 micro-batches see the same bins and masks, so the same
     losses and the same gradients. Post-Adam weights are not compared at rounding tolerance: Adam divides
     by sqrt(v) + eps, which turns rounding noise on near-zero gradients into lr-sized moves."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = workdir / mode
     argv = args(workdir, out, 2, "--grad-accum", "1", "--parallel", mode)
-    mp.spawn(_rank, args=(2, port, argv, workdir / f"{mode}-grads"), nprocs=2, join=True)
+    run_ranks(_rank, (2, port, argv, workdir / f"{mode}-grads"))
     a, b = metrics(out), metrics(one_process)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):

@@ -1,21 +1,15 @@
 """Evaluation under torch.distributed: 2 gloo processes on 127.0.0.1 score exactly as one process."""
 
 import json
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from engine.evaluate import Embedder, evaluate_mmeb, evaluate_vidore, gather_rows
 from test_evaluate import write_mmeb, write_vidore
+from spawn_ranks import free_port, run_ranks
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, paths, embedder):
@@ -44,7 +38,7 @@ def test_two_gloo_ranks_score_like_one_process(tmp_path):
     single = Embedder("tiny", device="cpu", attn_backend="torch", batch_tokens=400)
     single.load()
     # fork: the ranks inherit the loaded model and tokenizer instead of each loading its own
-    mp.start_processes(_worker, args=(2, _free_port(), paths, single), nprocs=2, join=True, start_method="fork")
+    run_ranks(_worker, (2, free_port(), paths, single), start_method="fork")
     expected = {
         "mmeb": evaluate_mmeb(single, str(mmeb), str(images), str(tmp_path / "one")),
         "vidore": evaluate_vidore(single, str(vidore), str(tmp_path / "one_vidore")),

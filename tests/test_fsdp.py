@@ -3,11 +3,9 @@ has images (the vision tower on a weight-0 dummy image), giving the single-proce
 no-sync nested inside the trainer's keeps the whole micro-batch unsynchronised."""
 
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine import parallel
 from engine.cl import CLModule
@@ -17,6 +15,7 @@ from moca import Processor
 from moca.config import ModelConfig, VisionConfig
 from moca.model import MoCaModel
 from moca.processor import IMAGE_MARKER
+from spawn_ranks import free_port, run_ranks
 
 WORLD = 2
 
@@ -43,11 +42,6 @@ def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
     return (embeddings * torch.linspace(-1, 1, embeddings.shape[1])).sum()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -70,7 +64,7 @@ def _worker(rank, port, out_dir):
 
 
 def test_fsdp_ranks_with_and_without_images_give_the_single_process_gradient(tmp_path):
-    mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=WORLD)
+    run_ranks(_worker, (free_port(), str(tmp_path)), WORLD)
     model = CLModule(tiny_model())
     sum(loss_of(model(b)) for b in rank_batches()).backward()
     expected = {n: p.grad / WORLD for n, p in model.named_parameters()}

@@ -2,16 +2,15 @@
 gradient, and a DDP + GradCache step, equal the single-process computation on the full batch."""
 
 import importlib
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from engine.gradcache import grad_cache_step
 from kernels import infonce
+from spawn_ranks import free_port, run_ranks
 
 infonce_mod = importlib.import_module("kernels.infonce")
 WORLD, B, D, R, IN = 2, 10, 32, 2, 12  # global batch B, B // WORLD rows per rank
@@ -70,14 +69,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD)
+    run_ranks(_worker, (free_port(), str(tmp_path)), WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     (q, t, neg), raw = full_batch()

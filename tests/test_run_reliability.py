@@ -9,14 +9,12 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +29,7 @@ from moca.checkpoint import save_model
 from moca.processor import IMAGE_MARKER
 from test_cpt_data import write_bad_jsonl
 from test_cpt_train import args, full_run, metrics, weights, workdir  # noqa: F401 (fixtures)
+from spawn_ranks import free_port, run_ranks
 
 PARTS = ("loss", "mlm_loss", "mae_loss", "lr", "grad_norm", "tokens", "samples")
 
@@ -168,10 +167,7 @@ def _rank(rank, world, port, argv):
 
 
 def _two_ranks(argv):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, argv), nprocs=2, join=True)
+    run_ranks(_rank, (2, free_port(), argv))
 
 
 @pytest.mark.slow

@@ -319,3 +319,47 @@ def test_cli_bad_model_is_one_line(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.splitlines() == [f"moca.serve: '{tmp_path / 'nope'}' is neither a checkpoint directory nor a "
                                        "preset (tiny, 3b, 7b)"]
+
+
+def test_cli_port_in_use_fails_before_the_model_loads(tmp_path):
+    """A port in use is one line at once, not after a model load that can take minutes."""
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "moca.serve", "--port", str(port), "--model", "tiny"],
+                             capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and "loaded" not in run.stderr
+    assert run.stderr.splitlines()[-1].startswith(f"moca.serve: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_cli_serves_on_the_socket_it_bound():
+    """`python -m moca.serve --port 0`: the socket bound before the model loads is the one that serves."""
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "moca.serve", "--port", "0", "--model", "tiny", "--no-warmup"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+                break
+        assert url, "no 'listening on' line"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                reply = httpx.post(url + "/v1/embeddings", json={"input": ["a cat"]}, timeout=60)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert reply.status_code == 200 and len(reply.json()["data"][0]["embedding"]) > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -1,0 +1,29 @@
+"""Multi-process tests: a free loopback port, and ranks that cannot hang the suite.
+
+`run_ranks` starts `nprocs` processes of fn(rank, *args) and waits at most `timeout` seconds: a rank
+that fails fails the test (torch's ProcessRaisedException, with the rank's traceback); ranks still
+running then (a collective one rank never reached) are killed and the test fails, instead of CI
+waiting for its own time limit."""
+
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, args: tuple, nprocs: int = 2, start_method: str = "spawn", timeout: float = 600.0) -> None:
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5.0):
+        if time.monotonic() > deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks {alive} of {nprocs} still running after {timeout:.0f} s (a hung collective?)")
