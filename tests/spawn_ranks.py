@@ -5,6 +5,7 @@ that fails fails the test (torch's ProcessRaisedException, with the rank's trace
 running then (a collective one rank never reached) are killed and the test fails, instead of CI
 waiting for its own time limit."""
 
+import random
 import socket
 import time
 
@@ -13,9 +14,19 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range (32768-60999): a rank connecting to the store
+    before it listens can then never be given that same port as its own source port and connect to
+    itself (a TCP self-connect, which hangs the rendezvous)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 def run_ranks(fn, args: tuple, nprocs: int = 2, start_method: str = "spawn", timeout: float = 600.0) -> None:
