@@ -47,12 +47,13 @@ import torch
 import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from moca import host_ops
 from moca.batch import Sample
-from moca.embed import demo_items, item_cost, run_cli, sample_cost
+from moca.embed import demo_items, image_size, item_cost, run_cli, sample_cost
 from moca.image import ImageError, load_image
 from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, normalize_markers
 
@@ -63,9 +64,11 @@ log = logging.getLogger("moca")
 # (text-embeddings-inference: Validation 422, Empty 400, 413 over a size limit, Overloaded 429,
 # Unhealthy 503, Backend 424).
 OPENAI_ERRORS = {"invalid": (400, "invalid_request_error"), "empty": (400, "invalid_request_error"),
-                 "too_large": (413, "invalid_request_error"), "overloaded": (503, "server_overloaded"),
+                 "too_large": (413, "invalid_request_error"), "timeout": (408, "invalid_request_error"),
+                 "overloaded": (503, "server_overloaded"),
                  "unavailable": (503, "server_error"), "backend": (500, "server_error")}
 TEI_ERRORS = {"invalid": (422, "Validation"), "empty": (400, "Empty"), "too_large": (413, "Validation"),
+              "timeout": (408, "Validation"),
               "overloaded": (429, "Overloaded"), "unavailable": (503, "Unhealthy"), "backend": (424, "Backend")}
 
 
@@ -143,8 +146,9 @@ def parse_inputs(value, field: str) -> list[tuple[str, str, list]]:
     return out
 
 
-def decode_image(value, field: str):
-    """Base64 (padded or not) or a `data:<type>;base64,` URL -> decoded RGB PIL image; RequestError naming `field`."""
+def image_bytes(value, field: str) -> bytes:
+    """Base64 (padded or not) or a `data:<type>;base64,` URL -> the image file's bytes (not yet decoded: its
+    header alone gives its cost); RequestError naming `field`."""
     if not isinstance(value, str):
         raise RequestError("invalid", f"{field}: expected a base64 string or data URL, got {type(value).__name__}",
                            field)
@@ -162,9 +166,10 @@ def decode_image(value, field: str):
     except (binascii.Error, ValueError) as e:
         raise RequestError("invalid", f"{field}: not valid base64 ({e})", field) from None
     try:
-        return load_image(raw)
+        image_size(raw)  # the header: the format and size, what the cost needs
     except ImageError as e:
         raise RequestError("invalid", f"{field}: {e}", field) from None
+    return raw
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -258,6 +263,19 @@ class DeviceWorker:
         log.info("warm-up: %d inputs alone and together in %.2f s", len(samples), time.perf_counter() - t0)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # the warm-up failed (out of memory, a broken checkpoint): /health says so from now on
+            log.exception("the device worker stopped")
+        finally:  # stopped, or failed: nobody would answer what is queued
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    job = self._jobs.get_nowait()
+                    if job is not None:
+                        job.loop.call_soon_threadsafe(_settle, job.future, None, RequestError(
+                            "unavailable", "the device worker has stopped (see the server log)"))
+
+    def _serve(self) -> None:
         if self.warmup:
             with self.lock:
                 self._warm_up()
@@ -314,11 +332,12 @@ class EmbeddingServer:
     def __init__(self, model, processor: Processor, model_name: str = "tiny", batch_tokens: int = 16384,
                  max_items: int = 0, max_queue: int = 256, max_request_tokens: int | None = None,
                  pooling: str = "mean", warmup: bool = True, decode_threads: int | None = None,
-                 payload_limit: int = 64 << 20):
+                 payload_limit: int = 64 << 20, max_client_batch_size: int = 2048, body_timeout: float = 60.0):
         self.processor, self.model_name, self.max_queue = processor, model_name, max_queue
         self.untruncated = copy.copy(processor)  # encodes whole; `truncate` decides per request
         self.untruncated.max_length = None
         self.batch_tokens, self.max_items, self.payload_limit = batch_tokens, max_items, payload_limit
+        self.max_client_batch_size, self.body_timeout = max_client_batch_size, body_timeout
         self.max_request_tokens = max_request_tokens or 4 * batch_tokens
         self.hidden_size = model.config.hidden_size
         self.metrics = Metrics()
@@ -327,11 +346,13 @@ class EmbeddingServer:
         self.in_flight = 0  # touched only on the event loop
 
     def encode(self, inputs: list[tuple[str, str, list]], truncate: bool = True) -> list[Sample]:
-        """Parsed inputs -> Samples (runs in the decode pool): images decoded once, each error names its field.
+        """Parsed inputs -> Samples (runs in the decode pool), each error naming its field. The request's cost
+        comes from the images' headers, so a request over --max-request-tokens is refused before any pixel is
+        decoded; then one input's images at a time are decoded (a small file can hold a huge image).
         Inputs over the processor's max_length are truncated, or refused when not `truncate`."""
         items, total = [], 0
         for name, text, images in inputs:
-            pictures = [decode_image(v, f) for f, v in images]
+            pictures = [image_bytes(v, f) for f, v in images]
             if pictures and normalize_markers(text).count(IMAGE_PAD) == 0:
                 text = IMAGE_MARKER * len(pictures) + text
             item = {"text": text, "images": pictures}
@@ -344,8 +365,14 @@ class EmbeddingServer:
             raise RequestError("too_large", f"the request brings {total} tokens + image patches, more than the limit "
                                             f"of {self.max_request_tokens} (--max-request-tokens)")
         limit, samples = self.processor.max_length, []
-        for (name, _, _), item in zip(inputs, items):
-            sample = self.untruncated.encode(item)
+        for (name, _, images), item in zip(inputs, items):
+            decoded = []
+            for (field, _), raw in zip(images, item["images"]):
+                try:
+                    decoded.append(load_image(raw))
+                except ImageError as e:  # the header read, the pixels do not
+                    raise RequestError("invalid", f"{field}: {e}", field) from None
+            sample = self.untruncated.encode({**item, "images": decoded})
             if limit is not None and len(sample) > limit:
                 if not truncate:
                     raise RequestError("invalid", f"{name}: {len(sample)} tokens, more than the {limit} this server "
@@ -355,33 +382,51 @@ class EmbeddingServer:
         return samples
 
     async def body(self, request: Request) -> bytes:
-        """The request body, refused (too_large) past `payload_limit` bytes before it is all read."""
+        """The request body, refused (too_large) past `payload_limit` bytes before it is all read, or (timeout)
+        when it takes more than `body_timeout` seconds; ClientGone when the client disconnects meanwhile."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.payload_limit:
             raise RequestError("too_large", f"the body has {declared} bytes, more than the limit of "
                                             f"{self.payload_limit} (--payload-limit)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.payload_limit:
-                raise RequestError("too_large", f"the body has more than {self.payload_limit} bytes (--payload-limit)")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        async def read() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.payload_limit:
+                    raise RequestError("too_large", f"the body has more than {self.payload_limit} bytes (--payload-limit)")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            return await asyncio.wait_for(read(), self.body_timeout)
+        except ClientDisconnect:  # gone while uploading: as gone while queued
+            raise ClientGone from None
+        except asyncio.TimeoutError:
+            raise RequestError("timeout", f"the body took more than {self.body_timeout:g} s to arrive "
+                                          "(--body-timeout)") from None
 
     async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
         """Admit, parse (`check(payload)` vets the endpoint's options -> whether to truncate), decode, queue and
         wait -> (payload, (N, hidden) float32 pooled vectors, not normalised, LLM tokens)."""
         if not self.worker.alive:
             raise RequestError("unavailable", "the device worker has stopped (see the server log)")
+        full = RequestError("overloaded", f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+                            headers={"Retry-After": "1"})
         if self.in_flight >= self.max_queue:
-            raise RequestError("overloaded", f"the queue is full ({self.max_queue} requests waiting); retry shortly",
-                               headers={"Retry-After": "1"})
+            raise full
+        body = await self.body(request)  # a slow upload holds no slot (and times out)
+        if self.in_flight >= self.max_queue:
+            raise full
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
         try:
-            payload = parse_json(await self.body(request))
+            payload = parse_json(body)
             truncate = check(payload)
             inputs = parse_inputs(payload.get(field), field)
+            if len(inputs) > self.max_client_batch_size:
+                raise RequestError("too_large", f"{field}: {len(inputs)} inputs, more than the "
+                                                f"{self.max_client_batch_size} a request may hold (--max-client-batch-size)",
+                                   field)
             loop = asyncio.get_running_loop()
             samples = await loop.run_in_executor(self.decoders, self.encode, inputs, truncate)
             vectors = await _wait_unless_gone(request, self.worker.submit(samples, loop))
@@ -409,6 +454,7 @@ async def _wait_unless_gone(request: Request, futures: list[asyncio.Future]) -> 
         gone.cancel()
     if results not in done:
         results.cancel()
+        results.add_done_callback(lambda f: f.cancelled() or f.exception())  # read: no "never retrieved" log
         raise ClientGone
     return results.result()
 
@@ -435,7 +481,9 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         t0 = time.perf_counter()
         try:
             payload, vectors, tokens = await server.embed(request, field, check)
-            response = answer(payload, vectors, tokens)
+            # rendering thousands of vectors as JSON takes seconds: not on the loop, which serves /health too
+            response = await asyncio.get_running_loop().run_in_executor(server.decoders, answer, payload, vectors,
+                                                                         tokens)
         except RequestError as e:
             response = error_response(errors, e.kind, str(e), e.param, e.headers)
         except ClientGone:
@@ -519,7 +567,7 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
             "model_type": {"embedding": {"pooling": server.worker.pooling}},
             "max_concurrent_requests": server.max_queue, "max_input_length": server.processor.max_length,
             "max_batch_tokens": server.batch_tokens, "max_batch_requests": server.max_items or None,
-            "max_client_batch_size": None, "auto_truncate": server.processor.max_length is not None,
+            "max_client_batch_size": server.max_client_batch_size, "auto_truncate": server.processor.max_length is not None,
             "tokenization_workers": server.decoders._max_workers, "served_model_name": server.model_name,
             "version": "moca-engine", "sha": None, "docker_label": None,
         })
@@ -599,6 +647,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     add_image_tokens_arg(p)
     p.add_argument("--payload-limit", type=int, default=64 << 20, help="most bytes in a request body, 413 over it")
+    p.add_argument("--max-client-batch-size", type=int, default=2048, help="most inputs in a request, 413 over it "
+                                                                             "(OpenAI's cap)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request body may take to arrive, 408 over")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
     args = p.parse_args(argv)
@@ -613,7 +664,8 @@ def main(argv=None) -> None:
     processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
                      max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
-                     warmup=args.warmup, payload_limit=args.payload_limit)
+                     warmup=args.warmup, payload_limit=args.payload_limit,
+                     max_client_batch_size=args.max_client_batch_size, body_timeout=args.body_timeout)
     log.info("listening on http://%s:%d", args.host, sock.getsockname()[1])
     uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
 

@@ -310,6 +310,91 @@ def test_truncate_and_payload_limit(tiny):
         running.stop()
 
 
+def _raw(url: str, head: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(head)
+    return sock
+
+
+def test_slow_and_vanishing_uploads(tiny, caplog):
+    """A client that stalls mid-upload holds no queue slot and gets 408 after --body-timeout; one that
+    disconnects mid-upload is a 499, as one that leaves while queued, never a logged 500."""
+    model, proc = tiny
+    app = create_app(model, proc, warmup=False, max_queue=1, body_timeout=2.0)
+    server = app.state.server
+    running = start_in_thread(app)
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            wait_until(lambda: client.get("/health").status_code == 200)
+            stalled = _raw(running.url, head)
+            assert vectors(client.post("/v1/embeddings", json={"input": "x"})).shape[0] == 1  # max_queue 1: not held
+            stalled.settimeout(30)
+            assert stalled.recv(1000).startswith(b"HTTP/1.1 408")
+            stalled.close()
+            with caplog.at_level("ERROR"):
+                gone = _raw(running.url, head)
+                time.sleep(0.2)  # wait_until has nothing to watch before the handler reads: the upload is pending
+                gone.close()
+                wait_until(lambda: metric(server, "moca_requests_total", endpoint="/v1/embeddings", status="499") == 1)
+            assert metric(server, "moca_requests_total", endpoint="/v1/embeddings", status="500") == 0
+            assert "request failed" not in caplog.text and server.in_flight == 0
+    finally:
+        running.stop()
+
+
+def test_a_request_holds_at_most_max_client_batch_size_inputs(tiny):
+    model, proc = tiny
+    app = create_app(model, proc, warmup=False, max_client_batch_size=3)
+    running = start_in_thread(app)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            wait_until(lambda: client.get("/health").status_code == 200)
+            assert client.get("/info").json()["max_client_batch_size"] == 3
+            r = client.post("/v1/embeddings", json={"input": ["a", "b", "c", "d"]})
+            assert r.status_code == 413 and "4 inputs, more than the 3" in r.json()["error"]["message"]
+            assert vectors(client.post("/v1/embeddings", json={"input": ["a", "b", "c"]})).shape[0] == 3
+    finally:
+        running.stop()
+
+
+def test_a_request_over_its_token_limit_is_refused_before_any_pixel_is_decoded(served, monkeypatch):
+    """A small PNG can hold a huge image: the cost comes from the header, the pixels are never decoded."""
+    running, client, server = served
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (6000, 6000)).save(buf, format="PNG")  # 6000 x 6000, a few kB as a file
+    monkeypatch.setattr("moca.serve.load_image", lambda raw: pytest.fail("decoded before the limit check"))
+    r = client.post("/v1/embeddings", json={"input": [{"image": b64(buf.getvalue())}] * 40})
+    assert r.status_code == 413 and "--max-request-tokens" in r.json()["error"]["message"]
+
+
+def test_requests_waiting_when_warm_up_fails_get_503(tiny, monkeypatch):
+    model, proc = tiny
+    app = create_app(model, proc)
+    worker = app.state.server.worker
+    release = threading.Event()
+
+    def failing_warm_up():
+        release.wait(30)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(worker, "_warm_up", failing_warm_up)
+    running = start_in_thread(app)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            thread, out = request_in_thread(client, "/v1/embeddings", {"input": "waits for the warm-up"})
+            wait_until(lambda: metric(app.state.server, "moca_queued_inputs_total") == 1)
+            release.set()
+            thread.join(60)
+            assert out["response"].status_code == 503 and "stopped" in out["response"].json()["error"]["message"]
+            wait_until(lambda: client.get("/health").json() == {"status": "device worker stopped"})
+    finally:
+        running.stop()
+
+
 def test_cli_bad_model_is_one_line(tmp_path):
     import subprocess
     import sys
