@@ -1,7 +1,8 @@
 """Contrastive training data: MMEB-train-style subsets -> task-homogeneous global batches.
 
 A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
-`neg_text`, `neg_image_path` (the last two lists, or strings) from a .jsonl file, a folder of
+`neg_text`, `neg_image_path` (the last two lists, the text of a Python list as the release's data stores
+them, or one string) from a .jsonl file, a folder of
 parquet / arrow files (pyarrow), or the built-in `synthetic` tasks. A folder with no .parquet / .arrow
 file directly in it is a folder of subsets (MMEB-train's layout, `mmeb-train/A-OKVQA/*.parquet`, ...):
 each child `*.jsonl` and each child folder holding .parquet / .arrow files is a subset named after it;
@@ -13,8 +14,8 @@ Image paths are relative to an image root: --image-root, else the folder given (
 folder of subsets too: MMEB-train's paths are `images/<subset>/...` from its root, VLM2Vec's
 `--image_dir MMEB-train`), or a file's folder; in-memory images (bytes, HF dicts) pass through.
 `path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller), of each
-subset of a folder of subsets; a subset without a count gives all its records, or `max_per_subset` of
-them (a seeded sample) when it has more: the release drew up to 50k a subset (MOCA.md §3).
+subset of a folder of subsets; a subset without a count gives all its records, or its first `max_per_subset`
+good ones (the same every epoch) when it has more: the release read `train[:50000]` of each subset (MOCA.md §3).
 
 Design decisions:
 * Every record is validated once, when its subset is opened (query and positive not empty,
@@ -31,10 +32,12 @@ Design decisions:
   subset's; rank r of W takes its r-th slice. The data position of a run is therefore the
   global-batch index (exact resume), and W ranks see exactly what one process sees.
 * `negative_ratio` hard negatives per query, the query's own: empty ones skipped, the last
-  repeated when fewer. A subset none of whose records has a negative trains without hard
+  repeated when fewer. An image negative with an empty text gets the positive's text (its instruction), as
+  the release does. A subset none of whose records has a negative trains without hard
   negatives; in a subset that has them, a record without any is reported as bad.
 """
 
+import ast
 import bisect
 import glob
 import json
@@ -235,9 +238,24 @@ def make_input(text, image, image_root: str | None) -> dict | None:
 
 
 def _as_list(v) -> list:
+    """A negatives column -> list. The release's data (MoCa-CL-Pairs, mmE5) stores these columns as the text of
+    a Python list, "['a', 'b']", which its dataset eval()s (src/dataset.py filter_hard_negtives): such a string
+    is read as that list (literally, never executed); any other string is one value."""
     if v is None or (isinstance(v, str) and not v.strip()):
         return []
-    if isinstance(v, (str, bytes, dict)):
+    if isinstance(v, str):
+        s = v.strip()
+        if s[0] + s[-1] in ("[]", "()", "''", '""'):
+            try:
+                parsed = ast.literal_eval(s)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                parsed = None
+            if isinstance(parsed, str):
+                return [parsed] if parsed.strip() else []
+            if isinstance(parsed, (list, tuple)) and all(isinstance(x, str) for x in parsed):
+                return list(parsed)
+        return [v]
+    if isinstance(v, (bytes, dict)):
         return [v]
     return list(v)
 
@@ -266,6 +284,8 @@ def check_record(rec: dict, image_root: str | None) -> Example:
     texts, images = texts or [None] * n, images or [None] * n
     negatives = []
     for k, (t, img) in enumerate(zip(texts, images)):
+        if not (t or "").strip() and _has_image(img):
+            t = _negative_prompt(texts, rec.get("pos_text"))
         try:
             neg = make_input(t, img, image_root)
         except RecordError as e:
@@ -273,6 +293,23 @@ def check_record(rec: dict, image_root: str | None) -> Example:
         if neg is not None:
             negatives.append(neg)
     return Example(query, positive, negatives)
+
+
+def _has_image(image) -> bool:
+    return image is not None and not (isinstance(image, str) and not image.strip())
+
+
+def _negative_prompt(texts: list, pos_text) -> str | None:
+    """The text of an image hard negative whose own text is empty, as the release (src/dataset.py __getitem__):
+    the positive's text when all the record's negative texts are the same (all empty, say), else another negative's
+    non-empty text (the release picks one at random; here the first). So the negative carries the positive's
+    instruction ("<|image_1|>\nRepresent the given image.") instead of being a bare image the model tells apart by
+    its prompt. None (a bare image) when that text has no image marker."""
+    if len({x or "" for x in texts}) <= 1:
+        fill = pos_text
+    else:
+        fill = next((x for x in texts if isinstance(x, str) and x.strip()), None)
+    return fill if isinstance(fill, str) and _ANY_MARKER.search(fill) else None
 
 
 def pick_negatives(negatives: list, ratio: int) -> list:
@@ -361,12 +398,18 @@ class CLData:
             log.warning("bad record: %s: %s", sub.where(i), why)
         good = np.asarray([i for i in range(len(sub)) if i not in bad], dtype=np.int64)
         if count is None or not len(good):
-            count = min(len(good), self.max_per_subset or len(good))
+            if self.max_per_subset and len(good) > self.max_per_subset:
+                good = good[: self.max_per_subset]  # the release's `train[:50000]`: the same first records every epoch
+            count = len(good)
         log.info("subset %s: %d records, %d good, %d bad; drawing %d per epoch (%d global batches), %d hard negatives",
                  sub.name, len(sub), len(good), len(bad), count, count // self.global_batch, ratio)
         if count < self.global_batch:
             log.warning("subset %s: %d records are fewer than one global batch (%d): not used",
                         sub.name, count, self.global_batch)
+        elif len(good) < self.global_batch:
+            log.warning("subset %s: %d good records repeated to fill global batches of %d: a batch holds the same "
+                        "record twice, its positive then an in-batch negative of itself", sub.name, len(good),
+                        self.global_batch)
         self.subsets.append(sub)
         self.good.append(good)
         self.counts.append(count)

@@ -281,7 +281,7 @@ def add_cl_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-cache-chunk", type=COUNT, default=0, help="GradCache chunk in samples (0: off)")
     g.add_argument("--image-root", default=None, help="root of relative image paths (default: the folder given to --data; a file's folder)")
     g.add_argument("--max-per-subset", type=COUNT, default=50000,
-                   help="records drawn from a subset given without :count, a seeded sample when it has more "
+                   help="records drawn from a subset given without :count, its first ones when it has more "
                         "(MOCA.md: the release's 50000; 0: all)")
 
 

@@ -580,37 +580,23 @@ class Trainer:
         return history
 
 
-def plot_metrics(metrics_path: str, png_path: str, names: tuple[str, ...], size=(900, 300)) -> None:
-    """One panel per loss (their scales differ by orders of magnitude), drawn with PIL."""
-    from PIL import Image, ImageDraw
+def plot_metrics(metrics_path: str, png_path: str, names: tuple[str, ...], size=(9.0, 3.0)) -> None:
+    """One panel per loss in `names` (their scales differ by orders of magnitude) against the optimizer step,
+    stacked; `size` is one panel's (width, height) in inches at 100 dpi. Drawn with matplotlib's object API
+    (no pyplot state, no display needed)."""
+    from matplotlib.figure import Figure
 
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     names = [n for n in names if rows and n in rows[0]]
     if not names:
         return
-    W, H = size
-    img = Image.new("RGB", (W, H * len(names)), "white")  # one panel per row
-    d = ImageDraw.Draw(img)
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    for k, name in enumerate(names):
-        x0, y0, x1, y1 = 60, k * H + 30, W - 20, (k + 1) * H - 40
-        steps = [r["step"] for r in rows]
+    fig = Figure(figsize=(size[0], size[1] * len(names)), dpi=100, layout="constrained")
+    steps = [r["step"] for r in rows]
+    for ax, name in zip(fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0], names):
         vals = [r[name] for r in rows]
-        lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1.0
-        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
-        d.rectangle([x0, y0, x1, y1], outline="black")
-        d.text((x0, y0 - 22), f"{name}  (first {vals[0]:.4g}, last {vals[-1]:.4g})", fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            y = y1 - frac * (y1 - y0)
-            d.line([x0 - 4, y, x0, y], fill="black")
-            d.text((4, y - 6), f"{lo + frac * (hi - lo):.3g}", fill="black")
-        d.text((x0, y1 + 8), f"step {s0}", fill="black")
-        d.text((x1 - 70, y1 + 8), f"step {steps[-1]}", fill="black")
-        pts = [(x0 + (s - s0) / (s1 - s0) * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0)) for s, v in zip(steps, vals)]
-        if len(pts) > 1:
-            d.line(pts, fill=colours[k % len(colours)], width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=colours[0])
-    img.save(png_path)
+        ax.plot(steps, vals, marker="." if len(rows) == 1 else None)
+        ax.set_title(f"{name}  (first {vals[0]:.4g}, last {vals[-1]:.4g})", loc="left", fontsize="medium")
+        ax.grid(alpha=0.3)
+    ax.set_xlabel("optimizer step")
+    fig.savefig(png_path)

@@ -77,6 +77,16 @@ def test_pick_negatives():
     assert [n["text"] for n in ex.negatives] == ["n1", "n3"]
 
 
+def test_negatives_stored_as_list_text_as_the_release():
+    """MoCa-CL-Pairs / mmE5 store neg_text and neg_image_path as the text of a Python list (the release eval()s it)."""
+    ex = check_record({"qry": "q", "pos_text": "p", "neg_text": "['n1', '', 'n3']", "neg_image_path": "['', '', '']"}, None)
+    assert [n["text"] for n in ex.negatives] == ["n1", "n3"]
+    ex = check_record({"qry": "q", "pos_text": "p", "neg_text": "'n1'", "neg_image_path": None}, None)
+    assert [n["text"] for n in ex.negatives] == ["n1"]
+    ex = check_record({"qry": "q", "pos_text": "p", "neg_text": "[not a list] of words", "neg_image_path": ""}, None)
+    assert [n["text"] for n in ex.negatives] == ["[not a list] of words"]  # any other string: one negative
+
+
 def test_bad_records_reported(subsets, processor, caplog):
     with caplog.at_level(logging.WARNING, logger="moca"):
         data = CLData([str(subsets / "alpha.jsonl"), str(subsets / "beta.jsonl")], processor, global_batch=4)
@@ -146,9 +156,10 @@ def test_max_per_subset_caps_subsets_given_without_a_count(subsets, processor):
     leaves a smaller one whole, and does not touch a subset given with :count."""
     beta = str(subsets / "beta.jsonl")  # 9 good records, no hard negatives
     capped = CLData([beta], processor, global_batch=2, max_per_subset=6, seed=5)
-    for e in range(2):
+    for e in range(3):
         drawn = np.concatenate([b for _, b in capped.epoch(e)])
         assert len(drawn) == 6 and len(set(drawn.tolist())) == 6  # 3 batches of distinct records
+        assert sorted(drawn.tolist()) == capped.good[0].tolist() == list(range(6))  # the release's first 6, every epoch
     assert capped.counts == [6]
     assert CLData([beta], processor, global_batch=2, max_per_subset=50).counts == [9]  # smaller: whole
     assert CLData([beta + ":17"], processor, global_batch=2, max_per_subset=6).counts == [17]  # counted: as asked
@@ -166,6 +177,13 @@ def test_upsampled_subset_never_repeats_a_record_inside_a_batch(subsets, process
         assert len(batches) == 10 and all(len(set(b)) == 4 for b in batches)
         counts = np.bincount(np.concatenate(batches))
         assert sorted(set(counts[counts > 0].tolist())) == [4, 5] and counts.sum() == 40
+
+
+def test_count_above_a_small_subset_warns_of_repeats_in_a_batch(subsets, processor, caplog):
+    beta = str(subsets / "beta.jsonl")  # 9 good records
+    with caplog.at_level(logging.WARNING, logger="moca"):
+        CLData([beta + ":24"], processor, global_batch=12)
+    assert "repeated to fill global batches" in caplog.text
 
 
 def test_draw_fills_a_straddling_batch_with_records_it_does_not_hold():
@@ -270,3 +288,13 @@ def test_table_with_wrong_columns_is_one_data_error(tmp_path):
     ok = tmp_path / "i2i" / "part-0.parquet"
     _write_table(ok, [{"qry_image_path": "a.png", "pos_image_path": "b.png"}])
     assert len(open_subsets(str(ok.parent))[0][0]) == 1
+
+
+def test_image_negative_without_text_gets_the_positive_prompt():
+    """The release gives an image hard negative with an empty neg_text the positive's text (its instruction)."""
+    img = b"png"
+    pos = "<|image_1|>\nRepresent the given image."
+    ex = check_record({"qry": "q", "pos_text": pos, "pos_image_path": img, "neg_text": ["", ""],
+                       "neg_image_path": [img, img]}, None)
+    assert [n["text"] for n in ex.negatives] == [IMAGE_MARKER + "\nRepresent the given image."] * 2
+    assert ex.negatives[0]["images"] == [img]
