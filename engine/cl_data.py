@@ -1,9 +1,9 @@
 """Contrastive training data: MMEB-train-style subsets -> task-homogeneous global batches.
 
 A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
-`neg_text`, `neg_image_path` (the last two lists, the text of a Python list as the release's data stores
-them, or one string) from a .jsonl file, a folder of
-parquet / arrow files (pyarrow), or the built-in `synthetic` tasks. A folder with no .parquet / .arrow
+`neg_text`, `neg_image_path` (the last two lists, the text of a Python list as the release's data
+stores them, or one string) from a .jsonl file, a folder of parquet / arrow files (pyarrow), or the
+built-in `synthetic` tasks. A folder with no .parquet / .arrow
 file directly in it is a folder of subsets (MMEB-train's layout, `mmeb-train/A-OKVQA/*.parquet`, ...):
 each child `*.jsonl` and each child folder holding .parquet / .arrow files is a subset named after it;
 other children (`images/`) are skipped. In a subset folder holding HF shards of several splits
@@ -14,8 +14,9 @@ Image paths are relative to an image root: --image-root, else the folder given (
 folder of subsets too: MMEB-train's paths are `images/<subset>/...` from its root, VLM2Vec's
 `--image_dir MMEB-train`), or a file's folder; in-memory images (bytes, HF dicts) pass through.
 `path:count` draws `count` records of a subset per epoch (seeded, repeating it when smaller), of each
-subset of a folder of subsets; a subset without a count gives all its records, or its first `max_per_subset`
-good ones (the same every epoch) when it has more: the release read `train[:50000]` of each subset (MOCA.md §3).
+subset of a folder of subsets; a subset without a count gives all its records, or its first
+`max_per_subset` good ones (the same every epoch) when it has more: the release read `train[:50000]`
+of each subset (MOCA.md §3).
 
 Design decisions:
 * Every record is validated once, when its subset is opened (query and positive not empty,
@@ -32,8 +33,8 @@ Design decisions:
   subset's; rank r of W takes its r-th slice. The data position of a run is therefore the
   global-batch index (exact resume), and W ranks see exactly what one process sees.
 * `negative_ratio` hard negatives per query, the query's own: empty ones skipped, the last
-  repeated when fewer. An image negative with an empty text gets the positive's text (its instruction), as
-  the release does. A subset none of whose records has a negative trains without hard
+  repeated when fewer. An image negative with an empty text gets the positive's text (its
+  instruction), as the release does. A subset none of whose records has a negative trains without hard
   negatives; in a subset that has them, a record without any is reported as bad.
 """
 

@@ -9,6 +9,7 @@ HF checkpoint names) stay as they are. Model code never calls `dist.*`.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -76,6 +77,13 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return torch.stack(out).cpu()
+
+
+def same_on_all_ranks(key: bytes) -> bool:
+    """Whether every rank passed the same `key` (compared as a 64-bit BLAKE2b digest; one all_gather).
+    Every rank gets the same answer, so all of them can raise together instead of some hanging."""
+    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
+    return bool((all_gather(torch.tensor([h], dtype=torch.int64)) == h).all())
 
 
 # ------------------------------------------------------------------------- applied from outside

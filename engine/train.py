@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
@@ -202,6 +203,18 @@ def start_point(args: argparse.Namespace, out: str, ctx) -> str | None:
     return resume_dir
 
 
+def check_same_data(plan: list[np.ndarray], ctx) -> None:
+    """Ranks slice one epoch plan that each computes from its own view of the data; a rank that sees other
+    files (no shared filesystem, a different --image-root) would train other records and, with another step
+    count, hang the others at the end. DataError on every rank when the plans differ."""
+    key = b"|".join(np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in plan)
+    if ctx.world > 1 and not parallel.same_on_all_ranks(key):
+        from engine.data import DataError
+
+        raise DataError("the ranks read different data (records, files or image roots differ between them): every "
+                        "rank must see the same --data, on a filesystem they share")
+
+
 def run_cpt(args: argparse.Namespace) -> list[dict]:
     from engine.cpt import MAE_HEAD_FILE, CPTTask, MAEHead
     from engine.data import CPTData
@@ -239,9 +252,11 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     data = build_data() if ctx.is_main else None  # rank 0 fills the cost cache, the others then read it
     parallel.barrier()
     data = data or build_data()
+    plan = data.epoch_bins(0)
+    check_same_data(plan, ctx)
     if args.overwrite:
         overwrite_run_dir(out, ctx)
-    resolve_steps(args, len(data.epoch_bins(0)), ctx.world * args.grad_accum)
+    resolve_steps(args, len(plan), ctx.world * args.grad_accum)
     task = CPTTask(model, processor, data, head, seed=args.seed, mlm_prob=0.0 if args.no_mlm else args.mlm_prob,
                    mae_prob=0.0 if args.no_mae else args.mae_prob, mae_weight=args.mae_weight)
     trainer = Trainer(task, train_config(args, out, "cpt"), ctx)
@@ -321,9 +336,11 @@ def run_cl(args: argparse.Namespace) -> list[dict]:
     data = CLData(args.data, processor, global_batch=args.batch_size * ctx.world, negative_ratio=args.negative_ratio,
                   image_root=args.image_root, max_len=args.max_len, seed=args.seed,
                   max_per_subset=args.max_per_subset or None)
+    plan = data.epoch(0)
+    check_same_data([rows for _, rows in plan] + [np.asarray([si for si, _ in plan])], ctx)
     if args.overwrite:
         overwrite_run_dir(out, ctx)
-    resolve_steps(args, len(data.epoch(0)), args.grad_accum)  # a micro-batch: one global batch over the ranks
+    resolve_steps(args, len(plan), args.grad_accum)  # a micro-batch: one global batch over the ranks
     synthetic = all(d.startswith("synthetic") for d in args.data)
     eval_path = os.path.join(out, "eval.json")
     evals = {}

@@ -124,3 +124,24 @@ def test_overwrite_deletes_the_old_reports_too(tmp_path):
                                               for i in range(8)))
     main(argv[:4] + [str(tmp_path / "a.jsonl")] + argv[5:] + ["--overwrite"])  # real data: no synthetic eval
     assert sorted(p.name for p in out.iterdir()) == [".lock", "final", "loss_curve.png", "metrics.jsonl"]
+
+
+def _rank_own_data(rank, port, argvs):
+    _rank(rank, port, argvs[rank])
+
+
+def test_ranks_that_read_different_data_stop_together(tmp_path):
+    """Each rank computes the epoch plan from its own view of --data (a node without the shared filesystem
+    sees other files): plans that differ are a DataError on every rank before anything is written, not
+    ranks that train other records and hang at the end on a step count of their own."""
+    argvs = []
+    for rank, n in ((0, 8), (1, 12)):
+        data = tmp_path / f"rank{rank}" / "pairs.jsonl"
+        data.parent.mkdir()
+        data.write_text("".join(json.dumps({"qry": f"query {i}", "pos_text": f"positive {i}"}) + "\n"
+                                for i in range(n)))
+        argvs.append(["cl", "--model", "tiny", "--data", str(data), "--batch-size", "2", "--max-steps", "1",
+                      "--no-progress", "--attn-backend", "torch", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(Exception, match="the ranks read different data"):
+        run_ranks(_rank_own_data, (free_port(), argvs), timeout=300)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
