@@ -1,5 +1,5 @@
 // Host-side (CPU) ops of moca._C that prepare a packed batch: M-RoPE positions, vision window
-// index and rotary positions, token-budget bin packing. Registered as torch.ops.moca.* in
+// index and rotary positions, token-budget bin packing; and image patchify. Registered as torch.ops.moca.* in
 // registration.cpp; Python API, fake impls and reference loops live in moca/host_ops.py.
 // Bad inputs raise c10::ValueError (Python ValueError) through TORCH_CHECK_VALUE.
 #pragma once
@@ -27,5 +27,10 @@ at::Tensor vision_positions(const at::Tensor& grid_thw, int64_t spatial_merge_si
 
 // costs (N,) int64 -> (order (N,) int64, bin_offsets (num_bins+1,) int64): First-Fit-Decreasing.
 std::tuple<at::Tensor, at::Tensor> pack_bins(const at::Tensor& costs, int64_t budget, int64_t max_items);
+
+// pixels (H, W, 3) uint8, H and W multiples of patch*merge, table (3, 256) float32 -> out (H/p * W/p, 3*T*p*p)
+// float32: row k is patch k in merge order, laid out (channel, frame, p, p), value table[c][pixel].
+void patchify_(const at::Tensor& pixels, const at::Tensor& table, at::Tensor& out, int64_t patch_size,
+               int64_t merge_size);
 
 }  // namespace moca

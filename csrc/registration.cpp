@@ -17,6 +17,7 @@ TORCH_LIBRARY(moca, m) {
       "-> (Tensor, Tensor)");
   m.def("vision_positions(Tensor grid_thw, int spatial_merge_size) -> Tensor");
   m.def("pack_bins(Tensor costs, int budget, int max_items=0) -> (Tensor, Tensor)");
+  m.def("patchify_(Tensor pixels, Tensor table, Tensor(a!) out, int patch_size, int merge_size) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(moca, CPU, m) {
@@ -24,6 +25,7 @@ TORCH_LIBRARY_IMPL(moca, CPU, m) {
   m.impl("vision_window_index", &moca::vision_window_index);
   m.impl("vision_positions", &moca::vision_positions);
   m.impl("pack_bins", &moca::pack_bins);
+  m.impl("patchify_", &moca::patchify_);
 }
 
 // An empty module: importing moca._C runs the static registrations above.

@@ -6,8 +6,10 @@ token slots, M-RoPE positions) is computed here, on the CPU, while the batch is 
 so the model's forward never calls `.item()` or `.tolist()`.
 """
 
+import functools
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from moca import host_ops
@@ -76,6 +78,17 @@ class PackedBatch:
         )
 
 
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors) of CPU tensors into a buffer NumPy allocates: NumPy asks the kernel for transparent
+    huge pages for large arrays (madvise) and torch's CPU allocator does not, so filling a fresh buffer of
+    a batch's patches (20 MB an image of 1024 tokens) costs ~4x less time in 4 KiB page faults."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    out = torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    return torch.cat(tensors, out=out)
+
+
 def pack(samples: list[Sample], vision: VisionConfig, image_token_id: int) -> PackedBatch:
     """Concatenate samples into one PackedBatch, computing the host-side metadata."""
     if not samples:
@@ -110,7 +123,7 @@ def pack(samples: list[Sample], vision: VisionConfig, image_token_id: int) -> Pa
     )
     positions = host_ops.vision_positions(grid_thw, vision.spatial_merge_size)
     positions = positions.view(-1, merge, 2)[window_index].view(-1, 2)
-    patches = torch.cat([s.patches for s in samples if s.grids])
+    patches = cat_rows([s.patches for s in samples if s.grids])
     if patches.shape[0] != positions.shape[0]:
         raise ValueError(f"patches ({patches.shape[0]}) do not match the image grids ({positions.shape[0]})")
     return replace(

@@ -1,4 +1,4 @@
-"""Host-side batch preparation: M-RoPE positions, vision window index and rotary positions, bin packing.
+"""Host-side batch preparation: M-RoPE positions, vision window index and rotary positions, bin packing, image patchify.
 
 These run on CPU tensors while a batch is packed, so that nothing in the model's forward needs
 `.item()` / `.tolist()` (the sizes the host needs are known before the tensors go to the device).
@@ -11,6 +11,7 @@ the same signature that are also the tests' oracle. Fake impls (data-dependent s
 import functools
 import logging
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,11 +25,19 @@ try:
 except (ImportError, OSError) as err:
     HAS_C = False
     _IMPORT_ERROR = err
+# a moca._C built before patchify_ existed: the other ops still run in C++
+_HAS_PATCHIFY = HAS_C and hasattr(torch.ops.moca, "patchify_")
 
 
 @functools.cache
 def _warn_fallback() -> None:
     logger.warning("moca._C is not available (%s); host ops run their slow Python references", _IMPORT_ERROR)
+
+
+@functools.cache
+def _warn_no_patchify() -> None:
+    logger.warning("moca._C was built before its patchify_ op (rebuild it: pip install --no-build-isolation -e .); "
+                   "image patches run the slower NumPy reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +163,49 @@ def pack_bins(costs: Tensor, budget: int, max_items: int = 0) -> tuple[Tensor, T
     return pack_bins_reference(costs, budget, max_items)
 
 
+def patchify(pixels: np.ndarray, table: np.ndarray, patch_size: int, merge_size: int,
+             temporal_patch_size: int) -> np.ndarray:
+    """Normalised raw patches of a resized image, in one pass over the pixels.
+
+    pixels: (H, W, 3) uint8, H and W multiples of patch_size * merge_size; table: (3, 256) float32, the
+    normalised value of every uint8 level per channel. Returns (H/p * W/p, 3 * T * p * p) float32: rows are
+    patches in merge order (each merge x merge group contiguous, groups row-major), a row laid out
+    (channel, frame, p, p) with value table[c][pixel], the T frames copies of one another. The output is a
+    NumPy array (NumPy asks for huge pages for large arrays; torch's allocator does not).
+    """
+    p, m = patch_size, merge_size
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"pixels must be (H, W, 3) uint8, got {pixels.dtype} of shape {pixels.shape}")
+    if pixels.shape[0] % (p * m) or pixels.shape[1] % (p * m):
+        raise ValueError(f"image {pixels.shape[1]}x{pixels.shape[0]} is not a multiple of {p * m}")
+    if not _HAS_PATCHIFY:
+        _warn_fallback() if not HAS_C else _warn_no_patchify()
+        return patchify_reference(pixels, table, patch_size, merge_size, temporal_patch_size)
+    gh, gw = pixels.shape[0] // p, pixels.shape[1] // p
+    out = np.empty((gh * gw, 3 * temporal_patch_size * p * p), dtype=np.float32)
+    # writable views for torch.from_numpy (a read-only array, as np.asarray of a PIL image is, gets copied)
+    torch.ops.moca.patchify_(torch.from_numpy(np.require(pixels, requirements="CW")),
+                             torch.from_numpy(np.require(table, np.float32, "CW")), torch.from_numpy(out), p, m)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Python references: the fallback when moca._C is not built, and the tests' oracle.
+
+
+def patchify_reference(pixels: np.ndarray, table: np.ndarray, patch_size: int, merge_size: int,
+                       temporal_patch_size: int) -> np.ndarray:
+    # the patch reordering runs on the uint8 image (1 byte per value) and the table gather writes float32
+    # straight into patch order, so nothing loops over patches
+    p, m, tp = patch_size, merge_size, temporal_patch_size
+    gh, gw = pixels.shape[0] // p, pixels.shape[1] // p
+    # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p), reordered while still uint8
+    blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+    blocks = blocks.reshape(gh * gw, 3, p, p)
+    patches = np.empty((gh * gw, 3, tp, p, p), dtype=np.float32)
+    for c in range(3):
+        patches[:, c] = table[c][blocks[:, c]][:, None]  # repeated over the temporal frames
+    return patches.reshape(gh * gw, 3 * tp * p * p)
 
 
 def mrope_positions_reference(

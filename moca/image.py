@@ -8,9 +8,9 @@ convert("RGB"), so RGBA, LA and transparent-palette images differ from the relea
 [min_pixels, max_pixels], PIL bicubic resizes, then rescale (float64 * 1/255 -> float32) and CLIP
 normalisation (float32).
 Key design decision: rescale+normalise of a uint8 pixel has only 256 possible results
-per channel, so it is a lookup table computed with transformers' exact float ops; the
-patch reordering runs on the uint8 image (1 byte per value) and the table gather
-writes float32 straight into patch order, so nothing loops over patches.
+per channel, so it is a lookup table computed with transformers' exact float ops; `host_ops.patchify`
+(C++) reads the resized uint8 image once and writes every float32 value of the patch rows once, in
+patch order (its NumPy reference reorders the uint8 image, then gathers from the table).
 
 Tiny images (a side < 28 px): transformers 5.x does not raise for them; `smart_resize`
 lifts every side to >= 28 in its single bicubic resize, and we do exactly the same, so
@@ -34,6 +34,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
+from moca import host_ops
 from moca.config import CheckpointError, read_json
 
 RESCALE_FACTOR = 1 / 255
@@ -215,11 +216,5 @@ def preprocess_image(image, config: ImageConfig = ImageConfig()) -> tuple[np.nda
     t, gh, gw = image_grid(img.width, img.height, config)
     img = img.resize((gw * p, gh * p), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(img)  # (H, W, 3) uint8
-    # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p), reordered while still uint8
-    blocks = pixels.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-    blocks = blocks.reshape(gh * gw, 3, p, p)
     table = _normalise_table(tuple(config.image_mean), tuple(config.image_std))
-    patches = np.empty((t * gh * gw, 3, tp, p, p), dtype=np.float32)
-    for c in range(3):
-        patches[:, c] = table[c][blocks[:, c]][:, None]  # repeated over the temporal frames
-    return patches.reshape(t * gh * gw, 3 * tp * p * p), (t, gh, gw)
+    return host_ops.patchify(pixels, table, p, m, tp), (t, gh, gw)

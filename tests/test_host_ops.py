@@ -383,3 +383,63 @@ def test_torch_compile_smoke():
     compiled = torch.compile(prepare, fullgraph=True, backend="aot_eager")(ids, cu, grids, costs)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image patchify
+
+
+def _patchify_loops(pixels, table, p, m, tp):
+    """Independent oracle: the patch rows built value by value (merge groups row-major, each m x m group's
+    patches row-major, a row (channel, frame, p, p))."""
+    import numpy as np
+
+    gh, gw = pixels.shape[0] // p, pixels.shape[1] // p
+    rows = []
+    for bh in range(gh // m):
+        for bw in range(gw // m):
+            for mh in range(m):
+                for mw in range(m):
+                    y0, x0 = (bh * m + mh) * p, (bw * m + mw) * p
+                    rows.append([table[c][pixels[y0 + i, x0 + j, c]]
+                                 for c in range(3) for _ in range(tp) for i in range(p) for j in range(p)])
+    return np.asarray(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("p, m, tp, gh, gw", [(14, 2, 2, 4, 6), (2, 2, 2, 6, 4), (3, 1, 1, 2, 5), (4, 3, 3, 3, 6)])
+def test_patchify_cpp_and_reference_match_loops(p, m, tp, gh, gw):
+    import numpy as np
+
+    rng = np.random.default_rng(p * 100 + gh)
+    pixels = rng.integers(0, 256, (gh * p, gw * p, 3), dtype=np.uint8)
+    table = rng.standard_normal((3, 256)).astype(np.float32)
+    want = _patchify_loops(pixels, table, p, m, tp)
+    ref = H.patchify_reference(pixels, table, p, m, tp)
+    assert ref.dtype == np.float32 and np.array_equal(ref.view(np.uint32), want.view(np.uint32))
+    got = H.patchify(pixels, table, p, m, tp)  # the C++ op when built
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@needs_c
+def test_patchify_cpp_large_matches_reference():
+    import numpy as np
+
+    if not H._HAS_PATCHIFY:
+        pytest.skip("moca._C was built before patchify_")
+    pixels = np.random.default_rng(0).integers(0, 256, (54 * 14, 74 * 14, 3), dtype=np.uint8)
+    pixels.flags.writeable = False  # as np.asarray of a PIL image
+    table = np.random.default_rng(1).standard_normal((3, 256)).astype(np.float32)
+    want = H.patchify_reference(pixels, table, 14, 2, 2)
+    assert np.array_equal(H.patchify(pixels, table, 14, 2, 2).view(np.uint32), want.view(np.uint32))
+
+
+def test_patchify_bad_inputs_raise_value_error():
+    import numpy as np
+
+    table = np.zeros((3, 256), np.float32)
+    with pytest.raises(ValueError):
+        H.patchify(np.zeros((28, 28, 4), np.uint8), table, 14, 2, 2)  # not RGB
+    with pytest.raises(ValueError):
+        H.patchify(np.zeros((28, 28, 3), np.float32), table, 14, 2, 2)  # not uint8
+    with pytest.raises(ValueError):
+        H.patchify(np.zeros((28, 42, 3), np.uint8), table, 14, 2, 2)  # not a multiple of 28
