@@ -53,29 +53,42 @@ class CPTModule(nn.Module):
     def __init__(self, model: MoCaModel, mae_head: MAEHead, mae_weight: float = 0.1):
         super().__init__()
         self.model, self.mae_head, self.mae_weight = model, mae_head, mae_weight
+        # Under FSDP every rank must run the same collectives (parallel.wrap sets this): a micro-batch without
+        # targets of a part that is on for the step still runs that part's head, with weight 0
+        self.heads_always_in_graph = False
 
-    def forward(self, mb: MaskedBatch, mlm_scale: float, mae_scale: float):
+    def forward(self, mb: MaskedBatch, mlm_scale: float, mae_scale: float, mlm_on: bool | None = None,
+                mae_on: bool | None = None):
         """-> (loss to backpropagate, mlm mean, mae mean) for one micro-batch.
 
         mlm_scale / mae_scale: this micro-batch's share of the step's global targets times the
         gradient-averaging factor of the data-parallel wrapper (0: the part is off or empty here).
+        mlm_on / mae_on: whether the part has targets anywhere in the step (default: scale != 0).
         """
         model, batch = self.model, mb.batch
+        mlm_on = bool(mlm_scale) if mlm_on is None else mlm_on
+        mae_on = bool(mae_scale) if mae_on is None else mae_on
         hidden = model(batch)  # (T, H)
         zero = hidden.new_zeros((), dtype=torch.float32)
-        loss, mlm, mae = zero, zero, zero
-        if mlm_scale and mb.num_mlm:
+        mlm, mae = zero, zero
+        loss = 0.0 * hidden[:1].float().sum()  # in the graph even when this micro-batch has no target at all
+        if mlm_on and mb.num_mlm:
             dtype = _compute_dtype(hidden)
             mlm = masked_lm_loss(hidden[mb.mlm_positions].to(dtype), model.lm_head.weight.to(dtype), mb.mlm_targets)
             loss = loss + mlm * mlm_scale
-        if mae_scale and mb.num_mae:
+        elif mlm_on and self.heads_always_in_graph:  # an untied lm_head needs its gradient on every rank
+            loss = loss + 0.0 * (hidden[:1] @ model.lm_head.weight.to(hidden.dtype).T).float().sum()
+        if mae_on and (mb.num_mae or self.heads_always_in_graph):
             head = self.mae_head
             cos, sin = mrope_cos_sin(batch.position_ids, model.inv_freq, model.config.mrope_section, hidden.dtype)
             dec = head.layer(hidden, cos, sin, batch.cu_seqlens, batch.max_seqlen, model.attn_backend)
             dtype = _compute_dtype(dec)
-            mae = masked_patch_loss(dec[mb.mae_positions].to(dtype), head.proj.weight.to(dtype),
-                                    head.proj.bias.to(dtype), mb.mae_targets)
-            loss = loss + mae * (self.mae_weight * mae_scale)
+            if mb.num_mae:
+                mae = masked_patch_loss(dec[mb.mae_positions].to(dtype), head.proj.weight.to(dtype),
+                                        head.proj.bias.to(dtype), mb.mae_targets)
+                loss = loss + mae * (self.mae_weight * mae_scale)
+            else:
+                loss = loss + 0.0 * head.proj(dec[:1].to(head.proj.weight.dtype)).float().sum()
         return loss, mlm.detach(), mae.detach()
 
 
@@ -117,7 +130,7 @@ class CPTTask(Task):
         mlm_share = mb.num_mlm / float(totals[0]) if totals[0] else 0.0
         mae_share = mb.num_mae / float(totals[1]) if totals[1] else 0.0
         # DDP / FSDP average gradients over ranks: scale by world so they sum instead
-        loss, mlm, mae = module(mb, mlm_share * world, mae_share * world)
+        loss, mlm, mae = module(mb, mlm_share * world, mae_share * world, bool(totals[0]), bool(totals[1]))
         w = self.module.mae_weight
         parts = [mlm * mlm_share + w * mae * mae_share]
         parts += [mlm * mlm_share] if self.mlm_prob else []

@@ -126,6 +126,7 @@ def wrap(module: nn.Module, ctx: DistContext, mode: str) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         module.model.vision_always_in_graph = True  # ranks with and without images: the same all-gathers
+        module.heads_always_in_graph = True  # ranks with and without MLM / MAE targets: the same collectives
         for block in blocks_of(module):
             fully_shard(block)
         fully_shard(module)

@@ -102,7 +102,7 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
                    help="passes over the data when --max-steps is not given (default 1, as MOCA.md's release)")
     g.add_argument("--save-every", type=COUNT, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=COUNT, default=0, help="seeds the data order, the masks and a fresh model (>= 0)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a run, deleting it once the model and data load")
@@ -115,7 +115,9 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     o.add_argument("--warmup-ratio", type=SHARE, default=None,
                    help=f"linear warm-up share of max-steps ({release['warmup_ratio']:g}; tiny: {tiny['warmup_ratio']:g})")
     o.add_argument("--weight-decay", type=_bounded(float, 0.0), default=0.0)
-    o.add_argument("--grad-clip", type=_bounded(float, 0.0, low_open=True), default=5.0)
+    o.add_argument("--grad-clip", type=_bounded(float, 0.0, low_open=True), default=5.0,
+                   help="max global gradient norm (5.0). The gradient is that of the step's mean loss; the CPT "
+                        "release's was about --grad-accum times larger (docs/MOCA.md §2)")
     o.add_argument("--grad-accum", type=POSITIVE, default=None,
                    help=f"micro-batches per optimizer step and rank ({release['grad_accum']})")
     o.add_argument("--max-len", type=POSITIVE, default=None,

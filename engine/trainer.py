@@ -402,7 +402,8 @@ class Trainer:
         fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay) and not parallel.is_fsdp(self.module)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
         warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.max_steps)) if cfg.warmup_ratio > 0 else 0
-        # the reference's schedule (HF Trainer's linear one): lr 0 at the first update, peak after `warmup` steps
+        # the reference's flags' schedule (HF Trainer's linear one): lr 0 at the first update, peak after `warmup`
+        # steps; its DeepSpeed config in fact ran WarmupDecayLR's log warm-up (docs/MOCA.md §2)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, cfg.max_steps)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         if cfg.precision not in PRECISIONS:

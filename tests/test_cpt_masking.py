@@ -166,3 +166,16 @@ def test_cpt_loss_matches_float64_oracle(proc):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_micro_batch_without_targets_still_backpropagates(proc):
+    """--no-mlm and a text-only micro-batch (or simply no token drawn): its loss is 0 but in the graph, so
+    backward (and DDP's reducer) runs, instead of 'element 0 of tensors does not require grad'."""
+    model = small_model()
+    module = CPTModule(model, MAEHead(model))
+    special = special_token_ids(proc.tokenizer, proc.config)
+    mb = mask_batch(proc([{"text": "a plain text record"}]), special, 151669, mask_generator(0, 0, 0), mlm_prob=0.0)
+    assert mb.num_mlm == 0 and mb.num_mae == 0
+    loss, mlm, mae = module(mb, 0.0, 0.0, False, True)  # MAE is on for the step, elsewhere
+    loss.backward()
+    assert float(loss) == 0.0 and all(p.grad is None or not p.grad.any() for p in module.parameters())

@@ -74,3 +74,53 @@ def test_fsdp_ranks_with_and_without_images_give_the_single_process_gradient(tmp
         assert got["grads"].keys() == expected.keys()
         for name, g in expected.items():
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _cpt_batches():
+    from engine import synthetic
+    from engine.masking import add_mask_token, mask_batch, mask_generator, special_token_ids
+
+    proc = Processor.from_pretrained("tiny")
+    mask_id = add_mask_token(proc.tokenizer)
+    special = special_token_ids(proc.tokenizer, proc.config)
+    texts = proc([{"text": "a red circle on a white background, and a few more words"}])
+    images = proc([synthetic.record(0, i) for i in range(2)])
+    return [mask_batch(b, special, mask_id, mask_generator(0, 0, r)) for r, b in enumerate((texts, images))]
+
+
+def _cpt_loss(module, mbs, mb, world):
+    m, n = sum(x.num_mlm for x in mbs), sum(x.num_mae for x in mbs)
+    return module(mb, mb.num_mlm / m * world, mb.num_mae / n * world, m > 0, n > 0)[0]
+
+
+def _cpt_worker(rank, port, out_dir):
+    from engine.cpt import CPTModule, MAEHead
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        mbs = _cpt_batches()
+        model = tiny_model()
+        module = parallel.wrap(CPTModule(model, MAEHead(model, torch.Generator().manual_seed(1))),
+                               parallel.DistContext(rank, WORLD), "fsdp")
+        _cpt_loss(module, mbs, mbs[rank], WORLD).backward()
+        torch.save({n: p.grad.full_tensor() for n, p in module.named_parameters()}, f"{out_dir}/cpt{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_cpt_rank_without_mae_targets_gives_the_single_process_gradient(tmp_path):
+    """Rank 0's micro-batch is text-only (no MAE target), rank 1's has images: the MAE head runs on both (weight 0
+    on rank 0), so their collectives pair up (before: a hang in the backward's reduce-scatter)."""
+    from engine.cpt import CPTModule, MAEHead
+
+    mbs = _cpt_batches()
+    assert mbs[0].num_mae == 0 < mbs[1].num_mae
+    run_ranks(_cpt_worker, (free_port(), str(tmp_path)), WORLD, timeout=300)
+    model = tiny_model()
+    ref = CPTModule(model, MAEHead(model, torch.Generator().manual_seed(1)))
+    for mb in mbs:
+        _cpt_loss(ref, mbs, mb, 1).backward()
+    got = torch.load(tmp_path / "cpt0.pt")
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
