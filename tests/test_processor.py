@@ -207,3 +207,30 @@ def test_text_without_images_is_taken_literally(proc):
     assert proc.encode({"text": text}).input_ids.tolist() == proc.tokenizer(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="names 1 image"):  # the Qwen marker itself still needs its image
         proc.encode({"text": MARKER + " alone"})
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from moca.batch import cat_rows
+
+        rows = cat_rows(self.parts)
+        return rows.is_shared(), rows  # shared before the worker pickles it: sending it copies nothing
+
+
+def test_cat_rows_equals_torch_cat_and_is_shared_memory_in_a_worker():
+    """The packed patches: torch.cat's values (mixed dtypes promoted); built in a DataLoader worker they are
+    already in shared memory, so the batch reaches the main process without a copy."""
+    from moca.batch import cat_rows
+
+    parts = [torch.randn(5, 7), torch.randn(3, 7, dtype=torch.float64), torch.randn(1, 7)]
+    got = cat_rows(parts)
+    assert got.dtype == torch.float64 and got.is_contiguous() and torch.equal(got, torch.cat(parts))
+    assert not got.is_shared()
+    ((shared, rows),) = torch.utils.data.DataLoader(_Rows(parts), batch_size=None, num_workers=1)
+    assert shared and torch.equal(rows, torch.cat(parts))
