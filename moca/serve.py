@@ -183,6 +183,8 @@ class Metrics:
         self.inputs = Counter("moca_inputs", "inputs embedded and answered", registry=r)
         self.tokens = Counter("moca_tokens", "LLM tokens embedded (image tokens included)", registry=r)
         self.queue_depth = Gauge("moca_queue_depth", "requests admitted and not yet answered", registry=r)
+        self.uploading = Gauge("moca_uploading", "requests whose body is still arriving (they hold no queue slot)",
+                               registry=r)
         self.batch_inputs = Histogram("moca_batch_inputs", "inputs per forward", registry=r,
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         self.batch_tokens = Histogram("moca_batch_tokens", "LLM tokens plus image patches per forward", registry=r,
@@ -397,6 +399,7 @@ class EmbeddingServer:
                 chunks.append(chunk)
             return b"".join(chunks)
 
+        self.metrics.uploading.inc()
         try:
             return await asyncio.wait_for(read(), self.body_timeout)
         except ClientDisconnect:  # gone while uploading: as gone while queued
@@ -404,6 +407,8 @@ class EmbeddingServer:
         except asyncio.TimeoutError:
             raise RequestError("timeout", f"the body took more than {self.body_timeout:g} s to arrive "
                                           "(--body-timeout)") from None
+        finally:
+            self.metrics.uploading.dec()
 
     async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
         """Admit, parse (`check(payload)` vets the endpoint's options -> whether to truncate), decode, queue and

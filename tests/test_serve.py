@@ -329,17 +329,19 @@ def test_slow_and_vanishing_uploads(tiny, caplog):
         with httpx.Client(base_url=running.url, timeout=60) as client:
             wait_until(lambda: client.get("/health").status_code == 200)
             stalled = _raw(running.url, head)
+            wait_until(lambda: metric(server, "moca_uploading") == 1)  # its handler waits for the body
             assert vectors(client.post("/v1/embeddings", json={"input": "x"})).shape[0] == 1  # max_queue 1: not held
             stalled.settimeout(30)
             assert stalled.recv(1000).startswith(b"HTTP/1.1 408")
             stalled.close()
             with caplog.at_level("ERROR"):
                 gone = _raw(running.url, head)
-                time.sleep(0.2)  # wait_until has nothing to watch before the handler reads: the upload is pending
+                wait_until(lambda: metric(server, "moca_uploading") == 1)
                 gone.close()
                 wait_until(lambda: metric(server, "moca_requests_total", endpoint="/v1/embeddings", status="499") == 1)
             assert metric(server, "moca_requests_total", endpoint="/v1/embeddings", status="500") == 0
             assert "request failed" not in caplog.text and server.in_flight == 0
+            assert metric(server, "moca_uploading") == 0
     finally:
         running.stop()
 
