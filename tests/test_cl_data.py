@@ -70,6 +70,7 @@ def test_make_input_markers():
 def test_pick_negatives():
     assert pick_negatives(["a", "b", "c"], 2) == ["a", "b"]
     assert pick_negatives(["a"], 3) == ["a", "a", "a"]
+    assert pick_negatives(["a", "b"], 4) == ["a", "b", "b", "b"]  # fewer than r: the LAST one repeats (MOCA.md §3)
     assert pick_negatives(["a", "b"], 0) == []
     with pytest.raises(RecordError):
         pick_negatives([], 2)

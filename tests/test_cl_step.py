@@ -52,7 +52,7 @@ def make_data(processor) -> CLData:
     return CLData(["synthetic:12"], processor, global_batch=GLOBAL, negative_ratio=R, seed=1)
 
 
-def oracle_loss(model, processor, rb) -> torch.Tensor:
+def oracle_loss(model, processor, rb, temperature=TEMPERATURE) -> torch.Tensor:
     """Every sample embedded alone; logits by a plain float64 matmul; cross-entropy."""
     def emb(samples):
         return torch.cat([model.embed(processor.pack([s])) for s in samples]).double()
@@ -62,7 +62,7 @@ def oracle_loss(model, processor, rb) -> torch.Tensor:
     if rb.num_negatives:
         n = emb([s for negs in rb.negatives for s in negs]).view(len(rb.queries), rb.num_negatives, -1)
         logits = torch.cat([logits, torch.einsum("bd,brd->br", q, n)], 1)
-    return F.cross_entropy(logits / TEMPERATURE, torch.arange(len(rb.queries)))
+    return F.cross_entropy(logits / temperature, torch.arange(len(rb.queries)))
 
 
 def grads(model):
@@ -121,6 +121,30 @@ def test_gradcache_same_update(setup):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4 * moved + 1e-7, msg=name)
 
 
+def test_task_defaults_to_mocas_temperature_and_averages_accumulated_batches(setup):
+    """CLTask with its defaults over grad_accum = 2 micro-batches (two global batches) of one step: its parts sum
+    to the mean of the two batches' InfoNCE at MOCA.md's tau = 0.03, and the gradients are that mean's (float64
+    oracle, every sample embedded alone). The train CLI's default temperature is the same 0.03."""
+    from engine.cl import CLTask
+    from engine.train import build_parser
+
+    processor, data = setup
+    rbs = [data.rank_batch(k) for k in (0, 1)]
+    model, ref = make_model(), make_model()
+    task = CLTask(model, processor, data)
+    mbs = [pack_micro_batch(rb, processor) for rb in rbs]
+    totals = task.counts(mbs)
+    parts = sum(task.backward(task.module, mb, totals, 1) for mb in mbs)
+    ref_loss = sum(oracle_loss(ref, processor, rb, temperature=0.03) for rb in rbs) / 2
+    ref_loss.backward()
+    torch.testing.assert_close(parts.double(), ref_loss.detach().reshape(1), rtol=1e-5, atol=1e-6)
+    g, r = grads(model), grads(ref)
+    assert g.keys() == r.keys()
+    for name in r:
+        torch.testing.assert_close(g[name], r[name], rtol=0, atol=1e-4 * r[name].abs().max().item() + 1e-9, msg=name)
+    assert build_parser().parse_args(["cl"]).temperature == 0.03
+
+
 # ------------------------------------------------------------------------------ two gloo ranks
 
 def _step(module, model, processor, rb, chunk, scale):
@@ -142,6 +166,18 @@ def _worker(rank, port, out_dir):
             model = make_model()
             ddp = parallel.wrap(CLModule(model), ctx, "ddp")
             out[chunk] = _step(ddp, model, processor, data.rank_batch(0, rank, 2), chunk, scale=2.0)
+        # the trainer's path: CLTask.backward with the step's counts summed over the ranks
+        from engine.cl import CLTask
+
+        model = make_model()
+        task = CLTask(model, processor, data)
+        ddp = parallel.wrap(task.module, ctx, "ddp")
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        mb = pack_micro_batch(data.rank_batch(0, rank, 2), processor)
+        part = task.backward(ddp, mb, parallel.all_reduce_sum(task.counts([mb])), 2)
+        opt.step()
+        dist.all_reduce(part)  # the step's loss is the sum of every rank's part
+        out["task"] = (part[0], {n: p.detach().clone() for n, p in model.named_parameters()})
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

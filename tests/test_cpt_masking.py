@@ -134,6 +134,20 @@ def test_mae_head_init():
     assert abs(float(w.std()) - 0.02) < 0.001 and abs(float(w.mean())) < 0.001
 
 
+def test_mae_head_copies_layer_l_over_2_with_an_even_depth():
+    """MOCA.md §2: the head's layer starts as a copy of LLM layer L // 2; with L = 4 that is layer 2 (not 1)."""
+    cfg = ModelConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, mrope_section=(2, 3, 3),
+                      vision=VisionConfig(depth=1, hidden_size=32, intermediate_size=48, num_heads=2,
+                                          out_hidden_size=32, fullatt_block_indexes=(0,)))
+    model = MoCaModel(cfg)
+    model.init_weights(torch.Generator().manual_seed(1))
+    head = MAEHead(model, torch.Generator().manual_seed(3))
+    layers = [layer.state_dict() for layer in model.layers]
+    for k, v in head.layer.state_dict().items():
+        assert torch.equal(v, layers[2][k]), k
+
+
 def test_cpt_loss_matches_float64_oracle(proc):
     """Loss and gradients of CPTModule (masked-only heads) against full logits / full MSE in float64."""
     batch = proc([synthetic.record(11, i) for i in range(3)])
@@ -179,3 +193,41 @@ def test_a_micro_batch_without_targets_still_backpropagates(proc):
     loss, mlm, mae = module(mb, 0.0, 0.0, False, True)  # MAE is on for the step, elsewhere
     loss.backward()
     assert float(loss) == 0.0 and all(p.grad is None or not p.grad.any() for p in module.parameters())
+
+
+def test_task_losses_are_normalised_by_the_step_totals(proc):
+    """CPTTask with its defaults over two micro-batches of one step: the summed backpropagated losses (and the
+    reported parts) equal, in float64, MLM cross-entropy averaged over ALL the step's masked tokens plus
+    0.1 x MAE squared error averaged over ALL the step's predicted numbers (MOCA.md §2), whatever each
+    micro-batch holds."""
+    from engine.cpt import CPTTask
+    from moca.layers import mrope_cos_sin
+
+    model = small_model()
+    head = MAEHead(model, torch.Generator().manual_seed(3))
+    task = CPTTask(model, proc, None, head)  # the data is not read here
+    mbs = [mask_batch(proc([synthetic.record(11, i) for i in idx]), task.special_ids, task.mask_id,
+                      mask_generator(2, 0, slot)) for slot, idx in enumerate([(0, 1, 2), (3,)])]
+    assert all(mb.num_mlm and mb.num_mae for mb in mbs)
+    assert mbs[0].num_mlm * mbs[1].num_mae != mbs[1].num_mlm * mbs[0].num_mae  # shares that tell the counts apart
+    totals = task.counts(mbs)
+    got, parts = 0.0, 0.0
+    for mb in mbs:
+        loss, p = task.loss(task.module, mb, totals, 1)
+        got, parts = got + loss, parts + p
+    ce, sq, n_mlm, n_mae = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for mb in mbs:
+            b = mb.batch
+            hidden = model(b)
+            logits = hidden[mb.mlm_positions].double() @ model.lm_head.weight.double().T
+            ce = ce + F.cross_entropy(logits, mb.mlm_targets, reduction="sum")
+            cos, sin = mrope_cos_sin(b.position_ids, model.inv_freq, model.config.mrope_section, hidden.dtype)
+            dec = head.layer(hidden, cos, sin, b.cu_seqlens, b.max_seqlen, "torch")[mb.mae_positions]
+            pred = dec.double() @ head.proj.weight.double().T + head.proj.bias.double()
+            sq = sq + ((pred - mb.mae_targets.double()) ** 2).sum()
+            n_mlm, n_mae = n_mlm + mb.num_mlm, n_mae + mb.mae_targets.numel()
+    ref_mlm, ref_mae = ce / n_mlm, sq / n_mae
+    torch.testing.assert_close(got.double().detach(), ref_mlm + 0.1 * ref_mae, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.double(), torch.stack([ref_mlm + 0.1 * ref_mae, ref_mlm, ref_mae]),
+                               rtol=1e-5, atol=1e-6)

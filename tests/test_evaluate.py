@@ -335,6 +335,18 @@ def test_empty_and_malformed_eval_data_are_named_errors(tmp_path):
         eval_data.load_mmeb_subset(str(mmeb), "MSCOCO_t2i", str(images))
 
 
+def test_mmeb_ragged_candidate_lists_score_only_their_own_candidates():
+    """Rows with fewer candidates than the longest are padded inside score_mmeb_subset; the padding must never
+    compete. Row 0 (2 candidates) has a query equal to input 0, which a padded slot pointing at input 0 would
+    match exactly (cosine 1 > 0.8): by hand, both rows are hits."""
+    from engine.eval_data import Inputs, MMEBSubset
+
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    subset = MMEBSubset("ragged", Inputs(), queries=[0, 1], candidates=[[3, 1], [2, 3, 0]])
+    # row 0: q=(1,0) -> right 0.8, wrong 0.0; row 1: q=(0,1) -> right 0.8, wrong 0.6 and 0.0
+    assert score_mmeb_subset(vectors, subset).tolist() == [True, True]
+
+
 def test_mmeb_means_leave_out_subsets_not_in_mmeb():
     subsets = {"ImageNet-1K": {"precision@1": 0.5, "n": 2}, "MSCOCO_t2i": {"precision@1": 0.25, "n": 4},
                "MyOwnSet": {"precision@1": 1.0, "n": 3}}

@@ -89,6 +89,18 @@ def test_packed_batch_matches_transformers_sample_by_sample(pair, backend, monke
         assert torch.allclose(emb[i].double(), ref_emb, atol=1e-6, rtol=1e-5), f"sample {i}"
 
 
+def test_unnormalised_embedding_is_the_plain_token_mean(pair):
+    """normalize=False (TEI's normalize: false) returns the mean itself: sum over the sample's tokens / its length,
+    against transformers' hidden states (a per-sample scale, e.g. / (T - 1), vanishes only after L2 normalising)."""
+    hf, model, proc = pair
+    samples = [proc.encode(_inputs()["one image"]), proc.encode(_inputs()["text only"])]
+    with torch.no_grad():
+        got = model.embed(proc.pack(samples), normalize=False)
+    for i, sample in enumerate(samples):
+        expected = hf_hidden(hf, sample).double().mean(0)
+        torch.testing.assert_close(got[i].double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_batch_invariance(pair):
     """A sample's embedding does not depend on what else is in the batch."""
     _, model, proc = pair
