@@ -50,6 +50,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 class CPTModule(nn.Module):
+    """Backbone + MAE head as the one module DDP / FSDP wrap; forward -> MLM + mae_weight * MAE (MOCA.md §2)."""
+
     def __init__(self, model: MoCaModel, mae_head: MAEHead, mae_weight: float = 0.1):
         super().__init__()
         self.model, self.mae_head, self.mae_weight = model, mae_head, mae_weight

@@ -7,8 +7,9 @@ ViDoRe v2: DIR/<dataset>/{corpus,queries,qrels}/*.parquet in the BEIR layout; th
 Key decision: every distinct (text, image) input of a subset is embedded once; rows refer to
 inputs by index. An input's key (what the embedding cache is keyed by) names an image by its
 content: the bytes' SHA-256 for inline images, absolute path + size + mtime for files
-(`file_identity`), so images changed in place or read from another folder are embedded afresh. Phi-3-V's `<|image_N|>` becomes the Qwen marker when the row has an image and
-is removed when it has none (MOCA.md §4). Missing image files are an error that names the path
+(`file_identity`), so images changed in place or read from another folder are embedded afresh.
+Phi-3-V's `<|image_N|>` becomes the Qwen marker when the row has an image and is removed when it has
+none (MOCA.md §4). Missing image files are an error that names the path
 (checked for the whole subset before anything is embedded): a skipped row or candidate would
 silently change what precision@1 means, so none is skipped.
 """

@@ -74,7 +74,12 @@ def mask_generator(seed: int, step: int, slot: int) -> torch.Generator:
 
 def mask_batch(batch: PackedBatch, special_ids: torch.Tensor, mask_token_id: int, generator: torch.Generator,
                mlm_prob: float = 0.4, mae_prob: float = 0.5, merge: int = 4) -> MaskedBatch:
-    """Mask a CPU PackedBatch. mlm_prob / mae_prob = 0 switch a part off (no targets)."""
+    """Mask a CPU PackedBatch (MOCA.md §2). mlm_prob / mae_prob = 0 switch a part off (no targets).
+
+    special_ids: (S,) int64 ids never chosen for MLM; merge: raw patches per LLM image token
+    (spatial_merge_size**2 = 4, not the merge side). Returns a MaskedBatch: (M,) positions and targets,
+    (N,) image-token positions and (N, merge * patch_dim) targets. ValueError when batch.patches does
+    not hold `merge` rows per image token."""
     ids = batch.input_ids
     u = torch.rand(ids.shape, generator=generator)  # drawn even when unused: masks do not shift with flags
     chosen = (u < mlm_prob) & ~torch.isin(ids, special_ids)

@@ -1,9 +1,11 @@
-"""Training entry point: `python -m engine.train cpt [...]` (stage 1; `cl` joins as a sibling subcommand).
+"""Training entry point: `python -m engine.train cpt|cl [...]` (MoCa's two stages, MOCA.md §2 and §3).
 
 With no arguments, `cpt` trains the `tiny` preset on the built-in synthetic interleaved corpus on
-the CPU in a few minutes and writes its run to runs/cpt-tiny/. With arguments it trains a real
-checkpoint on real data, in one process or under `torchrun` (DDP, or FSDP2 with --parallel fsdp).
-Defaults are MOCA.md §2's; the tiny preset overrides the few that only make sense at scale.
+the CPU in a few minutes and writes its run to runs/cpt-tiny/; `cl` then fine-tunes the newest
+runs/cpt-tiny*/final (else `tiny`) on the synthetic pairs and writes runs/cl-tiny/ with eval.json.
+With arguments either trains a real checkpoint on real data, in one process or under `torchrun`
+(DDP, or FSDP2 with --parallel fsdp). Defaults are the release's (MOCA.md §2 for cpt, §3 for cl);
+the embedded tiny runs override the few that only make sense at scale.
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """The training loop shared by the stages: optimiser, schedule, accumulation, logging, checkpoints.
 
-A stage is a `Task` (CPT now, CL later): it owns the module, turns a step into this rank's host
-micro-batches, and computes one micro-batch's loss. The trainer owns everything else.
+A stage is a `Task` (engine.cpt.CPTTask, engine.cl.CLTask): it owns the module, turns a step into this
+rank's host micro-batches, and computes one micro-batch's loss (or, as CL's GradCache, runs its own
+backward). The trainer owns everything else.
 
 Design decisions:
 * Exact resume. A step's data and masks are pure functions of (seed, step, rank), so the data
@@ -386,6 +387,9 @@ def _peak_flops(device: torch.device) -> float | None:
 
 
 class Trainer:
+    """Runs `task` for cfg.max_steps optimizer steps: AdamW, HF's linear warm-up/decay schedule, bf16 autocast
+    per cfg.precision, grad clip, checkpoints (module docstring). ValueError for an unknown cfg.precision."""
+
     def __init__(self, task: Task, cfg: TrainConfig, ctx: DistContext):
         self.task, self.cfg, self.ctx = task, cfg, ctx
         module = task.module

@@ -1,6 +1,7 @@
 """Our Triton kernels, each with a torch reference that is also its CPU backend.
 
-Knows nothing of the model: plain tensors in, tensors out (see DESIGN.md).
+Knows nothing of the model: plain tensors in, tensors out; imports neither `moca` nor `engine` (the
+README's layout: engine -> moca -> kernels).
 """
 
 from kernels.attention import varlen_attention

@@ -34,6 +34,8 @@ def tma_aligned(x: torch.Tensor) -> bool:
 
 
 def resolve(backend: str | None, x: torch.Tensor) -> str:
+    """The backend ("triton" or "torch") of an op on x: None picks Triton on CUDA or under the interpreter.
+    ValueError for an unknown name; RuntimeError for "triton" where it cannot run (CPU without TRITON_INTERPRET=1)."""
     if backend is None:
         return "triton" if (x.is_cuda or interpreter_enabled()) else "torch"
     if backend not in BACKENDS:

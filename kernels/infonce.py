@@ -304,7 +304,7 @@ class _InfoNCE(torch.autograd.Function):
 
 
 def infonce(q, t, negatives=None, temperature=0.03, backend=None):
-    """Mean InfoNCE loss (fp32 scalar) with in-batch and per-query hard negatives.
+    """Mean InfoNCE loss (fp32 scalar) with in-batch and per-query hard negatives (MOCA.md §3; tau 0.03).
 
     q: (B, D) queries; t: (B, D) positives, t_i for q_i and every other row an in-batch
     negative; negatives: (B, r, D) or None, q_i's own hard negatives; all one dtype

@@ -582,14 +582,15 @@ def _require(ok: bool, msg: str) -> None:
 
 
 def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=False):
-    """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits.
+    """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits (MOCA.md §2's MLM).
 
     hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
     targets: (M,) int64 in [0, V) (checked: ValueError on the host, a device-side assert on CUDA, no sync).
     Returns an fp32 scalar; gradients flow to hidden and lm_weight.
     grad_in_forward (Triton backend, when a gradient is needed): False (default) recomputes the logits
     in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)); True computes the gradients in the
-    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only).
+    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only: LossBackwardError on a second).
+    ValueError also for other shapes, mismatched dtypes, M = 0 or more than 2^31 elements in an input.
     """
     _require(hidden.ndim == 2 and lm_weight.ndim == 2 and hidden.shape[1] == lm_weight.shape[1],
              f"hidden (M, H) and lm_weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
@@ -609,11 +610,12 @@ def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=Fal
 
 
 def masked_patch_loss(hidden, proj_weight, proj_bias, targets, backend=None):
-    """Mean squared error of `hidden @ proj_weight.T + proj_bias` against `targets`.
+    """Mean squared error of `hidden @ proj_weight.T + proj_bias` against `targets` (MOCA.md §2's MAE).
 
-    hidden: (N, H) at the masked image tokens; proj_weight: (4704, H); proj_bias: (4704,);
-    targets: (N, 4704) in any float dtype. Returns an fp32 scalar; gradients flow to hidden,
-    proj_weight and proj_bias.
+    hidden: (N, H) at the masked image tokens; proj_weight: (D, H), D = 4704 for MoCa; proj_bias: (D,);
+    the three in one dtype; targets: (N, D) in any float dtype. Returns an fp32 scalar; gradients flow to
+    hidden, proj_weight and proj_bias. ValueError for other shapes, mismatched dtypes, N = 0 or more than
+    2^31 elements in hidden or proj_weight.
     """
     _require(hidden.ndim == 2 and proj_weight.ndim == 2 and hidden.shape[1] == proj_weight.shape[1],
              f"hidden (N, H) and proj_weight (D, H) expected, got {tuple(hidden.shape)} and {tuple(proj_weight.shape)}")

@@ -35,6 +35,9 @@ class Sample:
 
 @dataclass
 class PackedBatch:
+    """B samples back to back (T tokens, P raw patches of I images): what every forward takes. The int fields
+    are host ints computed by `pack`, so the forward needs no `.item()`."""
+
     input_ids: torch.Tensor  # (T,) int64
     cu_seqlens: torch.Tensor  # (B+1,) int32
     max_seqlen: int
@@ -99,7 +102,9 @@ def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def pack(samples: list[Sample], vision: VisionConfig, image_token_id: int) -> PackedBatch:
-    """Concatenate samples into one PackedBatch, computing the host-side metadata."""
+    """Concatenate CPU samples into one PackedBatch, computing the host-side metadata (M-RoPE positions,
+    vision windows) with `host_ops`. ValueError for no samples, an empty sample, patches that do not match
+    the grids, or image tokens that do not match the grids (`host_ops.mrope_positions`)."""
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
     lengths = torch.tensor([len(s) for s in samples], dtype=torch.int64)

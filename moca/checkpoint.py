@@ -154,7 +154,8 @@ def _shard_index(path: str) -> dict[str, tuple[str, str]]:
 
 @torch.no_grad()
 def load_weights(model: MoCaModel, path: str) -> set[str]:
-    """Fill `model` from the safetensors in `path`; returns the set of (4.x) names consumed."""
+    """Fill `model` from the safetensors in `path`; returns the set of (4.x) names consumed.
+    CheckpointError for a missing, unexpected, misshapen or non-float tensor."""
     index = _shard_index(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     handles: dict[str, object] = {}
@@ -225,7 +226,9 @@ def check_model_name(name_or_path: str) -> None:
 
 
 def load_model(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> MoCaModel:
-    """A preset name ("tiny", "3b", "7b": seeded random weights) or an HF checkpoint directory."""
+    """A preset name ("tiny", "3b", "7b": random weights drawn from `seed`) or an HF checkpoint directory,
+    built on `device` in `dtype`, in eval mode. CheckpointError for anything else or an unreadable,
+    incomplete or mismatched checkpoint (the message names the file and tensor)."""
     check_model_name(name_or_path)
     if os.path.isdir(name_or_path):
         config = ModelConfig.from_hf_config(name_or_path)
@@ -303,10 +306,11 @@ def _fsync(path: str) -> None:
 
 
 def save_model(model: MoCaModel, path: str, processor=None, dtype: torch.dtype | None = None, extra_files=None) -> None:
-    """Write an HF-layout checkpoint atomically: a temp dir beside `path`, renamed into place.
+    """Write an HF-layout checkpoint: a temp dir beside `path`, fsynced, then renamed into place.
 
-    Its files and folder reach the disk (fsync) before the rename, and the rename before this returns:
-    after a crash or power loss the folder is the old checkpoint or the complete new one.
+    A new `path` appears by one rename: after a crash it is absent or complete. An existing `path` is
+    first renamed to `path.old`, then replaced: a crash between the two renames leaves only `path.old`
+    (engine.trainer.clean_run_dir puts it back; other callers must do so themselves).
 
     `processor` (moca.Processor) adds tokenizer files and preprocessor_config.json;
     `extra_files` maps file names to callables `fn(full_path)` that write more state.

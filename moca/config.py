@@ -1,7 +1,7 @@
 """Model configuration: one dataclass with named presets and HF `config.json` round-trips.
 
-Presets `3b` and `7b` carry the published Qwen2.5-VL shapes (MOCA.md §1); `tiny` keeps the
-real vocabulary and token ids but is small enough to train in minutes on a CPU.
+Presets `3b` and `7b` carry the published Qwen2.5-VL shapes (MOCA.md §1; 7b's vocab_size is its released
+config's 152064); `tiny` keeps the real vocabulary and token ids but is small enough to train in minutes on a CPU.
 `is_causal=False` (every decoder layer bidirectional) is MoCa's only architectural change.
 Reading a checkpoint's JSON (`read_json`) raises `CheckpointError` naming the file and the key,
 never a bare KeyError or JSONDecodeError.
@@ -33,6 +33,9 @@ def read_json(path: str) -> dict:
 
 @dataclass
 class VisionConfig:
+    """The Qwen2.5-VL vision tower (MOCA.md §1). patch_size and window_size in pixels; blocks in
+    fullatt_block_indexes attend over the whole image, the others within windows."""
+
     depth: int = 32
     hidden_size: int = 1280
     intermediate_size: int = 3420
@@ -58,6 +61,9 @@ class VisionConfig:
 
 @dataclass
 class ModelConfig:
+    """The decoder and its vision tower; defaults are the 3b preset. ValueError (from __post_init__) when the
+    heads, mrope_section (sums to head_dim / 2) or vision.out_hidden_size do not fit hidden_size."""
+
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 11008
@@ -99,6 +105,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- presets
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
+        """The preset `name` ("tiny", "3b", "7b"); ValueError for any other name."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} or a checkpoint directory")
         return PRESETS[name]()

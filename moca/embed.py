@@ -138,6 +138,7 @@ def embed_items(
     num_workers: DataLoader processes decoding images and packing batches (0 = this process);
     max_items: most inputs per micro-batch (0 = unlimited);
     names: how errors name each input (e.g. FILE:LINE; default `input i`, its index in `items`).
+    pooling: "mean" (MoCa) or "last". InputError, naming the input, for one that cannot be embedded.
     """
     items = list(items)
     device = next(model.parameters()).device

@@ -13,6 +13,8 @@ from kernels import varlen_attention
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) in fp32, cast back, then times weight: transformers' Qwen2RMSNorm, rounding included."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -71,7 +73,8 @@ def mrope_cos_sin(position_ids, inv_freq, mrope_section, dtype):
 
 
 class Attention(nn.Module):
-    """Bidirectional (or causal-free) GQA attention over packed segments."""
+    """Bidirectional GQA attention over packed segments: x (T, dim), cos/sin (T, head_dim) -> (T, dim).
+    Each segment of cu_seqlens (B+1,) int32 attends only to itself; there is no causal mask."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, qkv_bias: bool, out_bias: bool):
         super().__init__()
@@ -98,6 +101,8 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """A Qwen2 decoder layer made bidirectional (MOCA.md §1): pre-norm GQA attention with QKV bias, then SwiGLU."""
+
     def __init__(self, cfg):
         super().__init__()
         self.self_attn = Attention(

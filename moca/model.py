@@ -1,8 +1,9 @@
 """MoCaModel: Qwen2.5-VL (vision tower -> merger -> decoder) on packed, unpadded batches.
 
 `model(batch)` -> last hidden states (T, H); `model.embed(batch)` -> (B, H) L2-normalised
-sample embeddings (mean over each sample's tokens, images included; last token for causal
-checkpoints). Each sample attends only to itself, bidirectionally unless `is_causal`.
+sample embeddings (mean over each sample's tokens, images included, MOCA.md §1; `pooling="last"` takes
+each sample's last token instead). Each sample attends only to itself, always bidirectionally: a config
+with `is_causal=True` is refused (NotImplementedError), there is no causal path.
 The LM head is kept (CPT needs it; tied to the embeddings where the checkpoint ties) but
 the forward never touches it.
 """
@@ -29,6 +30,9 @@ def last_token_pool(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
 
 
 class MoCaModel(nn.Module):
+    """Vision tower, token embeddings, bidirectional decoder, final norm and (unused by the forward) LM head.
+    NotImplementedError when `config.is_causal`. `attn_backend` (None, "triton", "torch") picks the kernels."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.is_causal:
@@ -76,7 +80,8 @@ class MoCaModel(nn.Module):
         return pack([sample], cfg.vision, cfg.image_token_id).to(device)
 
     def forward(self, batch: PackedBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """-> (T, hidden) final-normed last hidden states."""
+        """-> (T, hidden) final-normed last hidden states. inputs_embeds: (T, hidden) in place of
+        `input_embeddings(batch)` (the vision tower then does not run)."""
         x = self.input_embeddings(batch) if inputs_embeds is None else inputs_embeds
         cos, sin = mrope_cos_sin(batch.position_ids, self.inv_freq, self.config.mrope_section, x.dtype)
         for layer in self.layers:

@@ -143,6 +143,10 @@ def input_text(text: str, n_images: int) -> str:
 
 
 class Processor:
+    """Inputs {"text", "images"} -> Samples (`encode`) -> one PackedBatch (`pack`; `processor(items)` does both).
+    max_length: tokens per sample, text cut from the end (None: no limit). ValueError for max_length < 1 or a
+    tokenizer whose <|image_pad|> id is not config.image_token_id."""
+
     def __init__(self, tokenizer, config: ModelConfig, image_config: ImageConfig, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.config = config
@@ -183,7 +187,9 @@ class Processor:
 
     # ------------------------------------------------------------------ one input
     def encode(self, item: dict) -> Sample:
-        """{"text": str, "images": [image, ...]} -> Sample. Images: PIL, bytes, paths or {"bytes"/"path"}."""
+        """{"text": str, "images": [image, ...]} -> Sample. Images: PIL, bytes, paths or {"bytes"/"path"}.
+        TypeError / ValueError for a malformed input (`item_parts`), ImageError for an unusable image,
+        TruncationError when its images alone exceed max_length."""
         text, images = item_parts(item)
         processed = [preprocess_image(img, self.image_config) for img in images]
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -18,9 +18,11 @@ Design decisions a reader must know:
   runs one forward per bin. Each sample attends only to itself, so a vector does not depend on
   what it was batched with: it equals `model.embed` of that input alone.
 * Back-pressure: at most `--max-queue` requests are admitted at once (then 503 + Retry-After; TEI's
-  429); a request over `--max-request-tokens`, or a body over `--payload-limit`, is refused with 413;
-  a malformed request gets 400 naming the field and index (TEI's 422). Each API gets its own error
-  shape (OPENAI_ERRORS, TEI_ERRORS). A client that disconnects cancels its inputs; the batch goes on.
+  429), counted once their body has arrived (a slow upload holds no slot); a request over
+  `--max-request-tokens` or `--max-client-batch-size` inputs, or a body over `--payload-limit`, is refused
+  with 413, a body slower than `--body-timeout` with 408; a malformed request gets 400 naming the field and
+  index (TEI's 422). Each API gets its own error shape (OPENAI_ERRORS, TEI_ERRORS). A client that
+  disconnects (uploading or queued) cancels its inputs (status 499 in /metrics); the batch goes on.
 * Vectors leave the device pooled and are normalised per request (TEI's normalize=false skips it).
 * Warm start: before /health reports ready the device thread embeds a few representative inputs
   (texts, an image, interleaved) alone and together, so the first request pays no compile or
