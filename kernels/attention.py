@@ -770,19 +770,27 @@ def seq_bucket(max_seqlen: int) -> int:
     return min(triton.next_power_of_2(max(int(max_seqlen), 64)), 8192)
 
 
-def _check(q, k, v, cu_seqlens):
-    def need(ok, msg):
-        if not ok:
-            raise (TypeError if "dtype" in msg else ValueError)(msg)
+def _need(ok, msg):
+    if not ok:
+        raise (TypeError if "dtype" in msg else ValueError)(msg)
 
-    need(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape, "q: (T, Hq, D), k/v: (T, Hkv, D)")
-    need(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}")
-    need(q.shape[1] % k.shape[1] == 0, "Hq must be a multiple of Hkv")
-    need(q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
-         f"q, k, v dtype: one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    need(q.shape[2] <= 256, "head_dim <= 256")
-    need(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
-         "cu_seqlens: (B+1,) int32 on q's device")
+
+def _check_shapes(q, k, v, cu_seqlens):
+    """What every backend requires (the public entry point checks it, so both fail alike)."""
+    _need(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape, "q: (T, Hq, D), k/v: (T, Hkv, D)")
+    _need(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    _need(q.shape[1] % k.shape[1] == 0, "Hq must be a multiple of Hkv")
+    _need(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
+          f"cu_seqlens: (B+1,) int32 on q's device, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype} on "
+          f"{cu_seqlens.device}")
+
+
+def _check(q, k, v, cu_seqlens):
+    """What the Triton kernels require on top."""
+    _check_shapes(q, k, v, cu_seqlens)
+    _need(q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
+          f"q, k, v dtype: one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _need(q.shape[2] <= 256, "head_dim <= 256")
 
 
 def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -912,13 +920,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
 
     Under torch.autocast the inputs are cast to the autocast dtype first. Raises TypeError for
     mismatched dtypes outside autocast, ValueError for bad shapes, a scale <= 0 and (CPU tensors; CUDA:
-    a device-side assert) a cu_seqlens that does not run from 0 to T or steps by more than max_seqlen."""
+    a device-side assert) a cu_seqlens that does not run from 0 to T or steps by more than max_seqlen, on
+    every backend. backend: "triton" | "torch" (per-segment SDPA) | None (kernels._backend.resolve: Triton on
+    CUDA or under TRITON_INTERPRET=1, else torch); only Triton limits dtypes (fp16/bf16/fp32, TypeError) and
+    head_dim (<= 256)."""
     q, k, v = _autocast_inputs(q, k, v)
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     cu_seqlens = cu_seqlens.contiguous()
-    if cu_seqlens.dim() == 1:  # other layouts: the backends' own checks name them
-        _check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
+    _check_shapes(q, k, v, cu_seqlens)
+    _check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
     if resolve(backend, q) == "torch":
         return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

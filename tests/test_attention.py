@@ -130,6 +130,19 @@ def test_bad_cu_seqlens_max_seqlen_and_scale_are_errors(backend):
         run(cu, max_len)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_shapes_are_the_same_errors_on_every_backend(backend):
+    """The torch backend raised SDPA's RuntimeError for a head-dim or GQA mismatch and took an int64 cu_seqlens."""
+    q, k, v, cu, max_len = make_inputs([10, 20], 4, 2, 16, torch.float32)
+    run = functools.partial(varlen_attention, backend=backend)
+    for args, message in [((q, k[..., :8], v[..., :8], cu), r"q \(30, 4, 16\) vs k \(30, 2, 8\)"),
+                          ((q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1), cu), "multiple of Hkv"),
+                          ((q, k, v[:, :, :8], cu), r"k/v: \(T, Hkv, D\)"),
+                          ((q, k, v, cu.long()), "int32 on q's device, got .3,. torch.int64")]:
+        with pytest.raises(ValueError, match=message):
+            run(*args, max_len)
+
+
 def test_inference_mode():
     """Inference tensors keep no version counter (the server embeds under torch.inference_mode)."""
     q, k, v, cu, max_len = make_inputs([5, 7], 2, 1, 16, torch.float32)
