@@ -59,6 +59,8 @@ class CLMicroBatch:
 
 
 def pack_micro_batch(rb: RankBatch, processor: Processor, chunk: int = 0) -> CLMicroBatch:
+    """This rank's b queries, b positives and b x r negatives (query-major), in that order, packed into one
+    PackedBatch, or into consecutive chunks of at most `chunk` samples for GradCache."""
     samples = rb.queries + rb.positives + [n for negs in rb.negatives for n in negs]
     step = chunk if chunk > 0 else len(samples)
     batches = [processor.pack(samples[k : k + step]) for k in range(0, len(samples), step)]

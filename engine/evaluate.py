@@ -193,6 +193,9 @@ def summarize_mmeb(subsets: dict[str, dict]) -> dict:
 
 
 def evaluate_mmeb(embedder: Embedder, data: str, images: str, output: str, subsets: list[str] | None = None) -> dict:
+    """MMEB: precision@1 of every subset under `data` (or `subsets`), its meta-task / IND / OOD / overall means
+    (VLM2Vec's protocol), written to OUTPUT/scores.json by rank 0 and returned. EvalDataError for no subsets or
+    malformed ones."""
     names = subsets or eval_data.mmeb_subsets(data)
     if not names:
         raise eval_data.EvalDataError(f"{data}: no MMEB subset folders with test-*.parquet")
@@ -264,6 +267,9 @@ def score_beir(query_vectors: torch.Tensor, page_vectors: torch.Tensor, ds: eval
 
 def evaluate_vidore(embedder: Embedder, data: str, output: str, datasets: list[str] | None = None,
                     languages: list[str] | None = None) -> dict:
+    """ViDoRe (BEIR layout): nDCG@5/@10 and recall@1/5/10 of every data set under `data` (`score_beir`), their
+    mean nDCG@5, written to OUTPUT/scores.json by rank 0 and returned. EvalDataError for no data sets,
+    malformed ones, or `languages` a data set lacks."""
     names = datasets or eval_data.beir_datasets(data)
     if not names:
         raise eval_data.EvalDataError(f"{data}: no data set folders with corpus/, queries/, qrels/")

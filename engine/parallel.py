@@ -24,6 +24,8 @@ log = logging.getLogger("moca")
 
 @dataclass
 class DistContext:
+    """This process's place in the job (torchrun's RANK, WORLD_SIZE, LOCAL_RANK) and its device."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0

@@ -70,6 +70,10 @@ RESUME_KEYS = ("max_steps", "lr", "warmup_ratio", "weight_decay", "grad_clip", "
 
 @dataclass
 class TrainConfig:
+    """What the Trainer runs: steps are optimizer steps (each `grad_accum` micro-batches per rank); lr, warm-up
+    share, weight decay and the global-norm clip as HF Trainer's flags (defaults: CPT's release values,
+    MOCA.md §2)."""
+
     output_dir: str
     max_steps: int
     lr: float = 2e-6

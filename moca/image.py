@@ -47,6 +47,10 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageConfig:
+    """Qwen2.5-VL's image preprocessing: a resized image holds min_pixels..max_pixels pixels (defaults: MoCa's
+    256..1024 merged tokens of 28 x 28 px, MOCA.md §1), cut into patch_size px patches, merge_size x
+    merge_size of them per LLM token, each repeated temporal_patch_size times; CLIP mean and std per channel."""
+
     min_pixels: int = 256 * 28 * 28
     max_pixels: int = 1024 * 28 * 28
     patch_size: int = 14

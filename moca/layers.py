@@ -47,7 +47,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D); cos, sin: (T, D)."""
+    """x: (T, H, D); cos, sin: (T, D) -> (T, H, D): rotary embedding, rotate-half layout (transformers'
+    apply_rotary_pos_emb)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
@@ -64,7 +65,8 @@ def keep_inv_freq_fp32(module: nn.Module, theta: float, dim: int) -> None:
 
 
 def mrope_cos_sin(position_ids, inv_freq, mrope_section, dtype):
-    """M-RoPE: (3, T) positions -> cos, sin (T, D); frequency band i uses stream i % 3 (t, h, w)."""
+    """M-RoPE (Qwen2-VL, transformers' apply_multimodal_rotary_pos_emb): (3, T) positions -> cos, sin (T, D) in
+    `dtype`; frequency band i of `mrope_section` uses stream i % 3 (t, h, w)."""
     freqs = position_ids[..., None].float() * inv_freq  # (3, T, D/2)
     bands = freqs.split(list(mrope_section), dim=-1)
     freqs = torch.cat([band[i % 3] for i, band in enumerate(bands)], dim=-1)  # (T, D/2)

@@ -13,6 +13,9 @@ from moca.layers import Attention, GatedMLP, RMSNorm, keep_inv_freq_fp32, rope_i
 
 
 class VisionBlock(nn.Module):
+    """A Qwen2.5-VL vision block: pre-norm attention over (patches, cu_seqlens) of windows or whole images, then
+    SwiGLU; x (P, hidden) -> (P, hidden)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -41,6 +44,10 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
+    """Qwen2.5-VL's vision encoder (transformers' Qwen2_5_VisionTransformerPretrainedModel, same weights and
+    maths): raw patches (P, 3 * T * p * p) of a PackedBatch -> (P / merge_size**2, out_hidden_size) LLM
+    tokens, windowed blocks except `fullatt_block_indexes`, 2-D rotary positions, then the patch merger."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
