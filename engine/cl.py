@@ -127,6 +127,12 @@ class CLTask(Task):
     def counts(self, mbs):
         return torch.tensor([float(len(mbs))], dtype=torch.float64)
 
+    def loader_state(self):
+        return frozenset(self.data.broken)
+
+    def merge_loader_state(self, state):
+        self.data.broken |= state
+
     def backward(self, module, mb, totals, world):
         """-> (1,) detached parts: this micro-batch's share of the step's mean loss."""
         accum = float(totals[0]) / world

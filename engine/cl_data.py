@@ -370,8 +370,7 @@ class CLData:
         self.counts: list[int] = []  # per subset: records drawn per epoch
         self.ratios: list[int] = []  # per subset: hard negatives per query
         self.bad: dict[str, dict[int, str]] = {}
-        self.runtime_bad = 0
-        self._broken: set[tuple[int, int]] = set()
+        self.broken: set[tuple[int, int]] = set()  # (subset, record) of records that failed when encoded
         for spec in specs:
             for sub, count in open_subsets(spec, image_root, seed):
                 self._add(sub, count, negative_ratio)
@@ -416,6 +415,11 @@ class CLData:
         self.counts.append(count)
         self.ratios.append(ratio)
         self.bad[sub.name] = bad
+
+    @property
+    def runtime_bad(self) -> int:
+        """Records that failed when encoded (after validation), each counted once."""
+        return len(self.broken)
 
     @property
     def num_bad(self) -> int:
@@ -469,14 +473,13 @@ class CLData:
             pos = int(np.searchsorted(good, i))
             for k in range(len(good)):
                 j = int(good[(pos + k) % len(good)])
-                if (si, j) in self._broken:
+                if (si, j) in self.broken:
                     continue
                 try:
                     q, p, n = self._example(si, j)
                     break
                 except Exception as e:  # reported, replaced by the subset's next record
-                    self._broken.add((si, j))
-                    self.runtime_bad += 1
+                    self.broken.add((si, j))
                     log.warning("bad record: %s: %s: %s (skipped at load time, replaced)",
                                 self.subsets[si].where(j), type(e).__name__, e)
             else:

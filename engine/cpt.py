@@ -128,6 +128,12 @@ class CPTTask(Task):
     def counts(self, mbs):
         return torch.tensor([sum(mb.num_mlm for mb in mbs), sum(mb.num_mae for mb in mbs)], dtype=torch.float64)
 
+    def loader_state(self):
+        return frozenset(self.data.broken)
+
+    def merge_loader_state(self, state):
+        self.data.broken |= state
+
     def loss(self, module, mb, totals, world):
         mlm_share = mb.num_mlm / float(totals[0]) if totals[0] else 0.0
         mae_share = mb.num_mae / float(totals[1]) if totals[1] else 0.0

@@ -423,12 +423,16 @@ class CPTData:
             raise ValueError(f"no usable records in {specs}")
         self._epochs: list[list[np.ndarray]] = []
         self._starts = [0]  # global bin index at which each planned epoch starts
-        self.runtime_bad = 0  # records that failed when encoded, each counted once
-        self._broken: set[tuple[int, int]] = set()  # (source, record) of those
+        self.broken: set[tuple[int, int]] = set()  # (source, record) of records that failed when encoded
         self._broken_per_source = [0] * len(self.sources)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def runtime_bad(self) -> int:
+        """Records that failed when encoded (after the cost pass), each counted once."""
+        return len(self.broken)
 
     def epoch_bins(self, epoch: int) -> list[np.ndarray]:
         """Item indices of every bin of `epoch`, in training order."""
@@ -459,7 +463,7 @@ class CPTData:
             samples, kept = [], []
             for item in self.bin(index).tolist():
                 si, ri = (int(x) for x in self.items[item])
-                if (si, ri) in self._broken:
+                if (si, ri) in self.broken:
                     continue
                 src = self.sources[si]
                 try:
@@ -469,9 +473,8 @@ class CPTData:
                     samples.append(sample)
                     kept.append(item)
                 except Exception as e:
-                    self._broken.add((si, ri))
+                    self.broken.add((si, ri))
                     self._broken_per_source[si] += 1
-                    self.runtime_bad += 1
                     log.warning("bad record: %s: %s: %s (skipped at load time)", src.where(ri), type(e).__name__, e)
                     if self._broken_per_source[si] == self._usable[si]:
                         raise DataError(f"source {src.name}: none of its {self._usable[si]} records loads any more "

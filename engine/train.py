@@ -105,6 +105,10 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--save-every", type=COUNT, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep")
     g.add_argument("--seed", type=COUNT, default=0, help="seeds the data order, the masks and a fresh model (>= 0)")
+    g.add_argument("--loader-workers", type=COUNT, default=None,
+                   help="processes per rank preparing the next steps' micro-batches (decode, pack, mask) while the "
+                        "device runs; 0: in the training process, between steps (default: 2 on CUDA; 0 on a CPU, "
+                        "which they would only take from the training)")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a run, deleting it once the model and data load")
@@ -194,7 +198,7 @@ def train_config(args: argparse.Namespace, out: str, stage: str) -> TrainConfig:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, precision=args.precision,
         activation_checkpointing=args.activation_checkpointing, compile=args.compile, parallel=args.parallel,
-        log_every=args.log_every, progress=not args.no_progress,
+        log_every=args.log_every, progress=not args.no_progress, loader_workers=args.loader_workers,
         settings={k: getattr(args, k) for k in SETTINGS[stage]}, data=list(args.data),
     )
 

@@ -59,6 +59,6 @@ def test_gradients_reach_the_optimizer_clipped_to_grad_clip(tmp_path):
     trainer = Trainer(task, TrainConfig(str(tmp_path), max_steps=4), DistContext())  # default grad_clip 5.0
     seen = []
     trainer.optimizer.register_step_pre_hook(lambda opt, *_: seen.append(task.module.weight.grad.clone()))
-    out = trainer.train_step(trainer._prepare(0))
+    out = trainer.train_step(task.micro_batches(0, 0, 1, 1))
     assert abs(out["grad_norm"] - 50.0) < 1e-4  # the norm before clipping is what is logged
     torch.testing.assert_close(seen[0], torch.tensor([[3.0, 4.0, 0.0]]), rtol=1e-5, atol=1e-6)  # norm 5
