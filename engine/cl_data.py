@@ -3,8 +3,8 @@
 A subset is random-access records `qry`, `qry_image_path`, `pos_text`, `pos_image_path`,
 `neg_text`, `neg_image_path` (the last two lists, the text of a Python list as the release's data
 stores them, or one string) from a .jsonl file, a folder of parquet / arrow files (pyarrow), or the
-built-in `synthetic` tasks. A folder with no .parquet / .arrow
-file directly in it is a folder of subsets (MMEB-train's layout, `mmeb-train/A-OKVQA/*.parquet`, ...):
+built-in `synthetic` tasks. A folder with no .parquet / .arrow file directly in it is a folder of
+subsets (MMEB-train's layout, `mmeb-train/A-OKVQA/*.parquet`, ...):
 each child `*.jsonl` and each child folder holding .parquet / .arrow files is a subset named after it;
 other children (`images/`) are skipped. In a subset folder holding HF shards of several splits
 (MMEB-train: `original-`, `diverse_instruction-` and a legacy `train-00000-of-00001.parquet`, the same
@@ -34,8 +34,8 @@ Design decisions:
   global-batch index (exact resume), and W ranks see exactly what one process sees.
 * `negative_ratio` hard negatives per query, the query's own: empty ones skipped, the last
   repeated when fewer. An image negative with an empty text gets the positive's text (its
-  instruction), as the release does. A subset none of whose records has a negative trains without hard
-  negatives; in a subset that has them, a record without any is reported as bad.
+  instruction), as the release does. A subset none of whose records has a negative trains without
+  hard negatives; in a subset that has them, a record without any is reported as bad.
 """
 
 import ast
