@@ -563,3 +563,15 @@ def test_gpu_autotune(monkeypatch, fused, tma):
         check(lens, 16, 2, 128, torch.bfloat16, device="cuda")
     finally:
         attention._autotuner.cache_clear()  # autotuners over these two candidates stay with this test
+
+
+def test_head_dim_splits_into_power_of_two_tiles():
+    """Every head dim is covered by a power-of-two tile plus a power-of-two tail tile (Triton's block shapes), each at
+    least 16 wide, the tail smaller than the first (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16 masked); 112 = 64 + 48
+    runs on a 64-wide masked tail."""
+    for d in range(1, 257):
+        d0, d1 = attention._split_head_dim(d)
+        for width in (d0, d1) if d1 else (d0,):
+            assert width >= 16 and width & (width - 1) == 0, (d, d0, d1)
+        assert d0 + d1 >= d and (d1 == 0 or (d0 < d and d1 <= d0)), (d, d0, d1)
+    check([9, 40], 2, 1, 112, torch.float32)

@@ -381,3 +381,22 @@ def test_rope_inv_freq_stays_fp32_in_bf16_like_transformers(hf_dir):
             mine = model.get_buffer(path)
             assert mine.dtype == torch.float32
             torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0)
+
+
+def test_save_in_bf16_stores_bf16_and_transformers_loads_it_as_bf16(hf_dir, tmp_path):
+    """save_model(dtype=bf16): every stored tensor is the fp32 weight rounded once to bf16, and config.json's dtype
+    says so, so that transformers' dtype="auto" loads it in bf16 (not upcast to fp32)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from moca.checkpoint import canonical_name
+
+    model = load_model(str(hf_dir))
+    out = tmp_path / "bf16"
+    save_model(model, str(out), dtype=torch.bfloat16)
+    fp32 = {canonical_name(k): v for k, v in load_file(hf_dir / "model.safetensors").items()}  # transformers' save
+    stored = load_file(out / "model.safetensors")
+    assert stored and set(stored) <= set(fp32)
+    for name, t in stored.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, fp32[name].to(torch.bfloat16)), name
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}

@@ -249,3 +249,61 @@ def test_table_with_wrong_columns_is_one_data_error(tmp_path):
         open_source(str(tmp_path / "wrong.arrow"))
     pq.write_table(pa.table({"text": ["only text"]}), tmp_path / "text.parquet")
     assert open_source(str(tmp_path / "text.parquet"), cache_dir=str(cache))[0] == {"text": "only text", "images": []}
+
+
+def test_each_epoch_and_seed_regroups_the_records_and_bins_train_in_shuffled_order(proc, tmp_path):
+    """The plan is a function of (seed, epoch): each epoch packs a new permutation of the records (other bins, not
+    the same bins reordered), so does another seed, and the bins are trained shuffled, not in the packer's order
+    (first-fit-decreasing opens bins largest item first); bin(i) enters epoch 1 at exactly its first bin."""
+    kw = dict(max_len=200, budget=700, cache_dir=str(tmp_path), progress=False)
+    data = CPTData(["synthetic:150"], proc, **kw)
+    groups = lambda bins: {frozenset(b.tolist()) for b in bins}  # noqa: E731
+    e0, e1 = data.epoch_bins(0), data.epoch_bins(1)
+    assert groups(e0) != groups(e1)
+    texts = tmp_path / "texts.jsonl"  # records that do not depend on the seed (synthetic ones do)
+    texts.write_text("".join(json.dumps({"text": "word " * (1 + i * 7 % 23)}) + "\n" for i in range(60)))
+    seeds = [CPTData([str(texts)], proc, seed=s, **dict(kw, budget=60)) for s in (0, 1)]
+    assert np.array_equal(seeds[0].costs, seeds[1].costs)
+    assert groups(seeds[0].epoch_bins(0)) != groups(seeds[1].epoch_bins(0))
+    for bins in (e0, e1):
+        largest = [int(data.costs[b].max()) for b in bins]
+        assert len(set(largest)) > 2 and largest != sorted(largest, reverse=True)
+    n0 = len(e0)
+    assert np.array_equal(data.bin(n0 - 1), e0[-1]) and np.array_equal(data.bin(n0), e1[0])
+
+
+def test_cost_cache_is_keyed_by_the_tokenizer(proc, tmp_path):
+    """A tokenizer that splits the text differently (here: one added token for a phrase the records use) never
+    reads the costs cached for another: the cached costs equal a fresh pass without a cache."""
+    path, _ = write_bad_jsonl(tmp_path / "src")
+    src, cache = open_source(path), str(tmp_path / "cache")
+    source_costs(src, proc, 256, cache, progress=False)
+    other = Processor.from_pretrained("tiny")
+    add_mask_token(other.tokenizer)
+    other.tokenizer.add_tokens([" some noise number"])
+    fresh, _ = source_costs(src, other, 256, None, progress=False)
+    assert not np.array_equal(fresh, source_costs(src, proc, 256, None, progress=False)[0])
+    cached, _ = source_costs(src, other, 256, cache, progress=False)
+    assert np.array_equal(cached, fresh)
+
+
+def test_ranks_and_accumulation_split_the_bins_as_one_rank_does(monkeypatch):
+    """W ranks x A accumulation steps see, step by step, exactly the bins that one rank with W * A accumulation steps
+    sees, and the run consumes the endless sequence of bins without a gap or a repeat."""
+    from types import SimpleNamespace
+
+    from engine import cpt
+
+    monkeypatch.setattr(cpt, "mask_batch", lambda packed, *args: packed)  # this test follows bin indices only
+    task = cpt.CPTTask.__new__(cpt.CPTTask)
+    task.seed, task.special_ids, task.mask_id, task.mlm_prob, task.mae_prob, task.merge = 0, None, 0, 0.4, 0.5, 4
+    task.processor = SimpleNamespace(pack=lambda samples: samples[0])
+    task.data = SimpleNamespace(micro_batch=lambda index: SimpleNamespace(samples=[index]))
+
+    def step_bins(step, world, accum):
+        return sorted(b for rank in range(world) for b in task.micro_batches(step, rank, world, accum))
+
+    for world, accum in [(2, 1), (3, 1), (2, 2), (4, 3)]:
+        steps = [step_bins(step, world, accum) for step in range(3)]
+        assert steps == [step_bins(step, 1, world * accum) for step in range(3)]
+        assert sorted(b for bins in steps for b in bins) == list(range(3 * world * accum))

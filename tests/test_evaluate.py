@@ -390,3 +390,52 @@ def test_cli_output_is_checked_before_the_model_loads(tmp_path, monkeypatch, tas
     with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
         main([task, "--data", str(data), *images, "--output", str(tmp_path / "afile"), "--num-workers", "0"])
     assert (tmp_path / "afile").read_text() == "scores" and not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_mmeb_cache_is_keyed_on_max_length_pooling_and_weights_changed_in_place(tiny, tmp_path, monkeypatch):
+    """Vectors embedded under another --max-length or pooling, or by a checkpoint whose weights were rewritten in
+    place (same file names and sizes, new values), are never scored: the subset is embedded afresh, and with the
+    new weights the vectors are each input embedded alone by the new model."""
+    from moca.checkpoint import load_model, save_model
+
+    embedder, model, proc = tiny
+    data, images, _ = write_mmeb(tmp_path)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    save_model(model, str(ckpt), processor=proc)
+    evaluate_mmeb(embedder, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])  # the preset's cache
+    first = _cached_vectors(out, "MSCOCO_t2i")
+    evaluate_mmeb(Embedder(str(ckpt), device="cpu", attn_backend="torch"), str(data), str(images), str(out),
+                  subsets=["MSCOCO_t2i"])  # and the checkpoint's
+    save_model(load_model("tiny", seed=1), str(ckpt), processor=proc)  # retrained: same files, same sizes
+    with monkeypatch.context() as m:
+        m.setattr(Embedder, "load", lambda self: pytest.fail("re-embedded despite the cache"))
+        for other in (Embedder("tiny", device="cpu", attn_backend="torch", max_length=12),
+                      Embedder("tiny", device="cpu", attn_backend="torch", pooling="last"),
+                      Embedder(str(ckpt), device="cpu", attn_backend="torch")):
+            with pytest.raises(pytest.fail.Exception, match="re-embedded"):
+                evaluate_mmeb(other, str(data), str(images), str(out), subsets=["MSCOCO_t2i"])
+    before = set((out / "embeddings" / "mmeb").iterdir())
+    evaluate_mmeb(Embedder(str(ckpt), device="cpu", attn_backend="torch"), str(data), str(images), str(out),
+                  subsets=["MSCOCO_t2i"])
+    (new_cache,) = set((out / "embeddings" / "mmeb").iterdir()) - before
+    retrained = load_model(str(ckpt))
+    subset = eval_data.load_mmeb_subset(str(data), "MSCOCO_t2i", str(images))
+    expected = torch.stack([embed_alone(retrained, proc, it) for it in subset.inputs.items])
+    assert (load_file(new_cache)["embeddings"] - expected).abs().max().item() <= 1e-5
+    assert (expected - first).abs().max().item() > 1e-2
+
+
+def test_mmeb_subset_of_several_parquet_shards_reads_every_row_in_shard_order(tmp_path):
+    """A subset split into test-0000k-of-0000n.parquet files (as HF writes large ones) is every row of every shard,
+    in shard order."""
+    root = tmp_path / "mmeb" / "VisDial"
+    root.mkdir(parents=True)
+    rows = [(f"question {i}", [f"answer {i}", f"wrong {i}"]) for i in range(5)]
+    for k, part in enumerate((rows[:2], rows[2:])):
+        pq.write_table(pa.table({"qry_text": [q for q, _ in part], "qry_img_path": [""] * len(part),
+                                 "tgt_text": [t for _, t in part], "tgt_img_path": [["", ""]] * len(part)}),
+                       root / f"test-{k:05d}-of-00002.parquet")
+    subset = eval_data.load_mmeb_subset(str(tmp_path / "mmeb"), "VisDial", str(tmp_path))
+    items = subset.inputs.items
+    assert [items[q]["text"] for q in subset.queries] == [q for q, _ in rows]
+    assert [[items[c]["text"] for c in cands] for cands in subset.candidates] == [t for _, t in rows]

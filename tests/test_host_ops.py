@@ -443,3 +443,17 @@ def test_patchify_bad_inputs_raise_value_error():
         H.patchify(np.zeros((28, 28, 3), np.float32), table, 14, 2, 2)  # not uint8
     with pytest.raises(ValueError):
         H.patchify(np.zeros((28, 42, 3), np.uint8), table, 14, 2, 2)  # not a multiple of 28
+
+
+TWO_HALVES = _grid([1, 2**15, 2**15], [1, 2**15, 2**15])  # 2^30 patches each: int32 alone, 2^31 together
+
+
+@pytest.mark.parametrize("name, args", [
+    ("mrope_positions", (_ids, _cu, TWO_HALVES, IMAGE, 2)),
+    ("vision_window_index", (TWO_HALVES, 112, 14, 2)),
+])
+def test_grids_over_2_31_patches_together_are_refused_by_the_grid_check(ops, name, args):
+    """Every grid fits int32 indexing, together they do not: the grid check refuses them, naming the limit (the ops
+    size their outputs and int32 offsets from the total)."""
+    with pytest.raises(ValueError, match="more than 2147483647 patches in all"):
+        getattr(ops, name)(*args)

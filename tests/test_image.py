@@ -270,3 +270,17 @@ def test_bad_preprocessor_config_names_the_file(tmp_path):
     file.write_text('{"min_pixels": "many"}')
     with pytest.raises(CheckpointError, match="preprocessor_config.json: field 'min_pixels'"):
         ImageConfig.from_pretrained(tmp_path)
+
+
+def test_aspect_ratio_of_exactly_200_is_allowed_like_transformers():
+    """transformers refuses an aspect ratio above 200 only: 200 itself resizes (to transformers' grid), 200 plus a
+    little does not."""
+    for w, h in [(2, 400), (400, 2), (3, 600), (70, 14000)]:
+        assert max(w, h) / min(w, h) == 200
+        rh, rw = smart_resize(h, w, 28, SMALL.min_pixels, SMALL.max_pixels)
+        assert image_grid(w, h, SMALL) == (1, rh // 14, rw // 14)
+    for w, h in [(2, 401), (401, 2)]:
+        with pytest.raises(ValueError):
+            smart_resize(h, w, 28, SMALL.min_pixels, SMALL.max_pixels)
+        with pytest.raises(ImageError, match="aspect ratio"):
+            image_grid(w, h, SMALL)

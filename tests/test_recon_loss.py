@@ -478,3 +478,24 @@ def test_gpu_patch_bf16_real_shape(monkeypatch, tma):
     ours = grads(lambda *p: masked_patch_loss(*p, targets), params, g)
     for i, (o, n, t) in enumerate(zip(ours, naive, truth)):
         assert rel_err(o, t.double()) <= 2 * rel_err(n, t.double()) + FLOOR[torch.bfloat16], i
+
+
+def test_lm_grad_in_forward_accumulates_d_weight_over_row_chunks_in_fp32():
+    """fp16, d_weight summed over 7 row chunks: each chunk after the first adds 2^-12 of the first one's share, less
+    than half an fp16 ulp of the running sum, so only an fp32 accumulator (rounded once at the end) keeps them. The
+    inputs make everything else exact but the 1/M scale (zero weights: a uniform softmax), so naive torch is within
+    a rounding of the float64 truth."""
+    M, H, V = 896, 16, 16
+    rows = recon_loss._row_chunk(M, V, H)
+    assert M // rows == 7
+    hidden = torch.full((M, H), 2.0**-12)
+    hidden[:rows] = 1.0
+    hidden = hidden.to(DEV, torch.float16).requires_grad_()
+    weight = torch.zeros(V, H, device=DEV, dtype=torch.float16, requires_grad=True)
+    targets = torch.zeros(M, dtype=torch.int64, device=DEV)
+    g = torch.tensor(1.0, device=DEV)
+    hd, wd = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    truth = grads(lambda h, w: naive_lm(h, w, targets), (hd, wd), g.double())
+    naive = grads(lambda h, w: naive_lm(h, w, targets), (hidden, weight), g)
+    ours = grads(lambda h, w: masked_lm_loss(h, w, targets, backend="triton", grad_in_forward=True), (hidden, weight), g)
+    check_lm(ours, naive, truth, torch.float16)

@@ -450,3 +450,30 @@ def test_cli_serves_on_the_socket_it_bound():
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_base64_images_without_padding_decode_to_their_bytes():
+    """Base64 with its '=' padding stripped (as many clients and data URLs send it) is the same image: every padding
+    length (file sizes 0, 1 and 2 mod 3), bare and as a data URL, with line breaks inside."""
+    from moca.serve import image_bytes
+
+    pictures = [png(40 + k, 30 + 2 * k, k) for k in range(6)]
+    assert {len(p) % 3 for p in pictures} == {0, 1, 2}
+    for raw in pictures:
+        text = b64(raw).rstrip("=")
+        assert image_bytes(text, "f") == raw
+        assert image_bytes("data:image/png;base64," + text, "f") == raw
+        assert image_bytes(text[:50] + "\n" + text[50:], "f") == raw
+
+
+def test_the_request_token_limit_is_counted_exactly(served, tiny):
+    """--max-request-tokens is the request's tokens (text only: the tokenizer's count): a request of exactly the
+    limit is served, one token more is refused with 413 naming the flag."""
+    running, client, server = served
+    tokens = lambda text: len(tiny[1].tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert tokens(" x" * 10) == 10
+    at_limit = [" x" * (MAX_REQUEST_TOKENS // 2), " x" * (MAX_REQUEST_TOKENS // 2)]
+    assert sum(map(tokens, at_limit)) == MAX_REQUEST_TOKENS
+    assert vectors(client.post("/v1/embeddings", json={"input": at_limit})).shape[0] == 2
+    r = client.post("/v1/embeddings", json={"input": at_limit + [" x"]})
+    assert r.status_code == 413 and "--max-request-tokens" in r.json()["error"]["message"]
