@@ -26,7 +26,8 @@ PARTS = ("loss", "mlm_loss", "mae_loss", "lr", "grad_norm", "tokens", "samples")
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A small random checkpoint (real vocabulary, tiny image settings) and a shared cost cache."""
+    """A small random checkpoint (real vocabulary, tiny image settings) and a shared cost cache; the module's
+    runs write ~1.3 GB under it (checkpoints, optimizer states), removed when the module ends."""
     root = tmp_path_factory.mktemp("cpt")
     cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=1, mrope_section=(4, 6, 6),
@@ -35,7 +36,8 @@ def workdir(tmp_path_factory):
     model = MoCaModel(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     save_model(model, str(root / "init"), processor=Processor.from_pretrained("tiny"))
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def args(workdir, out, steps, *extra):
