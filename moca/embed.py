@@ -1,8 +1,9 @@
 """Embed texts, images and interleaved inputs: `embed_items` (Python) and `python -m moca.embed` (CLI).
 
 The high-throughput path, in three stages:
-1. Cost of every input, cheaply: tokenised text length plus the image grids read from the image
-   headers (PIL opens lazily), never the pixels, so a huge data set is never held as patches.
+1. Cost of every input, cheaply (`item_costs`): text length from one batched tokenizer call per
+   4096 inputs (the Rust tokenizer's threads) plus the image grids read from the image headers
+   (PIL opens lazily), never the pixels, so a huge data set is never held as patches.
 2. The C++ packer sorts inputs by cost and packs them into micro-batches under a token budget
    (`host_ops.pack_bins`): nothing is padded and long and short inputs never share a padded shape.
 3. A torch DataLoader whose workers decode, preprocess and pack each micro-batch
@@ -86,12 +87,38 @@ def item_cost(processor: Processor, item: dict) -> int:
     """`sample_cost` of `processor.encode(item)` without decoding pixels. Raises the errors `encode`
     would: a missing image names its path, images over `max_length` are a TruncationError."""
     text, images = item_parts(item)
+    return _cost(processor, len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]), images)
+
+
+def item_costs(processor: Processor, items: list, names: list[str] | None = None, chunk: int = 4096) -> torch.Tensor:
+    """`item_cost` of every item -> (N,) int64, the texts tokenised `chunk` at a time in one batched call
+    (the Rust tokenizer's threads: ~1.7x on 2 cores, more with more). InputError naming the input
+    (`names`, else `input i`) for one that cannot be embedded, before any pixel is decoded."""
+    parts = []
+    for i, item in enumerate(items):
+        try:
+            parts.append(item_parts(item))
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{_where(names, i)}: {e}") from e
+    costs = torch.empty(len(items), dtype=torch.int64)
+    for start in range(0, len(parts), chunk):
+        block = parts[start : start + chunk]
+        ids = processor.tokenizer([text for text, _ in block], add_special_tokens=False)["input_ids"]
+        for i, (tokens, (_, images)) in enumerate(zip(ids, block), start):
+            try:
+                costs[i] = _cost(processor, len(tokens), images)
+            except (ValueError, TypeError) as e:
+                raise InputError(f"{_where(names, i)}: {e}") from e
+    return costs
+
+
+def _cost(processor: Processor, text_tokens: int, images: list) -> int:
+    """The cost of an input whose text (markers in place) is `text_tokens` tokens long, with `images`."""
     merge = processor.config.vision.spatial_merge_size**2
-    tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(images)
     grids = [image_grid(*image_size(img), processor.image_config) for img in images]
     image_tokens = sum(t * h * w // merge for t, h, w in grids)
     check_images_fit(grids, image_tokens + 2 * len(images), processor.max_length)  # + vision_start/end
-    tokens += image_tokens
+    tokens = text_tokens - len(images) + image_tokens  # each marker becomes its image's tokens
     if processor.max_length is not None:
         tokens = min(tokens, processor.max_length)
     return tokens + sum(t * h * w for t, h, w in grids)
@@ -145,12 +172,7 @@ def embed_items(
     vectors = torch.empty(len(items), model.config.hidden_size, dtype=torch.float32)
     if not items:
         return vectors
-    costs = torch.empty(len(items), dtype=torch.int64)
-    for i, item in enumerate(items):
-        try:
-            costs[i] = item_cost(processor, item)
-        except (ValueError, TypeError) as e:
-            raise InputError(f"{_where(names, i)}: {e}") from e
+    costs = item_costs(processor, items, names)
     order, offsets = host_ops.pack_bins(costs, batch_tokens, max_items)
     cuda = device.type == "cuda"
     if num_workers > 0:

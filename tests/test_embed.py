@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from hf_oracle import random_image
 from moca import Processor, load_model
-from moca.embed import InputError, embed_items, item_cost, main, sample_cost
+from moca.embed import InputError, embed_items, item_cost, item_costs, main, sample_cost
 from moca.image import ImageError
 from moca.processor import TruncationError
 
@@ -72,6 +72,21 @@ def test_item_cost_matches_the_encoded_sample_without_decoding(tiny, tmp_path):
     assert isinstance(err.value.__cause__, ImageError)
     with pytest.raises(ValueError, match="names 1 image"):
         item_cost(proc, {"text": MARKER, "images": []})
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_batched_costs_equal_each_encoded_sample(tiny, tmp_path, chunk):
+    _, proc = tiny
+    random_image(173, 97, 9).save(tmp_path / "c.png")
+    items = _items() + [{"text": "<|image_1|> phi marker", "images": [str(tmp_path / "c.png")]},
+                        {"text": "héllo wörld, 日本語のテキスト " * 7}]
+    assert item_costs(proc, items, chunk=chunk).tolist() == [sample_cost(proc.encode(it)) for it in items]
+    # an input that cannot be embedded is named, whichever chunk it falls in
+    bad = items[:4] + [{"text": MARKER, "images": [str(tmp_path / "nope.png")]}]
+    with pytest.raises(InputError, match="x.jsonl:5: image file not found"):
+        item_costs(proc, bad, names=[f"x.jsonl:{i}" for i in range(1, 6)], chunk=chunk)
+    with pytest.raises(InputError, match="input 2: 'text' must be a string"):
+        item_costs(proc, [{"text": "ok"}, {"text": "ok"}, {"text": 3}], chunk=chunk)
 
 
 def test_cli_jsonl_writes_npy_and_safetensors(tiny, tmp_path, capsys):
