@@ -122,7 +122,8 @@ class CPTTask(Task):
             slot = a * world + rank
             mb = self.data.micro_batch(step * world * accum + slot)
             out.append(mask_batch(self.processor.pack(mb.samples), self.special_ids, self.mask_id,
-                                  mask_generator(self.seed, step, slot), self.mlm_prob, self.mae_prob, self.merge))
+                                  mask_generator(self.seed, step, slot), self.mlm_prob, self.mae_prob, self.merge,
+                                  inplace=True))  # the batch was packed for this call
         return out
 
     def counts(self, mbs):

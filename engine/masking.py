@@ -1,7 +1,7 @@
 """CPT masking on the host: MLM over text tokens, MAE over image merge groups (MOCA.md §2).
 
-`mask_batch` takes a PackedBatch on the CPU and returns a masked copy plus the targets, before
-anything goes to the device, so the counts that normalise the losses are host ints (no sync).
+`mask_batch` takes a PackedBatch on the CPU and returns it masked (a copy, or its patches overwritten
+for a batch packed for the call) plus the targets, before anything goes to the device, so the counts that normalise the losses are host ints (no sync).
 Randomness comes from a private generator seeded from (seed, step, rank-slot): the masks of a
 step do not depend on any global RNG state, which makes resume and multi-rank runs exact.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from moca.batch import PackedBatch
+from moca.batch import PackedBatch, host_empty
 
 MASK_TOKEN = "<|mask|>"
 
@@ -73,13 +73,15 @@ def mask_generator(seed: int, step: int, slot: int) -> torch.Generator:
 
 
 def mask_batch(batch: PackedBatch, special_ids: torch.Tensor, mask_token_id: int, generator: torch.Generator,
-               mlm_prob: float = 0.4, mae_prob: float = 0.5, merge: int = 4) -> MaskedBatch:
+               mlm_prob: float = 0.4, mae_prob: float = 0.5, merge: int = 4, inplace: bool = False) -> MaskedBatch:
     """Mask a CPU PackedBatch (MOCA.md §2). mlm_prob / mae_prob = 0 switch a part off (no targets).
 
     special_ids: (S,) int64 ids never chosen for MLM; merge: raw patches per LLM image token
-    (spatial_merge_size**2 = 4, not the merge side). Returns a MaskedBatch: (M,) positions and targets,
-    (N,) image-token positions and (N, merge * patch_dim) targets. ValueError when batch.patches does
-    not hold `merge` rows per image token."""
+    (spatial_merge_size**2 = 4, not the merge side); inplace: write the noise into batch.patches instead of a
+    copy (for a batch packed for this call: in a DataLoader worker its patches stay in the shared memory
+    `cat_rows` put them in, so nothing is copied to hand them on). Returns a MaskedBatch: (M,) positions and
+    targets, (N,) image-token positions and (N, merge * patch_dim) targets (in a `host_empty` buffer).
+    ValueError when batch.patches does not hold `merge` rows per image token."""
     ids = batch.input_ids
     u = torch.rand(ids.shape, generator=generator)  # drawn even when unused: masks do not shift with flags
     chosen = (u < mlm_prob) & ~torch.isin(ids, special_ids)
@@ -100,8 +102,9 @@ def mask_batch(batch: PackedBatch, special_ids: torch.Tensor, mask_token_id: int
     noise = torch.randn(dim, generator=generator)  # one draw for every masked patch of the batch
     groups = (u_img < mae_prob).nonzero().flatten()  # (N,) merge groups
     patches = batch.patches.view(n_img, merge, dim)
-    mae_targets = patches[groups].transpose(1, 2).reshape(-1, dim * merge)  # (N, dim*4), index d*4 + p
-    new_patches = patches.clone()
+    mae_targets = host_empty((groups.numel(), dim * merge), patches.dtype)  # index d*4 + p: one gather
+    torch.index_select(patches.transpose(1, 2), 0, groups, out=mae_targets.view(-1, dim, merge))
+    new_patches = patches if inplace else patches.clone()
     new_patches[groups] = noise.to(patches.dtype)
     return MaskedBatch(
         replace(batch, input_ids=new_ids, patches=new_patches.view(-1, dim)),

@@ -294,7 +294,7 @@ def test_ranks_and_accumulation_split_the_bins_as_one_rank_does(monkeypatch):
 
     from engine import cpt
 
-    monkeypatch.setattr(cpt, "mask_batch", lambda packed, *args: packed)  # this test follows bin indices only
+    monkeypatch.setattr(cpt, "mask_batch", lambda packed, *args, **kwargs: packed)  # this test follows bin indices only
     task = cpt.CPTTask.__new__(cpt.CPTTask)
     task.seed, task.special_ids, task.mask_id, task.mlm_prob, task.mae_prob, task.merge = 0, None, 0, 0.4, 0.5, 4
     task.processor = SimpleNamespace(pack=lambda samples: samples[0])

@@ -1,6 +1,7 @@
 """CPT masking on real tokenizer output, the MAE head's init, and the CPT loss against a float64 oracle."""
 
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -93,6 +94,41 @@ def test_mae_rate_noise_and_target_layout(proc, batch):
         g = int(groups[n])
         for d, p in [(0, 0), (1175, 3), (17, 2), (600, 1)]:
             assert mb.mae_targets[n, d * 4 + p] == old[4 * g + p, d]
+
+
+class _Masked(torch.utils.data.Dataset):
+    """Packs and masks in place in a DataLoader worker, as CPTTask's loader does."""
+
+    def __init__(self, proc, items):
+        self.proc, self.items = proc, items
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        special = special_token_ids(self.proc.tokenizer, self.proc.config)
+        mb = mask_batch(self.proc(self.items), special, 151669, mask_generator(3, 2, 1), inplace=True)
+        return mb.batch.patches.is_shared(), mb.mae_targets.is_shared(), mb
+
+
+def test_inplace_masking_equals_the_copy_and_stays_in_shared_memory(proc, batch):
+    special = special_token_ids(proc.tokenizer, proc.config)
+    before = batch.patches.clone()
+    copy = mask_batch(batch, special, 151669, mask_generator(3, 2, 1))
+    assert torch.equal(batch.patches, before)  # the caller's batch is left as it was
+    own = replace(batch, patches=batch.patches.clone())
+    inplace = mask_batch(own, special, 151669, mask_generator(3, 2, 1), inplace=True)
+    assert inplace.batch.patches.data_ptr() == own.patches.data_ptr() and torch.equal(own.patches, copy.batch.patches)
+    for f in fields(copy):
+        a, b = getattr(copy, f.name), getattr(inplace, f.name)
+        assert (a.input_ids if f.name == "batch" else a).equal(b.input_ids if f.name == "batch" else b), f.name
+    # packed and masked in a worker, patches and targets are shared memory before the worker pickles them
+    items = [synthetic.record(7, i) for i in range(6)]
+    ((patches_shared, targets_shared, mb),) = torch.utils.data.DataLoader(
+        _Masked(proc, items), batch_size=None, num_workers=1)
+    assert patches_shared and targets_shared and mb.num_mae > 0
+    here = mask_batch(proc(items), special, 151669, mask_generator(3, 2, 1))
+    assert torch.equal(mb.batch.patches, here.batch.patches) and torch.equal(mb.mae_targets, here.mae_targets)
 
 
 def test_masks_are_a_function_of_seed_step_slot(proc, batch):
@@ -192,7 +228,7 @@ def test_a_micro_batch_without_targets_still_backpropagates(proc):
     assert mb.num_mlm == 0 and mb.num_mae == 0
     loss, mlm, mae = module(mb, 0.0, 0.0, False, True)  # MAE is on for the step, elsewhere
     loss.backward()
-    assert float(loss) == 0.0 and all(p.grad is None or not p.grad.any() for p in module.parameters())
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in module.parameters())
 
 
 def test_task_losses_are_normalised_by_the_step_totals(proc):
