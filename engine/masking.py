@@ -1,7 +1,8 @@
 """CPT masking on the host: MLM over text tokens, MAE over image merge groups (MOCA.md §2).
 
 `mask_batch` takes a PackedBatch on the CPU and returns it masked (a copy, or its patches overwritten
-for a batch packed for the call) plus the targets, before anything goes to the device, so the counts that normalise the losses are host ints (no sync).
+for a batch packed for the call) plus the targets, before anything goes to the device, so the counts
+that normalise the losses are host ints (no sync).
 Randomness comes from a private generator seeded from (seed, step, rank-slot): the masks of a
 step do not depend on any global RNG state, which makes resume and multi-rank runs exact.
 
