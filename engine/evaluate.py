@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from engine import eval_data, parallel
 from engine.metrics import ndcg_at_k, precision_at_1, recall_at_k
-from moca.processor import add_image_tokens_arg, image_config
+from moca.processor import COUNT, POSITIVE, add_image_tokens_arg, image_config
 
 log = logging.getLogger("moca")
 NDCG_KS, RECALL_KS = (5, 10), (1, 5, 10)
@@ -323,9 +323,9 @@ def main(argv=None) -> dict:
                            help="score only queries in these languages (the queries' `language` column, e.g. english); "
                                 "default: every language, each scored alone, the data set's score their mean (MTEB's)")
         s.add_argument("--output", required=True, help="folder for scores.json and the embedding cache")
-        s.add_argument("--batch-tokens", type=int, default=16384, help="token budget per micro-batch")
-        s.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images")
-        s.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+        s.add_argument("--batch-tokens", type=POSITIVE, default=16384, help="token budget per micro-batch")
+        s.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader processes decoding images")
+        s.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
         add_image_tokens_arg(s)
         s.add_argument("--pooling", choices=["mean", "last"], default="mean")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -24,7 +24,7 @@ from engine import parallel
 from engine.data import DEFAULT_CACHE_DIR
 from engine.trainer import (METRICS, PRECISIONS, DivergedError, RunDirError, TrainConfig, Trainer, UsageError,
                             freeze, overwrite_run_dir, plot_metrics, prepare_run_dir)
-from moca.processor import add_image_tokens_arg
+from moca.processor import COUNT, POSITIVE, add_image_tokens_arg, bounded
 
 log = logging.getLogger("moca")
 
@@ -57,21 +57,6 @@ def setup_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _bounded(kind, low=None, high=None, low_open=False):
-    """An argparse type: `kind` within [low, high] (low excluded when low_open), else a usage error."""
-    def parse(text):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
-        if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (
-                high is not None and v > high):
-            bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
-        return v
-    return parse
-
-
 def _data_spec(text: str) -> str:
     """`path` or `path:count` with count >= 1."""
     _, sep, tail = text.rpartition(":")
@@ -80,8 +65,7 @@ def _data_spec(text: str) -> str:
     return text
 
 
-POSITIVE, COUNT = _bounded(int, 1), _bounded(int, 0)
-SHARE = _bounded(float, 0.0, 1.0)
+SHARE = bounded(float, 0.0, 1.0)
 
 
 def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
@@ -100,7 +84,7 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--max-steps", type=POSITIVE, default=None,
                    help="total optimizer steps, also across a resume (default: --epochs of the data; the tiny preset's "
                         f"embedded run: {tiny['max_steps']})")
-    g.add_argument("--epochs", type=_bounded(float, 0.0, low_open=True), default=None,
+    g.add_argument("--epochs", type=bounded(float, 0.0, low_open=True), default=None,
                    help="passes over the data when --max-steps is not given (default 1, as MOCA.md's release)")
     g.add_argument("--save-every", type=COUNT, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
     g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep")
@@ -116,12 +100,12 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     g.add_argument("--log-every", type=POSITIVE, default=None, help=f"log a line every N steps ({release['log_every']})")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=None,
+    o.add_argument("--lr", type=bounded(float, 0.0, low_open=True), default=None,
                    help=f"peak learning rate (MOCA.md: {release['lr']:g}; tiny: {tiny['lr']:g})")
     o.add_argument("--warmup-ratio", type=SHARE, default=None,
                    help=f"linear warm-up share of max-steps ({release['warmup_ratio']:g}; tiny: {tiny['warmup_ratio']:g})")
-    o.add_argument("--weight-decay", type=_bounded(float, 0.0), default=0.0)
-    o.add_argument("--grad-clip", type=_bounded(float, 0.0, low_open=True), default=5.0,
+    o.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.0)
+    o.add_argument("--grad-clip", type=bounded(float, 0.0, low_open=True), default=5.0,
                    help="max global gradient norm (5.0). The gradient is that of the step's mean loss; the CPT "
                         "release's was about --grad-accum times larger (docs/MOCA.md §2)")
     o.add_argument("--grad-accum", type=POSITIVE, default=None,
@@ -151,7 +135,7 @@ def add_cpt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=POSITIVE, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
     g.add_argument("--mlm-prob", type=SHARE, default=0.4, help="share of non-special tokens masked")
     g.add_argument("--mae-prob", type=SHARE, default=0.5, help="share of image tokens (2x2 patches) masked")
-    g.add_argument("--mae-weight", type=_bounded(float, 0.0), default=0.1, help="loss = MLM + w * MAE")
+    g.add_argument("--mae-weight", type=bounded(float, 0.0), default=0.1, help="loss = MLM + w * MAE")
     g.add_argument("--no-mlm", action="store_true", help="switch the MLM loss off")
     g.add_argument("--no-mae", action="store_true", help="switch the MAE loss off")
 
@@ -300,7 +284,7 @@ def add_cl_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cl data and objective")
     g.add_argument("--batch-size", type=POSITIVE, default=None, help="queries per device and micro-batch (24; tiny: 16)")
     g.add_argument("--negative-ratio", type=COUNT, default=2, help="hard negatives per query")
-    g.add_argument("--temperature", type=_bounded(float, 0.0, low_open=True), default=0.03, help="InfoNCE's tau (0.03)")
+    g.add_argument("--temperature", type=bounded(float, 0.0, low_open=True), default=0.03, help="InfoNCE's tau (0.03)")
     g.add_argument("--grad-cache-chunk", type=COUNT, default=0, help="GradCache chunk in samples (0: off)")
     g.add_argument("--image-root", default=None, help="root of relative image paths (default: the folder given to --data; a file's folder)")
     g.add_argument("--max-per-subset", type=COUNT, default=50000,

@@ -16,7 +16,7 @@ for --jsonl, else its index); nothing is written unless every input embeds.
 
     python -m moca.embed                                   # built-in examples on the tiny preset
     python -m moca.embed --model CKPT --text "a cat" --image cat.jpg --output out.npy
-    python -m moca.embed --model CKPT --jsonl inputs.jsonl --output vectors.npy --num-workers 4
+    python -m moca.embed --model CKPT --jsonl inputs.jsonl --output vectors.npy --num-workers 8
 """
 
 import argparse
@@ -38,7 +38,8 @@ from moca.batch import Sample
 from moca.checkpoint import check_model_name, load_model
 from moca.config import CheckpointError
 from moca.image import ImageError, image_grid
-from moca.processor import IMAGE_MARKER, Processor, TruncationError, add_image_tokens_arg, check_images_fit, item_parts
+from moca.processor import (COUNT, IMAGE_MARKER, POSITIVE, Processor, TruncationError, add_image_tokens_arg,
+                            check_images_fit, item_parts)
 
 log = logging.getLogger("moca")
 
@@ -353,15 +354,17 @@ def main(argv=None) -> torch.Tensor:
     p.add_argument("--jsonl", help='a JSONL file of {"text": ..., "images": [paths]} objects')
     p.add_argument("--image-root", help="folder that relative image paths in --jsonl start from")
     p.add_argument("--output", default=None, help="where to write vectors (.npy, plus .safetensors beside it)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="token budget per micro-batch")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (0 = none)")
+    p.add_argument("--batch-tokens", type=POSITIVE, default=16384, help="token budget per micro-batch")
+    p.add_argument("--num-workers", type=COUNT, default=None,
+                   help="DataLoader processes decoding images and packing batches (default: 4 on CUDA; 0 on a CPU, "
+                        "which they would only take from the model)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
     add_image_tokens_arg(p)
-    p.add_argument("--show", type=int, default=8, help="print the cosine-similarity table of the first N inputs")
+    p.add_argument("--show", type=COUNT, default=8, help="print the cosine-similarity table of the first N inputs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -384,8 +387,9 @@ def main(argv=None) -> torch.Tensor:
 
     model = load_model(args.model, device=args.device, dtype=dtype)
     processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
+    workers = args.num_workers if args.num_workers is not None else (4 if args.device.startswith("cuda") else 0)
     vectors = embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling,
-                          num_workers=args.num_workers, progress=True, names=names)
+                          num_workers=workers, progress=True, names=names)
     for path in write_vectors(vectors, output):
         log.info("wrote %s (%d x %d)", path, *vectors.shape)
     if args.show:

@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 
@@ -60,6 +61,24 @@ def image_config(name_or_path: str, image_tokens: tuple[int, int] | None = None)
         raise ValueError(f"image tokens must satisfy 1 <= min <= max, got {lo}, {hi}")
     unit = (cfg.patch_size * cfg.merge_size) ** 2  # pixels of one merged token
     return dataclasses.replace(cfg, min_pixels=lo * unit, max_pixels=hi * unit)
+
+
+def bounded(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` within [low, high] (low excluded when low_open), else a usage error."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (
+                high is not None and v > high):
+            bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return v
+    return parse
+
+
+POSITIVE, COUNT = bounded(int, 1), bounded(int, 0)
 
 
 def add_image_tokens_arg(parser: argparse.ArgumentParser) -> None:

@@ -57,7 +57,8 @@ from moca import host_ops
 from moca.batch import Sample
 from moca.embed import demo_items, image_size, item_cost, run_cli, sample_cost
 from moca.image import ImageError, load_image
-from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, add_image_tokens_arg, normalize_markers
+from moca.processor import (COUNT, IMAGE_MARKER, IMAGE_PAD, POSITIVE, Processor, add_image_tokens_arg, bounded,
+                            normalize_markers)
 
 log = logging.getLogger("moca")
 
@@ -642,21 +643,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m moca.serve", description="Serve embeddings over HTTP (OpenAI and TEI APIs).")
     p.add_argument("--model", default="tiny", help="a preset (tiny, 3b, 7b) or an HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=bounded(int, 0, 65535), default=8080)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="token budget (LLM tokens + image patches) per forward")
-    p.add_argument("--max-items", type=int, default=0, help="most inputs per forward (0 = unlimited)")
-    p.add_argument("--max-queue", type=int, default=256, help="most requests admitted at once; more get 503")
-    p.add_argument("--max-request-tokens", type=int, default=None,
+    p.add_argument("--batch-tokens", type=POSITIVE, default=16384, help="token budget (LLM tokens + image patches) per forward")
+    p.add_argument("--max-items", type=COUNT, default=0, help="most inputs per forward (0 = unlimited)")
+    p.add_argument("--max-queue", type=POSITIVE, default=256, help="most requests admitted at once; more get 503")
+    p.add_argument("--max-request-tokens", type=POSITIVE, default=None,
                    help="most tokens + patches per request, 413 over it (default 4 x --batch-tokens)")
-    p.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
     add_image_tokens_arg(p)
-    p.add_argument("--payload-limit", type=int, default=64 << 20, help="most bytes in a request body, 413 over it")
-    p.add_argument("--max-client-batch-size", type=int, default=2048, help="most inputs in a request, 413 over it "
+    p.add_argument("--payload-limit", type=POSITIVE, default=64 << 20, help="most bytes in a request body, 413 over it")
+    p.add_argument("--max-client-batch-size", type=POSITIVE, default=2048, help="most inputs in a request, 413 over it "
                                                                              "(OpenAI's cap)")
-    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request body may take to arrive, 408 over")
+    p.add_argument("--body-timeout", type=bounded(float, 0.0, low_open=True), default=60.0, help="seconds a request body may take to arrive, 408 over")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """The embedding API and `python -m moca.embed`: batched equals one-at-a-time, files written whole."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -295,3 +296,32 @@ def test_cli_bad_output_fails_before_the_model_loads(tmp_path, monkeypatch, outp
     with pytest.raises(OSError, match=message):
         main(["--text", "hello", "--output", str(tmp_path / output), "--device", "cpu"])
     assert [p.name for p in tmp_path.rglob("*")] == ["afile"] and (tmp_path / "afile").read_text() == ""
+
+
+@pytest.mark.parametrize("cli, flags, message", [
+    ("moca.embed", ["--batch-tokens", "0"], "--batch-tokens: must be >= 1, got 0"),
+    ("moca.embed", ["--num-workers", "-1"], "--num-workers: must be >= 0, got -1"),
+    ("moca.embed", ["--max-length", "0"], "--max-length: must be >= 1"),
+    ("moca.serve", ["--max-queue", "0"], "--max-queue: must be >= 1"),
+    ("moca.serve", ["--port", "65536"], r"--port: must be in \[0, 65535\]"),
+    ("moca.serve", ["--body-timeout", "nan"], "--body-timeout: must be > 0.0"),
+    ("engine.evaluate", ["mmeb", "--data", "d", "--images", "i", "--output", "o", "--batch-tokens", "x"],
+     "--batch-tokens: not an integer: 'x'"),
+])
+def test_cli_flag_values_are_checked_when_parsed(tmp_path, monkeypatch, capsys, cli, flags, message):
+    """A nonsense number is a usage error (status 2) naming the flag, before a model loads or a file is written."""
+    import importlib
+
+    import moca.checkpoint
+    import moca.embed
+
+    def parsed(name):  # each CLI's first step after parsing: a flag let through fails here, fast
+        raise AssertionError(f"{flags} parsed")
+
+    monkeypatch.setattr(moca.checkpoint, "check_model_name", parsed)
+    monkeypatch.setattr(moca.embed, "check_model_name", parsed)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(cli).main([*flags, "--output", "out.npy"] if cli == "moca.embed" else flags)
+    assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
