@@ -324,7 +324,9 @@ def main(argv=None) -> dict:
                                 "default: every language, each scored alone, the data set's score their mean (MTEB's)")
         s.add_argument("--output", required=True, help="folder for scores.json and the embedding cache")
         s.add_argument("--batch-tokens", type=POSITIVE, default=16384, help="token budget per micro-batch")
-        s.add_argument("--num-workers", type=COUNT, default=4, help="DataLoader processes decoding images")
+        s.add_argument("--num-workers", type=COUNT, default=None,
+                       help="DataLoader processes decoding images (default: 4 on CUDA; 0 on a CPU, which they would "
+                            "only take from the model)")
         s.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
         add_image_tokens_arg(s)
         s.add_argument("--pooling", choices=["mean", "last"], default="mean")
@@ -351,7 +353,8 @@ def main(argv=None) -> dict:
     try:
         embedder = Embedder(
             args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, batch_tokens=args.batch_tokens,
-            num_workers=args.num_workers, max_length=args.max_length, pooling=args.pooling,
+            num_workers=args.num_workers if args.num_workers is not None else (4 if torch.cuda.is_available() else 0),
+            max_length=args.max_length, pooling=args.pooling,
             attn_backend=None if args.attn_backend == "auto" else args.attn_backend, image_tokens=args.image_tokens,
         )
         if args.task == "mmeb":

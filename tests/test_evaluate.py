@@ -392,6 +392,29 @@ def test_cli_output_is_checked_before_the_model_loads(tmp_path, monkeypatch, tas
     assert (tmp_path / "afile").read_text() == "scores" and not list(tmp_path.rglob("*.safetensors"))
 
 
+@pytest.mark.parametrize("cuda, flag, workers", [(False, [], 0), (True, [], 4), (False, ["--num-workers", "3"], 3)])
+def test_cli_decode_workers_default_to_4_on_cuda_and_0_on_a_cpu(tmp_path, monkeypatch, cuda, flag, workers):
+    """On a CPU, workers would only take cores from the model; on CUDA they keep the device fed."""
+    import engine.evaluate as ev
+
+    data = write_mmeb(tmp_path)[0]
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(self, *args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(ev.Embedder, "__init__", record)
+    with pytest.raises(Stop):
+        ev.main(["mmeb", "--data", str(data), "--images", str(tmp_path / "images"), "--output", str(tmp_path / "o"),
+                 *flag])
+    assert seen["num_workers"] == workers
+
+
 def test_mmeb_cache_is_keyed_on_max_length_pooling_and_weights_changed_in_place(tiny, tmp_path, monkeypatch):
     """Vectors embedded under another --max-length or pooling, or by a checkpoint whose weights were rewritten in
     place (same file names and sizes, new values), are never scored: the subset is embedded afresh, and with the
