@@ -10,6 +10,8 @@ The high-throughput path, in three stages:
    (`num_workers`; 0 = in this process) while the model runs the previous one; on CUDA the
    batches arrive in pinned memory, are copied with `non_blocking=True`, and the vectors come
    back through a pinned buffer one batch late, so the host never waits on the device in the loop.
+   The CLI writes them straight into a memory-mapped .npy (`vector_files`): a corpus's vectors never
+   have to fit in host memory.
 Each sample attends only to itself, so vectors equal embedding one input at a time; they come
 back in input order. An input that cannot be embedded is an InputError naming it (FILE:LINE
 for --jsonl, else its index); nothing is written unless every input embeds.
@@ -20,10 +22,12 @@ for --jsonl, else its index); nothing is written unless every input embeds.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -159,6 +163,7 @@ def embed_items(
     max_items: int = 0,
     progress: bool = False,
     names: list[str] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """items: iterable of {"text", "images"} dicts -> (N, hidden) float32 L2-normalised, input order.
 
@@ -166,11 +171,16 @@ def embed_items(
     num_workers: DataLoader processes decoding images and packing batches (0 = this process);
     max_items: most inputs per micro-batch (0 = unlimited);
     names: how errors name each input (e.g. FILE:LINE; default `input i`, its index in `items`).
-    pooling: "mean" (MoCa) or "last". InputError, naming the input, for one that cannot be embedded.
+    pooling: "mean" (MoCa) or "last"; out: the (N, hidden) float32 tensor to fill and return (e.g. a memory-mapped
+    file's: `vector_files`), else a new one. InputError, naming the input, for one that cannot be embedded;
+    ValueError for an `out` of another shape or dtype.
     """
     items = list(items)
     device = next(model.parameters()).device
-    vectors = torch.empty(len(items), model.config.hidden_size, dtype=torch.float32)
+    shape = (len(items), model.config.hidden_size)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32):
+        raise ValueError(f"out must be a {shape} float32 tensor, got {tuple(out.shape)} {out.dtype}")
+    vectors = torch.empty(shape, dtype=torch.float32) if out is None else out
     if not items:
         return vectors
     costs = item_costs(processor, items, names)
@@ -322,25 +332,32 @@ def run_cli(main, prog: str, errors: tuple = ()) -> None:
         sys.exit(f"{prog}: {message}")
 
 
-def write_vectors(vectors: torch.Tensor, path: str) -> list[str]:
-    """Write `path` (.npy) and the same stem as .safetensors: both written to temp files first,
-    then renamed into place; on failure no temp file is left."""
+@contextlib.contextmanager
+def vector_files(path: str, n: int, dim: int):
+    """Yield an (n, dim) float32 tensor backed by a memory-mapped .npy temp file, so the vectors of a large job
+    stream to disk instead of living in host memory. On a clean exit the .npy and a .safetensors copy
+    (`vector_paths(path)`; key "embeddings") are renamed into place; on an exception neither is written and
+    no temp file is left. The .npy's blocks are allocated up front: OSError (ENOSPC) before any vector if
+    the disk cannot hold it."""
     from safetensors.torch import save_file
 
     targets = vector_paths(path)
     os.makedirs(os.path.dirname(os.path.abspath(targets[0])), exist_ok=True)
     temps = [t + ".tmp" for t in targets]
     try:
-        with open(temps[0], "wb") as f:
-            np.save(f, vectors.numpy())
-        save_file({"embeddings": vectors.contiguous()}, temps[1])
+        array = np.lib.format.open_memmap(temps[0], mode="w+", dtype=np.float32, shape=(n, dim))
+        with open(temps[0], "r+b") as f:  # a full disk fails here, not as SIGBUS on a page of the sparse file
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        yield torch.from_numpy(array)
+        array.flush()
+        save_file({"embeddings": torch.from_numpy(array)}, temps[1])
+        shutil.copymode(temps[0], temps[1])  # safetensors writes 0600; the .npy has the umask's mode
         for tmp, final in zip(temps, targets):
             os.replace(tmp, final)
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    return list(targets)
 
 
 def main(argv=None) -> torch.Tensor:
@@ -388,9 +405,10 @@ def main(argv=None) -> torch.Tensor:
     model = load_model(args.model, device=args.device, dtype=dtype)
     processor = Processor.from_pretrained(args.model, max_length=args.max_length, image_tokens=args.image_tokens)
     workers = args.num_workers if args.num_workers is not None else (4 if args.device.startswith("cuda") else 0)
-    vectors = embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling,
-                          num_workers=workers, progress=True, names=names)
-    for path in write_vectors(vectors, output):
+    with vector_files(output, len(items), model.config.hidden_size) as vectors:
+        embed_items(model, processor, items, args.batch_tokens, pooling=args.pooling, num_workers=workers,
+                    progress=True, names=names, out=vectors)
+    for path in vector_paths(output):
         log.info("wrote %s (%d x %d)", path, *vectors.shape)
     if args.show:
         print(similarity_table(vectors[: args.show], names[: args.show]))

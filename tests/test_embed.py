@@ -163,14 +163,52 @@ def test_cli_output_folder_is_refused_and_nothing_written(tmp_path, folder, outp
 
 
 def test_failed_write_leaves_no_temp_files(tmp_path, monkeypatch):
+    import errno
+    import os
+
     import safetensors.torch
 
-    from moca.embed import write_vectors
+    from moca.embed import vector_files
 
     monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        write_vectors(torch.ones(2, 3), str(tmp_path / "v.npy"))
+        with vector_files(str(tmp_path / "v.npy"), 2, 3) as v:
+            v.fill_(1.0)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="input 1"):  # an input that fails half-way: nothing written either
+        with vector_files(str(tmp_path / "v.npy"), 2, 3) as v:
+            v[0] = 1.0
+            raise InputError("input 1: bad")
+    assert list(tmp_path.iterdir()) == []
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)  # a disk too small: refused before any vector is embedded
+    with pytest.raises(OSError, match="No space left"):
+        with vector_files(str(tmp_path / "v.npy"), 2, 3):
+            pytest.fail("embedded onto a disk that cannot hold the vectors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vectors_stream_into_the_memory_mapped_output(tiny, tmp_path):
+    """The CLI's vectors are embed_items' own, written row by row into the .npy that becomes the output (no copy
+    in host memory), with the same values in the .safetensors beside it."""
+    from moca.embed import vector_files
+
+    model, proc = tiny
+    items = [{"text": f"item {i} " * (1 + i % 5)} for i in range(7)]
+    expected = embed_items(model, proc, items, batch_tokens=40)
+    with vector_files(str(tmp_path / "v"), len(items), model.config.hidden_size) as out:
+        got = embed_items(model, proc, items, batch_tokens=40, out=out)
+        assert got is out
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy.tmp"]  # the rows land in the file itself
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy", "v.safetensors"]
+    assert (tmp_path / "v.safetensors").stat().st_mode == (tmp_path / "v.npy").stat().st_mode
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), expected.numpy())
+    torch.testing.assert_close(load_file(tmp_path / "v.safetensors")["embeddings"], expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be a \\(7, "):
+        embed_items(model, proc, items, out=torch.empty(6, model.config.hidden_size))
 
 
 def test_truncation_never_merges_two_images(tiny, tmp_path, capsys):
