@@ -23,6 +23,7 @@ for --jsonl, else its index); nothing is written unless every input embeds.
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -323,13 +324,17 @@ USER_ERRORS = (CheckpointError, InputError, ImageError, TruncationError, FileNot
 
 
 def run_cli(main, prog: str, errors: tuple = ()) -> None:
-    """`python -m` entry: run main(); a user error (USER_ERRORS or `errors`) ends the process with status 1
-    and one line `prog: message` on stderr; anything else (a bug) keeps its traceback."""
+    """`python -m` entry: run main(); a user error (USER_ERRORS or `errors`) or a full disk or quota ends the
+    process with status 1 and one line `prog: message` on stderr; anything else (a bug) keeps its traceback."""
     try:
         main()
-    except USER_ERRORS + tuple(errors) as e:
-        message = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+    except OSError as e:
+        if not isinstance(e, USER_ERRORS + tuple(errors)) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        message = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
         sys.exit(f"{prog}: {message}")
+    except USER_ERRORS + tuple(errors) as e:
+        sys.exit(f"{prog}: {e}")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The embedding API and `python -m moca.embed`: batched equals one-at-a-time, files written whole."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -164,7 +165,6 @@ def test_cli_output_folder_is_refused_and_nothing_written(tmp_path, folder, outp
 
 def test_failed_write_leaves_no_temp_files(tmp_path, monkeypatch):
     import errno
-    import os
 
     import safetensors.torch
 
@@ -363,3 +363,25 @@ def test_cli_flag_values_are_checked_when_parsed(tmp_path, monkeypatch, capsys, 
         importlib.import_module(cli).main([*flags, "--output", "out.npy"] if cli == "moca.embed" else flags)
     assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_ends_a_cli_with_one_line_other_os_errors_keep_their_traceback():
+    import errno
+
+    from moca.embed import run_cli
+
+    def fails(error):
+        def main():
+            raise error
+        return main
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        with pytest.raises(SystemExit) as done:
+            run_cli(fails(OSError(code, os.strerror(code), "/data/v.npy.tmp")), "moca.embed")
+        assert done.value.code == f"moca.embed: /data/v.npy.tmp: {os.strerror(code)}"
+    with pytest.raises(SystemExit, match="^moca.embed: nope.jsonl: No such file"):
+        run_cli(fails(FileNotFoundError(errno.ENOENT, "No such file or directory", "nope.jsonl")), "moca.embed")
+    with pytest.raises(OSError, match="I/O error"):  # not the user's doing: a traceback
+        run_cli(fails(OSError(errno.EIO, "I/O error")), "moca.embed")
+    with pytest.raises(SystemExit, match="^moca.embed: input 3: bad$"):
+        run_cli(fails(InputError("input 3: bad")), "moca.embed")
