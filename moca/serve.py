@@ -23,6 +23,8 @@ Design decisions a reader must know:
   with 413, a body slower than `--body-timeout` with 408; a malformed request gets 400 naming the field and
   index (TEI's 422). Each API gets its own error shape (OPENAI_ERRORS, TEI_ERRORS). A client that
   disconnects (uploading or queued) cancels its inputs (status 499 in /metrics); the batch goes on.
+* With `--api-key`, every route but /health and /ping wants `Authorization: Bearer <key>` (TEI's --api-key;
+  OpenAI's clients send it): 401 in the API's error shape, checked before the body is read.
 * Vectors leave the device pooled and are normalised per request (TEI's normalize=false skips it).
 * Warm start: before /health reports ready the device thread embeds a few representative inputs
   (texts, an image, interleaved) alone and together, so the first request pays no compile or
@@ -35,6 +37,7 @@ import base64
 import binascii
 import contextlib
 import copy
+import hmac
 import json
 import logging
 import os
@@ -68,10 +71,11 @@ log = logging.getLogger("moca")
 # Unhealthy 503, Backend 424).
 OPENAI_ERRORS = {"invalid": (400, "invalid_request_error"), "empty": (400, "invalid_request_error"),
                  "too_large": (413, "invalid_request_error"), "timeout": (408, "invalid_request_error"),
+                 "unauthorized": (401, "invalid_request_error"),
                  "overloaded": (503, "server_overloaded"),
                  "unavailable": (503, "server_error"), "backend": (500, "server_error")}
 TEI_ERRORS = {"invalid": (422, "Validation"), "empty": (400, "Empty"), "too_large": (413, "Validation"),
-              "timeout": (408, "Validation"),
+              "timeout": (408, "Validation"), "unauthorized": (401, "Unauthorized"),
               "overloaded": (429, "Overloaded"), "unavailable": (503, "Unhealthy"), "backend": (424, "Backend")}
 
 
@@ -337,8 +341,10 @@ class EmbeddingServer:
     def __init__(self, model, processor: Processor, model_name: str = "tiny", batch_tokens: int = 16384,
                  max_items: int = 0, max_queue: int = 256, max_request_tokens: int | None = None,
                  pooling: str = "mean", warmup: bool = True, decode_threads: int | None = None,
-                 payload_limit: int = 64 << 20, max_client_batch_size: int = 2048, body_timeout: float = 60.0):
+                 payload_limit: int = 64 << 20, max_client_batch_size: int = 2048, body_timeout: float = 60.0,
+                 api_key: str | None = None):
         self.processor, self.model_name, self.max_queue = processor, model_name, max_queue
+        self.expected_auth = None if api_key is None else f"Bearer {api_key}".encode()
         self.untruncated = copy.copy(processor)  # encodes whole; `truncate` decides per request
         self.untruncated.max_length = None
         self.batch_tokens, self.max_items, self.payload_limit = batch_tokens, max_items, payload_limit
@@ -349,6 +355,18 @@ class EmbeddingServer:
         self.worker = DeviceWorker(model, processor, self.metrics, batch_tokens, max_items, pooling, warmup)
         self.decoders = ThreadPoolExecutor(decode_threads or min(8, os.cpu_count() or 1), thread_name_prefix="moca-decode")
         self.in_flight = 0  # touched only on the event loop
+
+    def authorize(self, request: Request) -> None:
+        """RequestError (unauthorized) unless the server has no API key or the request's Authorization header is
+        `Bearer <key>` (scheme in any case, as RFC 7235 allows; compared in constant time)."""
+        if self.expected_auth is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = f"Bearer {token.strip()}".encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(given, self.expected_auth):
+            raise RequestError("unauthorized", "a missing or wrong API key: send the header "
+                                               "'Authorization: Bearer <key>' with the key the server was started with",
+                               headers={"WWW-Authenticate": "Bearer"})
 
     def encode(self, inputs: list[tuple[str, str, list]], truncate: bool = True) -> list[Sample]:
         """Parsed inputs -> Samples (runs in the decode pool), each error naming its field. The request's cost
@@ -416,6 +434,7 @@ class EmbeddingServer:
     async def embed(self, request: Request, field: str, check) -> tuple[dict, torch.Tensor, int]:
         """Admit, parse (`check(payload)` vets the endpoint's options -> whether to truncate), decode, queue and
         wait -> (payload, (N, hidden) float32 pooled vectors, not normalised, LLM tokens)."""
+        self.authorize(request)  # before a byte of the body is read
         if not self.worker.alive:
             raise RequestError("unavailable", "the device worker has stopped (see the server log)")
         full = RequestError("overloaded", f"the queue is full ({self.max_queue} requests waiting); retry shortly",
@@ -506,7 +525,8 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
     def error_response(errors: dict, kind: str, message: str, param: str | None = None, headers=None) -> Response:
         status, kind_name = errors[kind]
         if errors is OPENAI_ERRORS:  # {"error": {message, type, param, code}}, as OpenAI's API
-            body = {"error": {"message": message, "type": kind_name, "param": param, "code": None}}
+            code = "invalid_api_key" if kind == "unauthorized" else None
+            body = {"error": {"message": message, "type": kind_name, "param": param, "code": code}}
         else:  # {"error", "error_type"}, as text-embeddings-inference
             body = {"error": message, "error_type": kind_name}
         return JSONResponse(body, status, headers=headers)
@@ -568,8 +588,12 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         return await handle(request, request.url.path, "inputs", tei_check, tei_answer, TEI_ERRORS)
 
     @app.get("/info")
-    async def info() -> Response:
+    async def info(request: Request) -> Response:
         """TEI's /info: what clients read to size their requests."""
+        try:
+            server.authorize(request)
+        except RequestError as e:
+            return error_response(TEI_ERRORS, e.kind, str(e), headers=e.headers)
         return JSONResponse({
             "model_id": server.model_name, "model_sha": None, "model_dtype": str(server.worker.dtype).split(".")[-1],
             "model_type": {"embedding": {"pooling": server.worker.pooling}},
@@ -588,7 +612,11 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         return JSONResponse({"status": "warming up" if server.worker.alive else "device worker stopped"}, 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        try:
+            server.authorize(request)  # Prometheus scrapes with `authorization: {credentials: <key>}`
+        except RequestError as e:
+            return Response(str(e), 401, headers=e.headers)
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -659,8 +687,13 @@ def main(argv=None) -> None:
                                                                              "(OpenAI's cap)")
     p.add_argument("--body-timeout", type=bounded(float, 0.0, low_open=True), default=60.0, help="seconds a request body may take to arrive, 408 over")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    p.add_argument("--api-key", default=os.environ.get("MOCA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and /ping (401 otherwise; "
+                        "default: $MOCA_API_KEY, which keeps the key out of the process list; unset: no check)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip embedding examples before /health is ready")
     args = p.parse_args(argv)
+    if args.api_key is not None and (not args.api_key or any(c.isspace() for c in args.api_key)):
+        p.error("--api-key: a key is one word, without spaces")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from moca.checkpoint import check_model_name, load_model
@@ -673,8 +706,10 @@ def main(argv=None) -> None:
     app = create_app(model, processor, model_name=args.model, batch_tokens=args.batch_tokens, max_items=args.max_items,
                      max_queue=args.max_queue, max_request_tokens=args.max_request_tokens, pooling=args.pooling,
                      warmup=args.warmup, payload_limit=args.payload_limit,
-                     max_client_batch_size=args.max_client_batch_size, body_timeout=args.body_timeout)
-    log.info("listening on http://%s:%d", args.host, sock.getsockname()[1])
+                     max_client_batch_size=args.max_client_batch_size, body_timeout=args.body_timeout,
+                     api_key=args.api_key)
+    log.info("listening on http://%s:%d%s", args.host, sock.getsockname()[1],
+             " (API key required)" if args.api_key else "")
     uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
 
 

@@ -343,6 +343,8 @@ def test_cli_bad_output_fails_before_the_model_loads(tmp_path, monkeypatch, outp
     ("moca.serve", ["--max-queue", "0"], "--max-queue: must be >= 1"),
     ("moca.serve", ["--port", "65536"], r"--port: must be in \[0, 65535\]"),
     ("moca.serve", ["--body-timeout", "nan"], "--body-timeout: must be > 0.0"),
+    ("moca.serve", ["--api-key", ""], "--api-key: a key is one word, without spaces"),
+    ("moca.serve", ["--api-key", "two words"], "--api-key: a key is one word, without spaces"),
     ("engine.evaluate", ["mmeb", "--data", "d", "--images", "i", "--output", "o", "--batch-tokens", "x"],
      "--batch-tokens: not an integer: 'x'"),
 ])

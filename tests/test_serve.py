@@ -310,6 +310,43 @@ def test_truncate_and_payload_limit(tiny):
         running.stop()
 
 
+def test_api_key_guards_every_route_but_health(tiny):
+    """With an API key, a request without `Authorization: Bearer <key>` (or with another key) gets 401 in its
+    API's error shape before its body is read, and embeds nothing; the right key (any case of "Bearer") is
+    served as without a key; /health and /ping stay open for load balancers."""
+    model, proc = tiny
+    app = create_app(model, proc, warmup=False, api_key="s3cret-key")
+    server = app.state.server
+    running = start_in_thread(app)
+    try:
+        with httpx.Client(base_url=running.url, timeout=60) as client:
+            wait_until(lambda: client.get("/health").status_code == 200)
+            assert client.get("/ping").status_code == 200
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                            {"Authorization": "Basic s3cret-key"}, {"Authorization": "Bearer s3cret-key2"}):
+                r = client.post("/v1/embeddings", json={"input": "a cat"}, headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                assert r.json()["error"]["code"] == "invalid_api_key"
+                r = client.post("/embed", json={"inputs": "a cat"}, headers=headers)
+                assert r.status_code == 401 and r.json()["error_type"] == "Unauthorized"
+                assert client.get("/info", headers=headers).status_code == 401
+                assert client.get("/metrics", headers=headers).status_code == 401
+            assert metric(server, "moca_inputs_total") == 0  # nothing refused was embedded
+            # a large body without the key is refused at its headers: the server never waits for the body
+            with _raw(running.url, b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: 100000\r\n\r\n") as sock:
+                sock.settimeout(30)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 401")
+            for scheme in ("Bearer", "bearer", "BEARER"):
+                ok = {"Authorization": f"{scheme} s3cret-key"}
+                got = vectors(client.post("/v1/embeddings", json={"input": ["a cat"]}, headers=ok))
+                assert (got - oracle(tiny, [{"text": "a cat"}])).abs().max() <= 1e-5
+                assert client.get("/info", headers=ok).json()["model_id"] == "tiny"
+                assert client.get("/metrics", headers=ok).status_code == 200
+    finally:
+        running.stop()
+
+
 def _raw(url: str, head: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
@@ -424,28 +461,33 @@ def test_cli_port_in_use_fails_before_the_model_loads(tmp_path):
 
 
 def test_cli_serves_on_the_socket_it_bound():
-    """`python -m moca.serve --port 0`: the socket bound before the model loads is the one that serves."""
+    """`python -m moca.serve --port 0`: the socket bound before the model loads is the one that serves, with
+    the API key of $MOCA_API_KEY (kept out of the command line)."""
+    import os
     import re
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "moca.serve", "--port", "0", "--model", "tiny", "--no-warmup"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, MOCA_API_KEY="from-env"))
     try:
         url = None
         for line in proc.stderr:
-            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+) \(API key required\)", line):
                 url = m.group(1)
                 break
-        assert url, "no 'listening on' line"
+        assert url, "no 'listening on ... (API key required)' line"
         deadline = time.monotonic() + 120
         while True:
             try:
-                reply = httpx.post(url + "/v1/embeddings", json={"input": ["a cat"]}, timeout=60)
+                refused = httpx.post(url + "/v1/embeddings", json={"input": ["a cat"]}, timeout=60)
                 break
             except httpx.ConnectError:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
+        assert refused.status_code == 401
+        reply = httpx.post(url + "/v1/embeddings", json={"input": ["a cat"]}, timeout=60,
+                           headers={"Authorization": "Bearer from-env"})
         assert reply.status_code == 200 and len(reply.json()["data"][0]["embedding"]) > 0
     finally:
         proc.terminate()
