@@ -36,8 +36,15 @@ for 3.6 is made too, from a venv of its own (below), and committed beside this o
     python bench/compile_gate.py            # table to stdout and bench/results/sm90-compile-gate.{md,json}
     python bench/compile_gate.py --json X   # rows to X only (tests/test_compile_gate.py)
     python bench/compile_gate.py --json X --only infonce   # one kernel family
+    python bench/compile_gate.py --arch 80  # an A100: bench/results/sm80-compile-gate.{md,json}
     /tmp/t36/bin/python bench/compile_gate.py --stem bench/results/sm90-compile-gate-triton3.6
         # the same gate under the GPU image's Triton (3.6, in a venv of its own: torch CPU + triton==3.6.0)
+
+Other architectures (`--arch 80 | 86 | 89`: A100; A10, A6000, RTX 3090; L4, L40S, RTX 4090): the same kernels
+with the configs kernels/tuned.py gives them (its untuned "default" rules for attention; the loss kernels' tiles
+do not depend on the architecture), without the Hopper-only variants (TMA, the fused dq, the sm_90-sized autotune
+candidates), shared memory checked against that architecture's limit: 451 compiles, ~4 min cold; tables in
+bench/results/sm80-compile-gate.md, sm86-, sm89-. Not part of the CPU suite (its minutes go to sm_90).
 
 Exit status 1 when the gate fails. Compiles land in Triton's cache, so a rerun only redoes what changed.
 """
@@ -73,9 +80,12 @@ from kernels import tuned  # noqa: E402
 attention, infonce, recon_loss = (importlib.import_module(f"kernels.{m}")
                                    for m in ("attention", "infonce", "recon_loss"))
 
-TARGET = GPUTarget("cuda", 90, 32)
+# max dynamic shared memory per block: A100 (sm_80); A10, A6000, RTX 3090 (sm_86); L4, L40S, RTX 4090 (sm_89);
+# H100, H200 (sm_90)
+SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+TARGET = GPUTarget("cuda", 90, 32)  # `set_arch` changes these three
 ARCH = "sm90"
-SHARED_LIMIT = 227 * 1024  # max dynamic shared memory per block on sm_90
+SHARED_LIMIT = SHARED_LIMITS[90]
 SMS = 132  # H100/H200 SM count, for the launchers' split heuristics
 HEAD_DIMS = (32, 40, 64, 72, 80, 96, 128)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -86,6 +96,17 @@ SEQ_BUCKETS = tuple(sorted({8192, *(cond["max_seq"] for rules in tuned._RULES[AR
 CANDIDATE_SUBSET = dict(dtype="bf16", group=8, head_dims=(128,))
 TMA_DTYPES = ("bf16",)  # TMA variants: bf16 (fp16 binds alike); attention for groups 1 and 8 (vision, 3B)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def set_arch(cap: int) -> None:
+    """Compile for sm_{cap} (a key of SHARED_LIMITS) from now on, with the configs kernels/tuned.py gives it."""
+    global TARGET, ARCH, SHARED_LIMIT
+    TARGET, ARCH, SHARED_LIMIT = GPUTarget("cuda", cap, 32), f"sm{cap}", SHARED_LIMITS[cap]
+
+
+def _hopper() -> bool:
+    """TMA descriptors, the fused dq (sm_90 atomics) and the autotune candidates (sized for sm_90) are Hopper's."""
+    return TARGET.arch >= 90
 
 
 def _ptr(dtype: torch.dtype) -> torch.Tensor:
@@ -221,7 +242,7 @@ def _resources(cubin: bytes) -> dict:
 
 
 def compile_launch(fn, args, kwargs) -> dict:
-    """Compile fn[grid](*args, **kwargs) for sm_90 into Triton's cache -> {regs, shared (bytes, dynamic +
+    """Compile fn[grid](*args, **kwargs) for TARGET into Triton's cache -> {regs, shared (bytes, dynamic +
     static), stack, local, error}; a failure is reported in error, not raised."""
     row = dict(regs=None, shared=None, stack=None, local=None, error=None)
     try:
@@ -254,7 +275,7 @@ def _attention_kernels(dtype: str):
     for name in tuned.KERNELS:
         for packed in (False, True):
             yield name, packed, False
-            if name == "dkdv" and dtype != "fp32" and (tuned.FUSED_DQ[ARCH] or dtype in TMA_DTYPES):
+            if name == "dkdv" and dtype != "fp32" and _hopper() and (tuned.FUSED_DQ[ARCH] or dtype in TMA_DTYPES):
                 yield name, packed, True
 
 
@@ -276,16 +297,17 @@ def jobs(only: str = "") -> list[dict]:
                 # configs the launchers take (the fused dq's only count as shipped where tuned.py turns it on)
                 shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed, fused).values())
                            for s in SEQ_BUCKETS}  # fmt: skip
-                ships = fused == (name == "dkdv" and tuned.FUSED_DQ[ARCH])
+                ships = fused == (name == "dkdv" and tuned.FUSED_DQ.get(ARCH, False))
                 cands = {(*c, False) for c in attention.candidates(name)}
-                if packed or not (dtype == CANDIDATE_SUBSET["dtype"] and D in CANDIDATE_SUBSET["head_dims"]):
+                if packed or not _hopper() or not (dtype == CANDIDATE_SUBSET["dtype"]
+                                                   and D in CANDIDATE_SUBSET["head_dims"]):
                     cands = set()
                 spec = f"D={D} {dtype} G={{}}" + (" packed" if packed else "")
                 for group in GROUPS:
                     for cfg in sorted(shipped | (cands if group == CANDIDATE_SUBSET["group"] else set())):
                         bmbnws, tma = cfg[:4], cfg[4]
                         variants = [tma]
-                        if not tma and dtype in TMA_DTYPES and group in (1, 8) and unmasked:
+                        if not tma and _hopper() and dtype in TMA_DTYPES and group in (1, 8) and unmasked:
                             variants.append(True)  # the TMA variant (MOCA_TMA=1, or a rule's tma flag)
                         for tma in variants:
                             args = dict(kernel=name, head_dim=D, dtype=dtype, group=group, cfg=bmbnws, packed=packed,
@@ -293,11 +315,12 @@ def jobs(only: str = "") -> list[dict]:
                             label = "{}x{} w{} s{}".format(*bmbnws) + " tma" * tma + " fused_dq" * fused
                             add("attention", f"attn_{name}", args, spec.format(group), label,
                                 ships and (*bmbnws, tma) in shipped)
+    tma_dtypes = TMA_DTYPES if _hopper() else ()
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
             for name in ("lm_fwd", "lm_dlogits", "mm_acc", "patch_loss", "patch_loss_grad"):
                 for extra in ("", "fp32-targets") if name.startswith("patch") and dtype != "fp32" else ("",):
-                    for tma in (False, True) if dtype in TMA_DTYPES and rows != 29 else (False,):
+                    for tma in (False, True) if dtype in tma_dtypes and rows != 29 else (False,):
                         cfg = recon_loss._launch_cfg(DTYPES[dtype], rows, 1, True, tma)
                         add("loss", name, dict(kernel=name, dtype=dtype, rows=rows, extra=extra, tma=tma),
                             f"{dtype} M={rows} {extra}".strip(), _cfg_label(cfg), tma == recon_loss.SHIPPED_TMA)
@@ -305,13 +328,13 @@ def jobs(only: str = "") -> list[dict]:
         # reduction length is the row chunk (M = 1: one row; 4096 and 16384: the 3B chunk sizes)
         add("loss", "lm_ce_grad", dict(kernel="lm_ce_grad", dtype=dtype, rows=4096), dtype, "4096 w8", True)
         for rows in (1, 4096, 16384):
-            for tma in (False, True) if dtype in TMA_DTYPES else (False,):
+            for tma in (False, True) if dtype in tma_dtypes else (False,):
                 cfg = recon_loss._acc_cfg(DTYPES[dtype], 151936, 2048, recon_loss._row_chunk(rows, 151936, 2048),
                                           True, tma)
                 add("loss", "mm_acc_dw", dict(kernel="mm_acc_dw", dtype=dtype, rows=rows, tma=tma), f"{dtype} M={rows}",
                     _cfg_label(cfg), tma == recon_loss.SHIPPED_TMA)
         for name, extra in (("infonce_fwd", ""), ("infonce_fwd", "neg"), ("infonce_dscores", "")):
-            for tma in (False, True) if dtype in TMA_DTYPES else (False,):
+            for tma in (False, True) if dtype in tma_dtypes else (False,):
                 add("loss", name, dict(kernel=name, dtype=dtype, rows=4096, extra=extra, tma=tma),
                     f"{dtype} B=4096 {extra}".strip(), _cfg_label(dict(infonce._config(DTYPES[dtype]), TMA=tma)),
                     tma == recon_loss.SHIPPED_TMA)
@@ -346,10 +369,12 @@ def failures(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [f"# sm_90 compile gate (triton {triton.__version__}, target cuda:90)", "",
-             "Written by `python bench/compile_gate.py`. shipped: a config the launchers use by default "
-             "(zero spills and shared <= 227 KiB asserted); other rows are MOCA_AUTOTUNE candidates "
-             "(compile asserted, spills reported).", "",
+    cap = TARGET.arch
+    lines = [f"# sm_{cap} compile gate (triton {triton.__version__}, target cuda:{cap})", "",
+             f"Written by `python bench/compile_gate.py{'' if cap == 90 else f' --arch {cap}'}`. shipped: a config "
+             f"the launchers use by default (zero spills and shared <= {SHARED_LIMIT // 1024} KiB asserted); "
+             + ("other rows are MOCA_AUTOTUNE candidates or opt-in variants (compile asserted, spills reported)."
+                if _hopper() else "every row is one (no Hopper-only variant or sm_90 autotune candidate)."), "",
              "| kernel | specialization | config | shipped | regs | shared (B) | stack | local | error |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -360,14 +385,19 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", help="write the rows here only (default: bench/results/sm90-compile-gate.{md,json})")
-    parser.add_argument("--stem", default=str(ROOT / "bench" / "results" / "sm90-compile-gate"),
-                        help="write STEM.md and STEM.json (without --json); e.g. a table for another Triton")
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMITS), default=90,
+                        help="compute capability to compile for (default 90: H100/H200)")
+    parser.add_argument("--json", help="write the rows here only (default: bench/results/smARCH-compile-gate.{md,json})")
+    parser.add_argument("--stem", default=None,
+                        help="write STEM.md and STEM.json (without --json); e.g. a table for another Triton "
+                             "(default: bench/results/smARCH-compile-gate)")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this (e.g. infonce)")
     args = parser.parse_args()
+    set_arch(args.arch)
+    stem = args.stem or str(ROOT / "bench" / "results" / f"sm{args.arch}-compile-gate")
     todo = jobs(args.only)
-    with ProcessPoolExecutor(args.jobs) as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=set_arch, initargs=(args.arch,)) as pool:
         rows = list(pool.map(compile_job, todo, chunksize=1))
     for r in rows:
         del r["args"], r["family"]
@@ -375,8 +405,8 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     else:
-        Path(args.stem + ".json").write_text(json.dumps(rows, indent=1))
-        Path(args.stem + ".md").write_text(table)
+        Path(stem + ".json").write_text(json.dumps(rows, indent=1))
+        Path(stem + ".md").write_text(table)
     print(table)
     bad = failures(rows)
     for b in bad:

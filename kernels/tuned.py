@@ -14,8 +14,9 @@ Rules: for an architecture and a kernel the first rule whose conditions all hold
 `packed` (the packed-tile kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or
 `fused_dq` (dk/dv adding dq too, FUSED_DQ below), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
-Architectures without an entry get "default", sized for the 99 KiB of shared memory of sm86/sm89
-(untuned, and not compiled by the gate, which targets sm90 only).
+Architectures without an entry get "default": spill-free within the 99 KiB of shared memory of sm86/sm89
+on A100, A10-class and L40S-class GPUs (sm80, sm86, sm89), as `bench/compile_gate.py --arch 80|86|89` checks
+(tables in bench/results/sm80-compile-gate.md and the like); untimed.
 
 Status: the sm90 rules come from the sm90 compile gate (bench/compile_gate.py, table in
 bench/results/sm90-compile-gate.md: every shipped config compiles with zero spills within 227 KiB of
@@ -85,10 +86,28 @@ _RULES = {
             (dict(), (128, 32, 8, 3)),
         ],
     },
+    # Pre-Hopper (A100 sm80; A10, A6000, RTX 3090 sm86; L4, L40S, RTX 4090 sm89): mma.sync keeps every operand
+    # tile in registers, so tiles that fit sm_90's wgmma spill here (64x64 on 4 warps: up to 680 bytes at head dim
+    # 128). These are the largest of the swept tiles with zero spills on all three at every head dim 32..128,
+    # per segment and packed, within 99 KiB of shared memory (bench/compile_gate.py --arch 80/86/89). Untimed.
     "default": {
-        "fwd": [(dict(dtype=torch.float32), (32, 16, 8, 2)), (dict(), (64, 64, 4, 2))],
-        "dkdv": [(dict(dtype=torch.float32), (16, 32, 8, 2)), (dict(), (32, 64, 4, 2))],
-        "dq": [(dict(dtype=torch.float32), (32, 16, 8, 2)), (dict(), (64, 32, 4, 2))],
+        "fwd": [
+            (dict(dtype=torch.float32), (16, 16, 8, 2)),
+            (dict(masked=True), (64, 32, 8, 2)),
+            (dict(), (128, 32, 8, 2)),
+        ],
+        "dkdv": [  # fp32's exact FMA dots: the one spill-free tile differs with the head dim
+            (dict(dtype=torch.float32, head_dim=32), (16, 16, 4, 2)),
+            (dict(dtype=torch.float32, head_dim=80), (16, 16, 8, 2)),
+            (dict(dtype=torch.float32), (16, 16, 8, 1)),
+            (dict(masked=True), (16, 32, 8, 2)),
+            (dict(), (32, 64, 8, 2)),
+        ],
+        "dq": [
+            (dict(dtype=torch.float32), (16, 16, 4, 2)),
+            (dict(masked=True), (32, 32, 8, 2)),
+            (dict(), (128, 32, 8, 2)),
+        ],
     },
 }
 

@@ -88,3 +88,18 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
     for name in ("lm_fwd", "lm_dlogits", "mm_acc", "mm_acc_dw", "patch_loss", "patch_loss_grad"):
         configs = {r["config"] for r in rows if r["kernel"] == name and r["spec"].startswith("bf16")}
         assert any(c.endswith(" tma") for c in configs) and any(not c.endswith(" tma") for c in configs), name
+
+
+def test_gate_for_an_a10_compiles_without_hopper_variants_within_its_shared_memory(tmp_path):
+    """`--arch 86` (A10, A6000, RTX 3090): sm_86 cubins, no TMA or fused-dq variant (Hopper-only), each shipped
+    launch spill-free within 99 KiB (the whole table for sm_80/86/89: bench/results/sm*-compile-gate.md)."""
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_gate.py"), "--arch", "86", "--only",
+                           "infonce_dscores", "--json", str(out)], env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())
+    assert {r["spec"] for r in rows} == {"fp16 B=4096", "bf16 B=4096", "fp32 B=4096"}
+    assert all(r["shipped"] and not r["error"] and "tma" not in r["config"] for r in rows)
+    assert all(0 < r["shared"] <= 99 * 1024 and r["local"] == 0 for r in rows)
+    assert "128x128x64 w8 s3" in {r["config"] for r in rows}  # the sm_90 tiles: the loss tiles know no arch
