@@ -337,6 +337,19 @@ def run_cli(main, prog: str, errors: tuple = ()) -> None:
         sys.exit(f"{prog}: {e}")
 
 
+def _allocate(path: str) -> None:
+    """Give the (sparse) file its blocks now, so that a full disk is an OSError here rather than a SIGBUS when a
+    page of its memory map is written; a no-op where the platform or file system cannot (macOS, some FUSE)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
 @contextlib.contextmanager
 def vector_files(path: str, n: int, dim: int):
     """Yield an (n, dim) float32 tensor backed by a memory-mapped .npy temp file, so the vectors of a large job
@@ -351,8 +364,7 @@ def vector_files(path: str, n: int, dim: int):
     temps = [t + ".tmp" for t in targets]
     try:
         array = np.lib.format.open_memmap(temps[0], mode="w+", dtype=np.float32, shape=(n, dim))
-        with open(temps[0], "r+b") as f:  # a full disk fails here, not as SIGBUS on a page of the sparse file
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        _allocate(temps[0])
         yield torch.from_numpy(array)
         array.flush()
         save_file({"embeddings": torch.from_numpy(array)}, temps[1])

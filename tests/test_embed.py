@@ -191,6 +191,22 @@ def test_failed_write_leaves_no_temp_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("platform", ["no fallocate", "EOPNOTSUPP"])
+def test_vectors_are_written_where_blocks_cannot_be_allocated_up_front(tmp_path, monkeypatch, platform):
+    """macOS has no posix_fallocate and some file systems refuse it: the vectors are written all the same."""
+    import errno
+
+    from moca.embed import vector_files
+
+    if platform == "no fallocate":
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "no")))
+    with vector_files(str(tmp_path / "v.npy"), 2, 3) as v:
+        v.copy_(torch.arange(6.0).view(2, 3))
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), np.arange(6.0).reshape(2, 3))
+
+
 def test_vectors_stream_into_the_memory_mapped_output(tiny, tmp_path):
     """The CLI's vectors are embed_items' own, written row by row into the .npy that becomes the output (no copy
     in host memory), with the same values in the .safetensors beside it."""
