@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
         return evaluate_vidore(embedder, args.data, args.output, args.datasets, args.languages)
     finally:
         if distributed:
-            dist.destroy_process_group()
+            parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,21 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Destroy the default process group (if any) without the gloo teardown deadlock: a gloo worker thread
+    frees a finished collective's work, whose thread-local state can hold Python objects, only once it gets
+    the GIL, while the group's destructor joins those threads holding the GIL. Destroying the group (or
+    dropping the DDP reducer that holds it last) right after a collective then hangs for good, as a CI run
+    of a two-rank DDP test did (~1 run in 13 on a 2-core machine; py-spy: ~ProcessGroupGloo joining a thread
+    that waits for the GIL in ~AsyncAllreduceWork). So under gloo the GIL is released for a moment first,
+    letting the workers free what they hold. No collective: a rank that failed alone still exits at once."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        time.sleep(0.05)
+    dist.destroy_process_group()
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:

@@ -398,8 +398,7 @@ def main(argv=None):
     try:
         return STAGES[args.stage][1](args)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        parallel.shutdown()
 
 
 if __name__ == "__main__":

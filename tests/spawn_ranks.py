@@ -2,9 +2,10 @@
 
 `run_ranks` starts `nprocs` processes of fn(rank, *args) and waits at most `timeout` seconds: a rank
 that fails fails the test (torch's ProcessRaisedException, with the rank's traceback); ranks still
-running then (a collective one rank never reached) are killed and the test fails, instead of CI
-waiting for its own time limit."""
+running then (a collective one rank never reached) first write their threads' stacks to stderr, then are
+killed and the test fails, instead of CI waiting for its own time limit."""
 
+import faulthandler
 import random
 import socket
 import time
@@ -29,8 +30,16 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32767")
 
 
+def _watched(rank: int, fn, dump_after: float, *args) -> None:
+    """fn(rank, *args), with every thread's Python stack written to stderr if the process is still alive
+    after `dump_after` seconds (in fn or in its exit): where a hung rank waits shows in the failed test's output."""
+    faulthandler.dump_traceback_later(dump_after, exit=False)
+    fn(rank, *args)
+
+
 def run_ranks(fn, args: tuple, nprocs: int = 2, start_method: str = "spawn", timeout: float = 600.0) -> None:
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=start_method)
+    ctx = mp.start_processes(_watched, args=(fn, max(timeout - 20.0, 1.0), *args), nprocs=nprocs, join=False,
+                             start_method=start_method)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5.0):
         if time.monotonic() > deadline:

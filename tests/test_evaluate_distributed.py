@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from engine import parallel
 from engine.evaluate import Embedder, evaluate_mmeb, evaluate_vidore, gather_rows
 from test_evaluate import write_mmeb, write_vidore
 from spawn_ranks import free_port, run_ranks
@@ -27,7 +28,7 @@ def _worker(rank, world, port, paths, embedder):
         with open(f"{paths['out']}/rank{rank}.json", "w") as f:
             json.dump({"mmeb": mmeb, "vidore": vidore}, f)
     finally:
-        dist.destroy_process_group()
+        parallel.shutdown()  # gloo's teardown can deadlock without it
 
 
 def test_two_gloo_ranks_score_like_one_process(tmp_path):

@@ -60,7 +60,7 @@ def _worker(rank, port, out_dir):
         unsynced = all(p.grad is None for p in module.parameters())  # FSDP keeps unsynced gradients aside
         torch.save({"grads": grads, "unsynced": unsynced}, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        parallel.shutdown()  # gloo's teardown can deadlock without it
 
 
 def test_fsdp_ranks_with_and_without_images_give_the_single_process_gradient(tmp_path):
@@ -106,7 +106,7 @@ def _cpt_worker(rank, port, out_dir):
         _cpt_loss(module, mbs, mbs[rank], WORLD).backward()
         torch.save({n: p.grad.full_tensor() for n, p in module.named_parameters()}, f"{out_dir}/cpt{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        parallel.shutdown()  # gloo's teardown can deadlock without it
 
 
 def test_fsdp_cpt_rank_without_mae_targets_gives_the_single_process_gradient(tmp_path):

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from engine import parallel
 from engine.gradcache import grad_cache_step
 from kernels import infonce
 from spawn_ranks import free_port, run_ranks
@@ -66,7 +67,7 @@ def _worker(rank, port, out_dir):
         out["gc_grads"] = [p.grad.clone() for p in ddp.module.parameters()]
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        parallel.shutdown()  # gloo's teardown can deadlock without it
 
 
 
