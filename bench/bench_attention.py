@@ -2,7 +2,9 @@
 
 Providers: ours (Triton, the shipped configs; CUDA only, the interpreter is no speed path), ours_tma (the
 same with the streamed tiles through TMA descriptors, MOCA_TMA=1), ours_fused_dq (the backward's dq added
-by the dk/dv kernel with atomics, no dq kernel, MOCA_FUSED_DQ=1; its forward is ours'), the torch
+by the dk/dv kernel with atomics, no dq kernel, MOCA_FUSED_DQ=1; its forward is ours'), ours_ws (the
+warp-specialized forward, MOCA_WS=1, on a GPU and Triton that have it: kernels.attention.ws_available; its
+backward is ours'), the torch
 reference (SDPA per segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
 padding mask, and flash-attn / xformers when importable (on CUDA a row says when either is not installed). Shapes: uniform 4096-token segments, a
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import missing_peer, peak_gib, time_ms, with_env  # noqa: E402
 
-from kernels.attention import path, varlen_attention, varlen_attention_torch  # noqa: E402
+from kernels.attention import path, varlen_attention, varlen_attention_torch, ws_available  # noqa: E402
 
 
 def mmeb_lens(n_texts: int, n_images: int, image_range=(256, 1024), seed: int = 0) -> list[int]:
@@ -139,16 +141,20 @@ def providers(device: str) -> dict:
     if device != "cuda":  # the Triton interpreter is a correctness path, not a speed path
         for name in PROVIDER_ENV:
             out.pop(name)
+    elif not ws_available(torch.device("cuda")):  # MOCA_WS=1 would change nothing: no duplicate of ours
+        out.pop("ours_ws")
     return out
 
 
 # Environment a provider runs under, forward and backward (the backward reads it at launch too); None unsets.
 # ours: the shipped configs (kernels/tuned.py) as they are; ours_tma: their tiles with TMA forced on;
-# ours_fused_dq: the fused dq forced on (the dk/dv tiles tuned.py gives it), TMA as shipped.
+# ours_fused_dq: the fused dq forced on (the dk/dv tiles tuned.py gives it), TMA as shipped; ours_ws: the
+# warp-specialized forward forced on (its own tiles, tuned.py's WS rules), the rest as shipped.
 PROVIDER_ENV = {
-    "ours": {"MOCA_TMA": None, "MOCA_FUSED_DQ": None},
-    "ours_tma": {"MOCA_TMA": "1", "MOCA_FUSED_DQ": None},
-    "ours_fused_dq": {"MOCA_TMA": None, "MOCA_FUSED_DQ": "1"},
+    "ours": {"MOCA_TMA": None, "MOCA_FUSED_DQ": None, "MOCA_WS": None},
+    "ours_tma": {"MOCA_TMA": "1", "MOCA_FUSED_DQ": None, "MOCA_WS": None},
+    "ours_fused_dq": {"MOCA_TMA": None, "MOCA_FUSED_DQ": "1", "MOCA_WS": None},
+    "ours_ws": {"MOCA_TMA": None, "MOCA_FUSED_DQ": None, "MOCA_WS": "1"},
 }
 OURS = tuple(PROVIDER_ENV)
 

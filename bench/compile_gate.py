@@ -12,7 +12,10 @@ pick different shipped configs); every config kernels/tuned.py ships for sm90, p
 (PACKED, spec suffix "packed": several short segments per tile); in bf16, for head dims without a masked tail and groups
 1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors);
 dk/dv with the fused dq (suffix "fused_dq": dq added with atomics, MOCA_FUSED_DQ=1) at the tiles
-tuned.py gives it, in bf16 (and fp16 once tuned.FUSED_DQ ships it), with and without TMA.
+tuned.py gives it, in bf16 (and fp16 once tuned.FUSED_DQ ships it), with and without TMA; the
+warp-specialized forward (suffix "ws", MOCA_WS=1) per segment in bf16 at the tiles tuned.py gives the
+installed Triton, for head dims without a masked tail and groups 1 and 8 (where tuned.ws_available: the gate
+also fails it when the compiler launches no more warps than the config's, i.e. did not specialize).
 Specializations that bind identically (groups 2 and 7 do) are compiled once and listed together.
 The preprocess kernel is compiled once per head dim and dtype (n_tokens = 1001). Losses: the
 masked-LM forward, d_logits and d_hidden kernels and the patch kernel (loss only and loss +
@@ -22,10 +25,11 @@ on a transposed operand), InfoNCE forward (with and without hard negatives) and 
 fp16, bf16 and fp32, with the configs their launchers use on a GPU; in bf16 also the TMA variant of
 each LM and patch GEMM (suffix "tma", BLOCK_K 64). A TMA variant counts as shipped only where the
 shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA), a fused-dq one only where
-tuned.FUSED_DQ is on; until then their spills are reported, not asserted. Autotune candidates: every
+tuned.FUSED_DQ is on, a warp-specialized one only where tuned.WS_FWD is; until then their spills are
+reported, not asserted. Autotune candidates: every
 one of `SPACES` x `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text
 tower, the most register-hungry); the whole candidate cross product would take hours on two cores.
-All in all 709 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
+All in all 719 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
@@ -118,10 +122,11 @@ def _ptr(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n_tokens: int = 4096,
-               packed: bool = False, tma: bool = False, fused_dq: bool = False):
+               packed: bool = False, tma: bool = False, fused_dq: bool = False, ws: bool = False):
     """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order; tma: the streamed
     tiles through TMA descriptors (built as the launcher builds them, on a CPU tensor: only their dtype,
-    block shape and alignment reach the compiler); fused_dq: dk/dv also adds dq into its fp32 buffer."""
+    block shape and alignment reach the compiler); fused_dq: dk/dv also adds dq into its fp32 buffer;
+    ws: the warp-specialized forward (q through descriptors too; with tma)."""
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
     D = head_dim
@@ -141,8 +146,9 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     descs = attention._descriptors(streamed, bn if kernel in ("fwd", "dq") else bm, d0, d1)
     scalars = (n_tokens, 0.125, 2048)
     if kernel == "fwd":
-        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *descs, *q_st, *kv_st, *kv_st, *q_st,
-                                            *scalars), dict(H=H, **launch)
+        q_descs = attention._descriptors((torch.empty(n_tokens, H, D, dtype=dt),), bm, d0, d1) if ws else (None,) * 2
+        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *descs, *q_descs, *q_st, *kv_st, *kv_st, *q_st,
+                                            *scalars), dict(H=H, WS=ws, **launch)
     grads = (n_tokens, 0.125, 0.09, 2048)
     if kernel == "dkdv":
         dq = f32 if fused_dq else None
@@ -243,14 +249,15 @@ def _resources(cubin: bytes) -> dict:
 
 def compile_launch(fn, args, kwargs) -> dict:
     """Compile fn[grid](*args, **kwargs) for TARGET into Triton's cache -> {regs, shared (bytes, dynamic +
-    static), stack, local, error}; a failure is reported in error, not raised."""
-    row = dict(regs=None, shared=None, stack=None, local=None, error=None)
+    static), stack, local, warps (launched: more than num_warps where warp specialization added groups),
+    error}; a failure is reported in error, not raised."""
+    row = dict(regs=None, shared=None, stack=None, local=None, warps=None, error=None)
     try:
         fn, signature, constexprs, attrs, options = bind(fn, args, kwargs)
         kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
         usage = _resources(kernel.asm["cubin"])
         row.update(regs=usage["reg"], stack=usage["stack"], local=usage["local"],
-                   shared=kernel.metadata.shared + usage["shared"])
+                   shared=kernel.metadata.shared + usage["shared"], warps=kernel.metadata.num_warps)
     except Exception as e:  # noqa: BLE001 - every failure is a row of the report
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return row
@@ -315,6 +322,17 @@ def jobs(only: str = "") -> list[dict]:
                             label = "{}x{} w{} s{}".format(*bmbnws) + " tma" * tma + " fused_dq" * fused
                             add("attention", f"attn_{name}", args, spec.format(group), label,
                                 ships and (*bmbnws, tma) in shipped)
+    # the warp-specialized forward (MOCA_WS=1, tuned.WS_FWD), per segment with TMA, in the TMA dtypes, for head
+    # dims without a masked tail and groups 1 and 8, at the tiles tuned.py gives this Triton version
+    if tuned.ws_available(ARCH, attention._triton_version()):
+        cfg = tuned.ws_config(ARCH, attention._triton_version())
+        bmbnws = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
+        for D in (d for d in HEAD_DIMS if sum(attention._split_head_dim(d)) == d):
+            for dtype in TMA_DTYPES:
+                for group in (1, 8):
+                    add("attention", "attn_fwd", dict(kernel="fwd", head_dim=D, dtype=dtype, group=group, cfg=bmbnws,
+                                                      tma=True, ws=True),
+                        f"D={D} {dtype} G={group}", "{}x{} w{} s{} tma ws".format(*bmbnws), tuned.WS_FWD[ARCH])
     tma_dtypes = TMA_DTYPES if _hopper() else ()
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128
@@ -355,7 +373,8 @@ def _cfg_label(cfg: dict) -> str:
 
 
 def failures(rows: list[dict]) -> list[str]:
-    """What breaks the gate: compile errors anywhere, spills or too much shared memory in a shipped config."""
+    """What breaks the gate: compile errors anywhere, spills or too much shared memory in a shipped config, a
+    warp-specialized variant that the compiler left unspecialized (no more warps than its num_warps)."""
     bad = []
     for r in rows:
         where = f"{r['kernel']} [{r['spec']}] {r['config']}"
@@ -365,6 +384,8 @@ def failures(rows: list[dict]) -> list[str]:
             bad.append(f"{where}: spills (STACK {r['stack']}, LOCAL {r['local']})")
         elif r["shipped"] and r["shared"] > SHARED_LIMIT:
             bad.append(f"{where}: shared memory {r['shared']} > {SHARED_LIMIT}")
+        elif r["config"].endswith(" ws") and r["warps"] <= int(re.search(r" w(\d+) ", r["config"])[1]):
+            bad.append(f"{where}: not warp-specialized ({r['warps']} warps launched)")
     return bad
 
 
@@ -375,11 +396,12 @@ def markdown(rows: list[dict]) -> str:
              f"the launchers use by default (zero spills and shared <= {SHARED_LIMIT // 1024} KiB asserted); "
              + ("other rows are MOCA_AUTOTUNE candidates or opt-in variants (compile asserted, spills reported)."
                 if _hopper() else "every row is one (no Hopper-only variant or sm_90 autotune candidate)."), "",
-             "| kernel | specialization | config | shipped | regs | shared (B) | stack | local | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | specialization | config | shipped | regs | shared (B) | stack | local | warps | error |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['spec']} | {r['config']} | {'yes' if r['shipped'] else ''} | {r['regs']} "
-                     f"| {r['shared']} | {r['stack']} | {r['local']} | {(r['error'] or '').replace('|', '/')} |")
+                     f"| {r['shared']} | {r['stack']} | {r['local']} | {r['warps']} "
+                     f"| {(r['error'] or '').replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -20,8 +20,9 @@ def switch(name: str, shipped: bool) -> bool:
     """A kernel variant's on/off knob: the environment variable `name` = 1 / 0 forces it (benchmarks,
     tuning, interpreter tests), unset the shipped choice holds. The knobs: MOCA_TMA (Hopper TMA
     descriptors for the streamed tiles of attention and of the loss GEMMs; launchers still fall back to
-    pointer loads where a tensor's layout cannot have a descriptor) and MOCA_FUSED_DQ (attention's dq
-    accumulated atomically by the dk/dv kernel, kernels/attention.py)."""
+    pointer loads where a tensor's layout cannot have a descriptor), MOCA_FUSED_DQ (attention's dq
+    accumulated atomically by the dk/dv kernel, kernels/attention.py) and MOCA_WS (attention's
+    warp-specialized forward, where the architecture and the Triton version have it)."""
     env = os.environ.get(name)
     return shipped if env is None else env == "1"
 

@@ -41,6 +41,15 @@ Design decisions a reader must know:
   already exist make them weigh nothing (-inf scores, P = 0, or an lse of +inf for dk/dv's query rows),
   and tests/test_attention.py checks that no segment leaks. Views need heads adjacent in a token,
   16-byte alignment and no masked head-dim tail (`_tma_ok`); others keep pointer loads.
+* Warp specialization (Hopper; kernels/tuned.py WS_FWD, MOCA_WS=1). The per-segment forward of 16-bit
+  inputs can hand its key loop to Triton's automatic warp specialization (`tl.range(...,
+  warp_specialize=True)`): a producer warp group issues the TMA loads of k and v while consumer warp groups
+  run the wgmma dots and the softmax, with registers moved from producer to consumers (setmaxnreg), as
+  flash-attention 3 does by hand. The compiler partitions only a loop of one shape, so this form (WS) loads
+  q through a TMA descriptor too, has no early exit (a spare slot runs zero key tiles and stores nothing)
+  and runs one loop over every key tile, masking the segment's end in each instead of peeling the last.
+  Its tiles are its own (4 warps per group, 12 launched), and only some Triton versions compile it
+  (tuned.ws_available); packed tiles keep the plain kernel.
 * Head dims. Tiles cover D as a power-of-two part plus a power-of-two tail (80 = 64 + 16,
   96 = 64 + 32, 128 = 128 + 0): no FLOPs are spent on padding for the vision tower's 80, and
   callers never pad. Odd sizes get a masked tail.
@@ -176,11 +185,13 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
                stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
                KD0, KD1, VD0, VD1, row, col,
                D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr,
-               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+               DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+               WS: tl.constexpr = False):  # fmt: skip
     """Online-softmax steps over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
     PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask).
-    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views."""
-    for start_n in range(lo, hi, BLOCK_N):
+    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views.
+    WS: the loop is handed to Triton's warp specialization (a TMA producer, wgmma consumers)."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         mask0 = dm0
         mask1 = dm1
         if MASK_N:
@@ -212,21 +223,27 @@ def _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1,
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU, SCHED, KD0, KD1, VD0, VD1,
+    Q, K, V, O, LSE, CU, SCHED, KD0, KD1, VD0, VD1, QD0, QD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     n_tokens, qk_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, TMA: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     """o, lse of one query tile of one head; lse = log2(sum exp2(scores * qk_scale)), fp32.
-    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None."""
+    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None.
+    WS (per segment, with TMA): the warp-specialized form: q through QD0/QD1 too, no early exit, and one
+    masked loop over the key tiles, which is what Triton's Hopper warp specialization can partition."""
+    tl.static_assert(not WS or (TMA and not PACKED), "the warp-specialized forward is per segment, with TMA")
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
     start, row0, seqlen, n_keys = _slot(CU, SCHED, slot, n_tokens, BLOCK_M, PACKED)
-    if seqlen <= row0:  # spare slot
-        return
+    if WS:
+        n_keys = tl.where(row0 < seqlen, n_keys, 0)  # a spare slot runs no key tile and stores nothing
+    else:
+        if seqlen <= row0:  # spare slot
+            return
     kv_head = head // GROUP
     q_base = Q + start * stride_qt + head * stride_qh
     k_base = K + start * stride_kt + kv_head * stride_kh
@@ -238,14 +255,21 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
-    q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
+    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
+    if WS:  # rows past the segment come in too: they are never stored
+        q0 = QD0.load([row + row0, head * HEAD_DIM])
+    else:
+        q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
     k_ptrs0 = k_base + offs_n[:, None] * stride_kt + d0[None, :]
     v_ptrs0 = v_base + offs_n[:, None] * stride_vt + d0[None, :]
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
         dm1 = (d1 < HEAD_DIM)[None, :]
-        q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
+        if WS:
+            q1 = QD1.load([row + row0, head * HEAD_DIM + D0])
+        else:
+            q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
         k_ptrs1 = k_base + offs_n[:, None] * stride_kt + d1[None, :]
         v_ptrs1 = v_base + offs_n[:, None] * stride_vt + d1[None, :]
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -256,8 +280,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
-    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
+    n_full = 0 if PACKED or WS else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles and WS mask every key tile
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                                       stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start,
                                       seg_q, KD0, KD1, VD0, VD1, row, col,
@@ -265,7 +288,7 @@ def _attn_fwd_kernel(
     acc0, acc1, l_i, m_i = _fwd_inner(acc0, acc1, l_i, m_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                                       stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start,
                                       seg_q, KD0, KD1, VD0, VD1, row, col,
-                                      D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA)  # fmt: skip
+                                      D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA, WS)  # fmt: skip
 
     inv_l = 1.0 / l_i
     o_ty = O.dtype.element_ty
@@ -650,21 +673,52 @@ def _launch(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, ptrs, res
         _launch_packed(name, dtype, n_tokens, n_heads, ptrs, rest, meta, bucket, seg_ids, streamed)
 
 
+def _triton_version() -> tuple[int, int]:
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def ws_available(device: torch.device) -> bool:
+    """Whether `device` and the installed Triton have the warp-specialized forward (kernels/tuned.py
+    ws_available: an H100/H200 and Triton >= 3.6)."""
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and tuned.ws_available(_arch(device.index), _triton_version()))
+
+
+def _ws_fwd(device, dtype) -> bool:
+    """Whether the per-segment forward runs warp-specialized (WS): 16-bit inputs, as kernels/tuned.py
+    WS_FWD ships it or MOCA_WS forces it, where `ws_available` (elsewhere MOCA_WS=1 is ignored). Under the
+    interpreter MOCA_WS=1 runs the same kernel code for the tests. Never under MOCA_AUTOTUNE=1, whose
+    candidates are the plain kernel's."""
+    if dtype == torch.float32 or autotune_enabled():
+        return False
+    if interpreter_enabled():
+        return switch("MOCA_WS", False)
+    return ws_available(device) and switch("MOCA_WS", tuned.WS_FWD.get(_arch(device.index), False))
+
+
 def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
-    """{BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: fixed under the interpreter, else kernels/tuned.py's."""
+    """{BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: fixed under the interpreter, else kernels/tuned.py's
+    (its WS tiles for the warp-specialized forward, meta["WS"])."""
+    ws = meta.get("WS", False)
     if interpreter_enabled():
         bm, bn = (_INTERP_PACKED if packed else _INTERP)[name]
-        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=False)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=ws)
+    if ws:
+        return tuned.ws_config(_arch(device.index), _triton_version())
     return tuned.attention_config(_arch(device.index), name, meta["HEAD_DIM"], dtype, bucket, packed,
                                   meta.get("FUSED_DQ", False))
 
 
 def _launch_args(name: str, ptrs, sched, rest, meta, cfg: dict, streamed) -> tuple[tuple, dict]:
     """(args, kwargs) of kernel `name` under cfg {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: TMA where
-    wanted (MOCA_TMA overrides the flag) and possible (streamed, from `_tma_ok`, is not None)."""
+    wanted (MOCA_TMA overrides the flag) and possible (streamed, from `_tma_ok`, is not None); the
+    warp-specialized forward (meta["WS"], only where the launcher found q, k, v fit for TMA) always."""
     cfg = dict(cfg)
-    tma = switch("MOCA_TMA", cfg.pop("TMA")) and streamed is not None
+    ws, shipped_tma = meta.get("WS", False), cfg.pop("TMA")
+    tma = (ws or switch("MOCA_TMA", shipped_tma)) and streamed is not None
     descs = _descriptors(streamed if tma else None, cfg[_STREAM_KEY[name]], meta["D0"], meta["D1"])
+    if name == "fwd":  # and q's, which the warp-specialized forward loads through TMA too
+        descs += _descriptors((ptrs[0],), cfg["BLOCK_M"], meta["D0"], meta["D1"]) if ws else (None, None)
     return (*ptrs, sched, *descs, *rest), dict(meta, TMA=tma, **cfg)
 
 
@@ -678,6 +732,7 @@ def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -
     """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_TMA says (off when unset), tiles as the autotuner picks."""
     tma = streamed is not None and switch("MOCA_TMA", False)
     descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
+    descs += (None, None) if name == "fwd" else ()  # q's descriptors: the warp-specialized forward's only
     _autotuner(name, tiles, meta.get("FUSED_DQ", False))[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
 
 
@@ -686,7 +741,7 @@ def _launch_packed(name: str, dtype, n_tokens: int, n_heads: int, ptrs, rest, me
     """Packed tiles: slot i is tokens [i * tile, (i + 1) * tile); seg_ids from `_segment_ids` stands in
     SCHED's place. ptrs ends with cu_seqlens. Config as `_launch_segments`."""
     key = _TILE_KEY[name]
-    meta = dict(meta, PACKED=True)
+    meta = dict(meta, PACKED=True, **({"WS": False} if "WS" in meta else {}))  # WS is per segment
     if autotune_enabled():
         grid = lambda META: (triton.cdiv(n_tokens, META[key]) * n_heads,)  # noqa: E731
         _autotuned(name, "packed", grid, ptrs, seg_ids, rest, meta, streamed)
@@ -809,9 +864,11 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     meta, bucket = _meta(dtype, (q, k, v, o), max_seqlen, mode)
     seg_ids = None if mode == "segments" else _segment_ids(cu_seqlens, T)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
-    streamed = (k, v) if _tma_ok((k, v), meta["HEAD_DIM"], meta["D0"], meta["D1"]) else None
+    tma_ok = functools.partial(_tma_ok, head_dim=meta["HEAD_DIM"], d0=meta["D0"], d1=meta["D1"])
+    streamed = (k, v) if tma_ok((k, v)) else None
+    ws = streamed is not None and tma_ok((q,)) and _ws_fwd(q.device, dtype)
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
-            dict(H=H, **meta), bucket, mode, seg_ids, streamed)  # fmt: skip
+            dict(H=H, WS=ws, **meta), bucket, mode, seg_ids, streamed)  # fmt: skip
     return o.to(dtype), lse
 
 

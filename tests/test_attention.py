@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+import triton
 
 from kernels import attention, tuned, varlen_attention
 from kernels.attention import varlen_attention_torch
@@ -184,15 +185,16 @@ def test_torch_reference_matches_fp64(dtype):
     assert max(errors(ref, truth)) < tol
 
 
-def assert_segments_do_not_leak(lens):
-    """Changing the middle segment's keys/values leaves every other segment's output bit-identical."""
-    q, k, v, cu, max_len = make_inputs(lens, 2, 2, 64, torch.float32)
+def assert_segments_do_not_leak(lens, dtype=torch.float32):
+    """Changing the middle segment's queries, keys and values leaves every other segment's output bit-identical."""
+    q, k, v, cu, max_len = make_inputs(lens, 2, 2, 64, dtype)
     lo, hi = lens[0], lens[0] + lens[1]
     out = varlen_attention(q, k, v, cu, max_len, backend="triton")
-    k2, v2 = k.clone(), v.clone()
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[lo:hi] *= -2.0
     k2[lo:hi] += 3.0
     v2[lo:hi] -= 1.0
-    out2 = varlen_attention(q, k2, v2, cu, max_len, backend="triton")
+    out2 = varlen_attention(q2, k2, v2, cu, max_len, backend="triton")
     assert torch.equal(out[:lo], out2[:lo]) and torch.equal(out[hi:], out2[hi:])
     assert not torch.allclose(out[lo:hi], out2[lo:hi])
 
@@ -335,6 +337,65 @@ def test_tma_needs_aligned_heads_in_a_token():
     assert not attention._tma_ok((torch.empty(10, 4, 72)[..., :64],), 64, 64, 0)  # heads 72 apart
     assert not attention._tma_ok((x.expand(10, 4, 64)[:1].expand(10, 4, 64),), 64, 64, 0)  # rows overlap (stride 0)
     assert not attention._tma_ok((torch.empty(40 * 4 * 64 + 1)[1:].view(40, 4, 64),), 64, 64, 0)  # base misaligned
+
+
+# ----------------------------------------------------------------------------- warp-specialized forward (WS)
+
+
+@pytest.fixture
+def ws_launches(monkeypatch):
+    """MOCA_WS=1 (as bench_attention's ours_ws or tuned.WS_FWD asks): records, per forward launch, its tiling
+    and whether it ran the warp-specialized form (one masked key loop, q, k, v through TMA descriptors)."""
+    monkeypatch.setenv("MOCA_WS", "1")
+    calls = []
+
+    def spy(name, grid, ptrs, sched, rest, meta, cfg, streamed):
+        if name == "fwd":
+            calls.append(("packed" if meta["PACKED"] else "segments", meta["WS"]))
+        return run(name, grid, ptrs, sched, rest, meta, cfg, streamed)
+
+    run = attention._run
+    monkeypatch.setattr(attention, "_run", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "lens, hq, hkv, d, dtype",
+    [
+        ([300, 1, 257, 97, 700], 4, 2, 64, torch.float16),  # q tiles and key tiles past segment ends; spare slots
+        ([0, 800, 0], 2, 2, 128, torch.bfloat16),  # many key tiles; empty segments at both ends
+        ([203, 129, 300, 700, 65], 8, 1, 80, torch.float16),  # head dim 80: two q, k, v descriptors (64 + 16); GQA 8
+        ([130, 400], 2, 1, 96, torch.bfloat16),  # 96 = 64 + 32
+    ],
+)
+def test_ws_matches_fp64(ws_launches, lens, hq, hkv, d, dtype):
+    assert attention.path(max(lens), sum(lens), len(lens)) == "segments"
+    check(lens, hq, hkv, d, dtype)
+    assert ws_launches == [("segments", True)]
+
+
+def test_ws_keeps_packed_tiles_plain(ws_launches):
+    """A mixed batch: its long segments take the warp-specialized forward, its packed short ones the plain one."""
+    lens = [1, 7, 63, 64, 65, 200, 3, 130, 64, 16]
+    assert attention.path(max(lens), sum(lens), len(lens)) == "mixed"
+    check(lens, 4, 2, 64, torch.float16)
+    assert ws_launches == [("segments", True), ("packed", False)]
+
+
+def test_ws_needs_16_bit_inputs_and_tma(ws_launches):
+    """fp32 keeps its exact small-tile forward; a masked head-dim tail (40) cannot have TMA descriptors (a
+    16-column tile would read the next head), so the plain forward runs (as where q alone has no descriptor,
+    `_tma_ok`)."""
+    check([300, 500], 2, 1, 64, torch.float32)
+    check([300, 500], 2, 1, 40, torch.float16)
+    assert ws_launches == [("segments", False)] * 2
+
+
+def test_ws_segments_do_not_leak(ws_launches):
+    """A q tile running past its segment's end loads the next segment's queries through its descriptor: they must
+    not reach any stored row."""
+    assert_segments_do_not_leak([200, 345, 290], torch.float16)
+    assert ws_launches == [("segments", True)] * 2
 
 
 # ----------------------------------------------------------------------------- fused dq (atomics in dk/dv)
@@ -532,6 +593,19 @@ def test_gpu_tma(tma_launches, d):
     for name, e_ours, e_ref in zip(("out", "d_qkv"), errors(ours, truth), errors(ref, truth)):
         assert e_ours <= 2 * e_ref + TOL[torch.bfloat16], f"{name}: ours {e_ours:.3g} vs reference {e_ref:.3g}"
     assert all(tma_launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_gpu_ws(ws_launches, d):
+    """The warp-specialized forward on the GPU (what MOCA_WS=1 benchmarks as ours_ws), compiled by Triton's warp
+    specialization with its own tiles: per-segment (a 4096-token segment: 32+ key tiles per query tile) and
+    mixed batches, GQA 8 and 1."""
+    if not attention.ws_available(torch.device("cuda")):
+        pytest.skip(f"no warp-specialized forward on {torch.cuda.get_device_name()} with Triton {triton.__version__}")
+    for lens, hq, hkv in (([4096, *MIXED, 1000, 16, 33, 600], 16, 2), ([*AWKWARD, 300, 2, 700] * 4, 16, 16)):
+        check(lens, hq, hkv, d, torch.bfloat16, device="cuda")
+    assert ws_launches and all(ws for tiling, ws in ws_launches if tiling == "segments")
 
 
 @pytest.mark.gpu
