@@ -3,8 +3,8 @@
 Providers: ours (Triton, the shipped configs; CUDA only, the interpreter is no speed path), ours_tma (the
 same with the streamed tiles through TMA descriptors, MOCA_TMA=1), ours_fused_dq (the backward's dq added
 by the dk/dv kernel with atomics, no dq kernel, MOCA_FUSED_DQ=1; its forward is ours'), ours_ws (the
-warp-specialized forward, MOCA_WS=1, on a GPU and Triton that have it: kernels.attention.ws_available; its
-backward is ours'), the torch
+warp-specialized forward and dq, MOCA_WS=1, on a GPU and Triton that have them:
+kernels.attention.ws_available; its dk/dv is ours'), the torch
 reference (SDPA per segment), torch.nn.attention.varlen.varlen_attn (FlashAttention inside torch; kv repeated where
 the installed torch has no enable_gqa), SDPA on the padded (B, H, Lmax, D) equivalent with a key
 padding mask, and flash-attn / xformers when importable (on CUDA a row says when either is not installed). Shapes: uniform 4096-token segments, a
@@ -149,7 +149,7 @@ def providers(device: str) -> dict:
 # Environment a provider runs under, forward and backward (the backward reads it at launch too); None unsets.
 # ours: the shipped configs (kernels/tuned.py) as they are; ours_tma: their tiles with TMA forced on;
 # ours_fused_dq: the fused dq forced on (the dk/dv tiles tuned.py gives it), TMA as shipped; ours_ws: the
-# warp-specialized forward forced on (its own tiles, tuned.py's WS rules), the rest as shipped.
+# warp-specialized forward and dq forced on (their own tiles, tuned.py's WS rules), the rest as shipped.
 PROVIDER_ENV = {
     "ours": {"MOCA_TMA": None, "MOCA_FUSED_DQ": None, "MOCA_WS": None},
     "ours_tma": {"MOCA_TMA": "1", "MOCA_FUSED_DQ": None, "MOCA_WS": None},

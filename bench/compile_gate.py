@@ -13,7 +13,7 @@ pick different shipped configs); every config kernels/tuned.py ships for sm90, p
 1 and 8, the TMA variant of each (config suffix "tma": streamed tiles through TMA descriptors);
 dk/dv with the fused dq (suffix "fused_dq": dq added with atomics, MOCA_FUSED_DQ=1) at the tiles
 tuned.py gives it, in bf16 (and fp16 once tuned.FUSED_DQ ships it), with and without TMA; the
-warp-specialized forward (suffix "ws", MOCA_WS=1) per segment in bf16 at the tiles tuned.py gives the
+warp-specialized forward and dq (suffix "ws", MOCA_WS=1) per segment in bf16 at the tiles tuned.py gives the
 installed Triton, for head dims without a masked tail and groups 1 and 8 (where tuned.ws_available: the gate
 also fails it when the compiler launches no more warps than the config's, i.e. did not specialize).
 Specializations that bind identically (groups 2 and 7 do) are compiled once and listed together.
@@ -25,11 +25,11 @@ on a transposed operand), InfoNCE forward (with and without hard negatives) and 
 fp16, bf16 and fp32, with the configs their launchers use on a GPU; in bf16 also the TMA variant of
 each LM and patch GEMM (suffix "tma", BLOCK_K 64). A TMA variant counts as shipped only where the
 shipped configs turn TMA on (tuned.py's tma flag, recon_loss.SHIPPED_TMA), a fused-dq one only where
-tuned.FUSED_DQ is on, a warp-specialized one only where tuned.WS_FWD is; until then their spills are
+tuned.FUSED_DQ is on, a warp-specialized one only where tuned.WARP_SPECIALIZE is; until then their spills are
 reported, not asserted. Autotune candidates: every
 one of `SPACES` x `STAGES`, for a representative subset only (bf16, group 8, head dim 128: the text
 tower, the most register-hungry); the whole candidate cross product would take hours on two cores.
-All in all 719 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
+All in all 729 compiles: about 5 min wall cold on the 2-core dev box, ~10 s from Triton's cache.
 
 Gate: no compile error anywhere; shipped configs with STACK = LOCAL = 0 and shared memory within
 sm_90's 227 KiB; other candidates only have to compile (their spills are reported, not asserted).
@@ -126,7 +126,7 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     """(jit fn, args, kwargs) of one attention launch, arguments in the launcher's order; tma: the streamed
     tiles through TMA descriptors (built as the launcher builds them, on a CPU tensor: only their dtype,
     block shape and alignment reach the compiler); fused_dq: dk/dv also adds dq into its fp32 buffer;
-    ws: the warp-specialized forward (q through descriptors too; with tma)."""
+    ws: the warp-specialized forward or dq (q, and dq's do, through descriptors too; with tma)."""
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
     D = head_dim
@@ -145,9 +145,12 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     streamed = (torch.empty(n_tokens, heads, D, dtype=dt),) * 2 if tma else None
     descs = attention._descriptors(streamed, bn if kernel in ("fwd", "dq") else bm, d0, d1)
     scalars = (n_tokens, 0.125, 2048)
+    ws_descs = (None,) * attention._N_WS_DESCS[kernel]
+    if ws:  # the launch's (q, k, v, do) as CPU tensors of their shapes, for the descriptors
+        qs, kvs = torch.empty(n_tokens, H, D, dtype=dt), torch.empty(n_tokens, H_kv, D, dtype=dt)
+        ws_descs = attention._ws_descriptors(kernel, (qs, kvs, kvs, qs), dict(BLOCK_M=bm), dict(D0=d0, D1=d1))
     if kernel == "fwd":
-        q_descs = attention._descriptors((torch.empty(n_tokens, H, D, dtype=dt),), bm, d0, d1) if ws else (None,) * 2
-        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *descs, *q_descs, *q_st, *kv_st, *kv_st, *q_st,
+        return attention._attn_fwd_kernel, (x, x, x, x, f32, i32, i32, *descs, *ws_descs, *q_st, *kv_st, *kv_st, *q_st,
                                             *scalars), dict(H=H, WS=ws, **launch)
     grads = (n_tokens, 0.125, 0.09, 2048)
     if kernel == "dkdv":
@@ -155,8 +158,8 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
         return attention._attn_bwd_dkdv_kernel, (x, x, x, x, f32, f32, x, x, dq, i32, i32, *descs, *q_st, *kv_st,
                                                  *kv_st, *q_st, *kv_st, *kv_st, *q_st, *grads), dict(
             H_KV=H_kv, FUSED_DQ=fused_dq, **launch)
-    return attention._attn_bwd_dq_kernel, (x, x, x, x, f32, f32, x, i32, i32, *descs, *q_st, *kv_st, *kv_st, *q_st,
-                                           *q_st, *grads), dict(H=H, **launch)
+    return attention._attn_bwd_dq_kernel, (x, x, x, x, f32, f32, x, i32, i32, *descs, *ws_descs, *q_st, *kv_st,
+                                           *kv_st, *q_st, *q_st, *grads), dict(H=H, WS=ws, **launch)
 
 
 def _loss(kernel: str, dtype: str, rows: int, extra: str = "", tma: bool = False):
@@ -322,17 +325,19 @@ def jobs(only: str = "") -> list[dict]:
                             label = "{}x{} w{} s{}".format(*bmbnws) + " tma" * tma + " fused_dq" * fused
                             add("attention", f"attn_{name}", args, spec.format(group), label,
                                 ships and (*bmbnws, tma) in shipped)
-    # the warp-specialized forward (MOCA_WS=1, tuned.WS_FWD), per segment with TMA, in the TMA dtypes, for head
-    # dims without a masked tail and groups 1 and 8, at the tiles tuned.py gives this Triton version
-    if tuned.ws_available(ARCH, attention._triton_version()):
-        cfg = tuned.ws_config(ARCH, attention._triton_version())
+    # the warp-specialized forward and dq (MOCA_WS=1, tuned.WARP_SPECIALIZE), per segment with TMA, in the TMA
+    # dtypes, for head dims without a masked tail and groups 1 and 8, at the tiles tuned.py gives this Triton
+    version = attention._triton_version()
+    for name in tuned.WS_KERNELS if tuned.ws_available(ARCH, version) else ():
+        cfg = tuned.ws_config(ARCH, name, version)
         bmbnws = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
         for D in (d for d in HEAD_DIMS if sum(attention._split_head_dim(d)) == d):
             for dtype in TMA_DTYPES:
                 for group in (1, 8):
-                    add("attention", "attn_fwd", dict(kernel="fwd", head_dim=D, dtype=dtype, group=group, cfg=bmbnws,
-                                                      tma=True, ws=True),
-                        f"D={D} {dtype} G={group}", "{}x{} w{} s{} tma ws".format(*bmbnws), tuned.WS_FWD[ARCH])
+                    add("attention", f"attn_{name}", dict(kernel=name, head_dim=D, dtype=dtype, group=group,
+                                                          cfg=bmbnws, tma=True, ws=True),
+                        f"D={D} {dtype} G={group}", "{}x{} w{} s{} tma ws".format(*bmbnws),
+                        tuned.WARP_SPECIALIZE[ARCH])
     tma_dtypes = TMA_DTYPES if _hopper() else ()
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128

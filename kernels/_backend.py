@@ -22,7 +22,7 @@ def switch(name: str, shipped: bool) -> bool:
     descriptors for the streamed tiles of attention and of the loss GEMMs; launchers still fall back to
     pointer loads where a tensor's layout cannot have a descriptor), MOCA_FUSED_DQ (attention's dq
     accumulated atomically by the dk/dv kernel, kernels/attention.py) and MOCA_WS (attention's
-    warp-specialized forward, where the architecture and the Triton version have it)."""
+    warp-specialized forward and dq, where the architecture and the Triton version have them)."""
     env = os.environ.get(name)
     return shipped if env is None else env == "1"
 

@@ -41,15 +41,19 @@ Design decisions a reader must know:
   already exist make them weigh nothing (-inf scores, P = 0, or an lse of +inf for dk/dv's query rows),
   and tests/test_attention.py checks that no segment leaks. Views need heads adjacent in a token,
   16-byte alignment and no masked head-dim tail (`_tma_ok`); others keep pointer loads.
-* Warp specialization (Hopper; kernels/tuned.py WS_FWD, MOCA_WS=1). The per-segment forward of 16-bit
-  inputs can hand its key loop to Triton's automatic warp specialization (`tl.range(...,
-  warp_specialize=True)`): a producer warp group issues the TMA loads of k and v while consumer warp groups
-  run the wgmma dots and the softmax, with registers moved from producer to consumers (setmaxnreg), as
-  flash-attention 3 does by hand. The compiler partitions only a loop of one shape, so this form (WS) loads
-  q through a TMA descriptor too, has no early exit (a spare slot runs zero key tiles and stores nothing)
-  and runs one loop over every key tile, masking the segment's end in each instead of peeling the last.
-  Its tiles are its own (4 warps per group, 12 launched), and only some Triton versions compile it
-  (tuned.ws_available); packed tiles keep the plain kernel.
+* Warp specialization (Hopper; kernels/tuned.py WARP_SPECIALIZE, MOCA_WS=1). The per-segment forward and
+  dq kernels of 16-bit inputs can hand their key loops to Triton's automatic warp specialization
+  (`tl.range(..., warp_specialize=True)`): a producer warp group issues the TMA loads of k and v while
+  consumer warp groups run the wgmma dots and the softmax, with registers moved from producer to consumers
+  (setmaxnreg), as flash-attention 3 does by hand. The compiler partitions only loops of one shape, so this
+  form (WS) loads the tiles a program keeps (q; q and do for dq) through TMA descriptors too (a
+  pointer-loaded tile trips its partitioner), has no early exit (a spare slot runs zero key tiles and stores
+  nothing) and runs one loop over every key tile, masking the segment's end in each instead of peeling the
+  last. Its tiles are its own (4 warps per group, 12 launched), only some Triton versions compile it
+  (tuned.ws_available), and packed tiles keep the plain kernels. dk/dv stays plain: its loop also reads lse
+  and delta rows, which TMA cannot fetch from any token (a box starts on a 16-byte boundary), and with them
+  staged through a 16-byte-row copy the partitioner still failed at head dim 80 under 3.6 and at most tiles
+  under 3.9.
 * Head dims. Tiles cover D as a power-of-two part plus a power-of-two tail (80 = 64 + 16,
   96 = 64 + 32, 128 = 128 + 0): no FLOPs are spent on padding for the vision tower's 80, and
   callers never pad. Odd sizes get a masked tail.
@@ -423,11 +427,13 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0,
               stride_kt, stride_vt, lo, hi, seqlen, qk_scale, offs_n, SEG, seg_q,
               KD0, KD1, VD0, VD1, row, col,
               D0: tl.constexpr, D1: tl.constexpr, MASK_N: tl.constexpr, DTYPE: tl.constexpr,
-              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+              DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, PACKED: tl.constexpr, TMA: tl.constexpr,
+              WS: tl.constexpr = False):  # fmt: skip
     """dq accumulation over the key tiles starting in [lo, hi); MASK_N for a segment's partial last tile.
     PACKED: keys [0, seqlen) hold several segments, seg_q/SEG their ids (block-diagonal mask).
-    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views."""
-    for start_n in range(lo, hi, BLOCK_N):
+    TMA: k, v tiles through descriptors KD*/VD*, key 0 being row `row`, head dim 0 column `col` of their views.
+    WS: the loop is handed to Triton's warp specialization, as the forward's."""
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         mask0 = dm0
         mask1 = dm1
         if MASK_N:
@@ -457,22 +463,27 @@ def _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0,
 
 @triton.jit(do_not_specialize=["n_tokens"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED, KD0, KD1, VD0, VD1,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SCHED, KD0, KD1, VD0, VD1, QD0, QD1, DOD0, DOD1,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     n_tokens, qk_scale, sm_scale, seq_bucket,
     H, GROUP, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, TMA: tl.constexpr,
+    PACKED: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     """dq of one query tile of one query head, looping over its segment's key tiles.
-    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None."""
+    TMA: k and v tiles through the descriptors KD0/KD1, VD0/VD1 (head-dim chunks 0 and 1), else None.
+    WS (per segment, with TMA): warp-specialized as the forward, q and do through QD0/QD1, DOD0/DOD1."""
+    tl.static_assert(not WS or (TMA and not PACKED), "the warp-specialized dq is per segment, with TMA")
     pid = tl.program_id(0)
     slot = pid // H
     head = pid % H
     start, row0, seqlen, n_keys = _slot(CU, SCHED, slot, n_tokens, BLOCK_M, PACKED)
-    if seqlen <= row0:  # spare slot
-        return
+    if WS:
+        n_keys = tl.where(row0 < seqlen, n_keys, 0)  # a spare slot runs no key tile and stores nothing
+    else:
+        if seqlen <= row0:  # spare slot
+            return
     kv_head = head // GROUP
     q_base = Q + start * stride_qt + head * stride_qh
     do_base = DO + start * stride_dot + head * stride_doh
@@ -485,16 +496,25 @@ def _attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     d0 = tl.arange(0, D0)
     dm0 = (d0 < HEAD_DIM)[None, :]
-    q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
-    do0 = tl.load(do_base + rows[:, None] * stride_dot + d0[None, :], mask=row_ok & dm0, other=0.0)
+    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
+    if WS:  # rows past the segment come in too: they are never stored
+        q0 = QD0.load([row + row0, head * HEAD_DIM])
+        do0 = DOD0.load([row + row0, head * HEAD_DIM])
+    else:
+        q0 = tl.load(q_base + rows[:, None] * stride_qt + d0[None, :], mask=row_ok & dm0, other=0.0)
+        do0 = tl.load(do_base + rows[:, None] * stride_dot + d0[None, :], mask=row_ok & dm0, other=0.0)
     k_ptrs0 = k_base + offs_n[:, None] * stride_kt + d0[None, :]
     v_ptrs0 = v_base + offs_n[:, None] * stride_vt + d0[None, :]
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
         dm1 = (d1 < HEAD_DIM)[None, :]
-        q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
-        do1 = tl.load(do_base + rows[:, None] * stride_dot + d1[None, :], mask=row_ok & dm1, other=0.0)
+        if WS:
+            q1 = QD1.load([row + row0, head * HEAD_DIM + D0])
+            do1 = DOD1.load([row + row0, head * HEAD_DIM + D0])
+        else:
+            q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok & dm1, other=0.0)
+            do1 = tl.load(do_base + rows[:, None] * stride_dot + d1[None, :], mask=row_ok & dm1, other=0.0)
         k_ptrs1 = k_base + offs_n[:, None] * stride_kt + d1[None, :]
         v_ptrs1 = v_base + offs_n[:, None] * stride_vt + d1[None, :]
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -505,14 +525,14 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
     delta = tl.load(DELTA + head * n_tokens + start + rows, mask=rows < seqlen, other=0.0)
 
-    n_full = 0 if PACKED else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles mask every key tile
-    row, col = start.to(tl.int32), kv_head * HEAD_DIM  # the keys' origin in the descriptors' views
+    n_full = 0 if PACKED or WS else (n_keys // BLOCK_N) * BLOCK_N  # packed tiles and WS mask every key tile
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                          stride_kt, stride_vt, 0, n_full, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
                          KD0, KD1, VD0, VD1, row, col, D0, D1, False, DTYPE, DOT_PREC, BLOCK_N, False, TMA)  # fmt: skip
     dq0, dq1 = _dq_inner(dq0, dq1, q0, q1, do0, do1, lse, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, dm0, dm1,
                          stride_kt, stride_vt, n_full, n_keys, n_keys, qk_scale, offs_n, SCHED + start, seg_q,
-                         KD0, KD1, VD0, VD1, row, col, D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA)  # fmt: skip
+                         KD0, KD1, VD0, VD1, row, col, D0, D1, True, DTYPE, DOT_PREC, BLOCK_N, PACKED, TMA,
+                         WS)  # fmt: skip
 
     dq_ty = DQ.dtype.element_ty
     tl.store(dq_base + rows[:, None] * stride_dqt + d0[None, :], (dq0 * sm_scale).to(dq_ty), mask=row_ok & dm0)
@@ -594,6 +614,9 @@ _TILE_KEY = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}
 _STREAMED_ARGS = {"fwd": ("KD0", "KD1", "VD0", "VD1"), "dkdv": ("QD0", "QD1", "DOD0", "DOD1"),
                   "dq": ("KD0", "KD1", "VD0", "VD1")}
 _STREAM_KEY = {"fwd": "BLOCK_N", "dkdv": "BLOCK_M", "dq": "BLOCK_N"}
+# The warp-specialized kernels' other descriptor arguments (after the streamed ones; None when not WS): fwd's
+# q (QD0, QD1); dq's q and do (QD0, QD1, DOD0, DOD1).
+_N_WS_DESCS = {"fwd": 2, "dkdv": 0, "dq": 4}
 # Under the interpreter one fixed config: big enough to be quick there, small enough that the test
 # segments span several tiles (and, packed, that tiles hold several segments and cut some).
 _INTERP = {"fwd": (128, 64), "dkdv": (64, 128), "dq": (128, 64)}
@@ -678,33 +701,33 @@ def _triton_version() -> tuple[int, int]:
 
 
 def ws_available(device: torch.device) -> bool:
-    """Whether `device` and the installed Triton have the warp-specialized forward (kernels/tuned.py
-    ws_available: an H100/H200 and Triton >= 3.6)."""
+    """Whether `device` and the installed Triton have the warp-specialized forward and dq (kernels/tuned.py
+    ws_available: an H100/H200 and Triton 3.6 to 3.9)."""
     return (device.type == "cuda" and torch.cuda.is_available()
             and tuned.ws_available(_arch(device.index), _triton_version()))
 
 
-def _ws_fwd(device, dtype) -> bool:
-    """Whether the per-segment forward runs warp-specialized (WS): 16-bit inputs, as kernels/tuned.py
-    WS_FWD ships it or MOCA_WS forces it, where `ws_available` (elsewhere MOCA_WS=1 is ignored). Under the
-    interpreter MOCA_WS=1 runs the same kernel code for the tests. Never under MOCA_AUTOTUNE=1, whose
-    candidates are the plain kernel's."""
+def _ws(device, dtype) -> bool:
+    """Whether the per-segment forward and dq run warp-specialized (WS): 16-bit inputs, as kernels/tuned.py
+    WARP_SPECIALIZE ships it or MOCA_WS forces it, where `ws_available` (elsewhere MOCA_WS=1 is ignored).
+    Under the interpreter MOCA_WS=1 runs the same kernel code for the tests. Never under MOCA_AUTOTUNE=1,
+    whose candidates are the plain kernels'. The launchers also need TMA-fit tensors (`_tma_ok`)."""
     if dtype == torch.float32 or autotune_enabled():
         return False
     if interpreter_enabled():
         return switch("MOCA_WS", False)
-    return ws_available(device) and switch("MOCA_WS", tuned.WS_FWD.get(_arch(device.index), False))
+    return ws_available(device) and switch("MOCA_WS", tuned.WARP_SPECIALIZE.get(_arch(device.index), False))
 
 
 def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
     """{BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: fixed under the interpreter, else kernels/tuned.py's
-    (its WS tiles for the warp-specialized forward, meta["WS"])."""
+    (its WS tiles for a warp-specialized kernel, meta["WS"])."""
     ws = meta.get("WS", False)
     if interpreter_enabled():
         bm, bn = (_INTERP_PACKED if packed else _INTERP)[name]
         return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1, TMA=ws)
     if ws:
-        return tuned.ws_config(_arch(device.index), _triton_version())
+        return tuned.ws_config(_arch(device.index), name, _triton_version())
     return tuned.attention_config(_arch(device.index), name, meta["HEAD_DIM"], dtype, bucket, packed,
                                   meta.get("FUSED_DQ", False))
 
@@ -712,14 +735,20 @@ def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
 def _launch_args(name: str, ptrs, sched, rest, meta, cfg: dict, streamed) -> tuple[tuple, dict]:
     """(args, kwargs) of kernel `name` under cfg {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA}: TMA where
     wanted (MOCA_TMA overrides the flag) and possible (streamed, from `_tma_ok`, is not None); the
-    warp-specialized forward (meta["WS"], only where the launcher found q, k, v fit for TMA) always."""
+    warp-specialized kernels (meta["WS"], only where the launcher found every tensor fit for TMA) always,
+    with their other descriptors (`_ws_descriptors`)."""
     cfg = dict(cfg)
     ws, shipped_tma = meta.get("WS", False), cfg.pop("TMA")
     tma = (ws or switch("MOCA_TMA", shipped_tma)) and streamed is not None
     descs = _descriptors(streamed if tma else None, cfg[_STREAM_KEY[name]], meta["D0"], meta["D1"])
-    if name == "fwd":  # and q's, which the warp-specialized forward loads through TMA too
-        descs += _descriptors((ptrs[0],), cfg["BLOCK_M"], meta["D0"], meta["D1"]) if ws else (None, None)
+    descs += _ws_descriptors(name, ptrs, cfg, meta) if ws else (None,) * _N_WS_DESCS[name]
     return (*ptrs, sched, *descs, *rest), dict(meta, TMA=tma, **cfg)
+
+
+def _ws_descriptors(name: str, ptrs, cfg: dict, meta) -> tuple:
+    """The descriptors a warp-specialized kernel also loads through (`_N_WS_DESCS`): the row tiles each
+    program keeps (q for fwd; q and do for dq), in BLOCK_M rows."""
+    return _descriptors((ptrs[0],) if name == "fwd" else (ptrs[0], ptrs[3]), cfg["BLOCK_M"], meta["D0"], meta["D1"])
 
 
 def _run(name: str, grid: int, ptrs, sched, rest, meta, cfg: dict, streamed) -> None:
@@ -732,7 +761,7 @@ def _autotuned(name: str, tiles: str, grid, ptrs, sched, rest, meta, streamed) -
     """The MOCA_AUTOTUNE=1 launch: TMA as MOCA_TMA says (off when unset), tiles as the autotuner picks."""
     tma = streamed is not None and switch("MOCA_TMA", False)
     descs = _descriptors(streamed if tma else None, 16, meta["D0"], meta["D1"])  # the hook sets the rows
-    descs += (None, None) if name == "fwd" else ()  # q's descriptors: the warp-specialized forward's only
+    descs += (None,) * _N_WS_DESCS[name]  # the warp-specialized kernels' only
     _autotuner(name, tiles, meta.get("FUSED_DQ", False))[grid](*ptrs, sched, *descs, *rest, **meta, TMA=tma)
 
 
@@ -866,7 +895,7 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
     tma_ok = functools.partial(_tma_ok, head_dim=meta["HEAD_DIM"], d0=meta["D0"], d1=meta["D1"])
     streamed = (k, v) if tma_ok((k, v)) else None
-    ws = streamed is not None and tma_ok((q,)) and _ws_fwd(q.device, dtype)
+    ws = streamed is not None and tma_ok((q,)) and _ws(q.device, dtype)
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
             dict(H=H, WS=ws, **meta), bucket, mode, seg_ids, streamed)  # fmt: skip
     return o.to(dtype), lse
@@ -903,8 +932,9 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq_strides, *common),
             dict(H_KV=H_kv, FUSED_DQ=fused, **meta), bucket, mode, seg_ids, (q, do) if tma_ok((q, do)) else None)
     if not fused:
+        ws = tma_ok((q, k, v, do)) and _ws(q.device, dtype)  # k, v streamed, q and do loaded once per program
         _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens), (*strides, *dq_strides, *common),
-                dict(H=H, **meta), bucket, mode, seg_ids, (k, v) if tma_ok((k, v)) else None)  # fmt: skip
+                dict(H=H, WS=ws, **meta), bucket, mode, seg_ids, (k, v) if tma_ok((k, v)) else None)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

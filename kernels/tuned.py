@@ -14,7 +14,8 @@ Rules: for an architecture and a kernel the first rule whose conditions all hold
 `packed` (the packed-tile kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or
 `fused_dq` (dk/dv adding dq too, FUSED_DQ below), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
-The warp-specialized forward (WS_FWD) has rules of its own, keyed by the Triton version that compiles it.
+The warp-specialized forward and dq (WARP_SPECIALIZE) have rules of their own, keyed by the Triton version
+that compiles them.
 Architectures without an entry get "default": spill-free within the 99 KiB of shared memory of sm86/sm89
 on A100, A10-class and L40S-class GPUs (sm80, sm86, sm89), as `bench/compile_gate.py --arch 80|86|89` checks
 (tables in bench/results/sm80-compile-gate.md and the like); untimed.
@@ -45,23 +46,29 @@ MIXED_MAX_MEAN = 256
 # fused dq was free of spills under both Triton 3.6 and 3.9.
 FUSED_DQ = {"sm90": False}
 
-# The warp-specialized forward (Hopper; kernels/attention.py WS): Triton's automatic warp specialization
-# (`tl.range(..., warp_specialize=True)`) splits the per-segment forward's key loop into a TMA producer and
-# wgmma consumer warp groups, moving registers to the consumers (setmaxnreg), the structure of
+# The warp-specialized attention forward and dq (Hopper; kernels/attention.py WS): Triton's automatic warp
+# specialization (`tl.range(..., warp_specialize=True)`) splits their per-segment key loops into a TMA
+# producer and wgmma consumer warp groups, moving registers to the consumers (setmaxnreg), the structure of
 # flash-attention 3. Per architecture: whether it ships (off everywhere until a GPU run times it against the
-# plain forward: bench_attention's ours_ws row; MOCA_WS=1 / 0 overrides), and its tiles (below: num_warps is
-# a consumer group's, the launch has 12 warps), for 16-bit inputs and head dims without a masked tail.
-WS_FWD = {"sm90": False}
-# Triton versions whose compiler warp-specializes the kernel: 3.6, 3.7, 3.8 and 3.9 were compiled for sm_90
-# (bench/compile_gate.py; 3.6 is the GPU image's). 128-row query tiles compile only under 3.6: from 3.7 on the
-# partitioner splits the q tile between consumer groups but not its TMA descriptor ("descriptor block and
-# tensor must have the same number of elements"), so 64-row tiles there. Older releases keep the plain forward.
-WS_TRITON_MIN = (3, 6)
+# plain kernels: bench_attention's ours_ws row; MOCA_WS=1 / 0 overrides), and each kernel's tiles (below:
+# num_warps is a group's, the launch has 12 warps), for 16-bit inputs and head dims without a masked tail.
+WARP_SPECIALIZE = {"sm90": False}
+# Triton versions whose compiler warp-specializes the kernels, every WS config below compiled for sm_90 under
+# each: 3.6 (the GPU image's) to 3.9 (bench/compile_gate.py: this machine's 3.9 and the committed 3.6 table;
+# 3.7 and 3.8 by hand). Newer releases are not assumed to: they keep the plain kernels until checked. Tiles
+# differ: from 3.7 on the partitioner splits a 128-row q tile between consumer groups but not its TMA
+# descriptor ("descriptor block and tensor must have the same number of elements"); dq's 128-row tiles fail
+# under 3.6 and 3.9 alike. These are the largest tiles that compile, spill-free, under each. dk/dv always
+# keeps the plain kernel (see kernels/attention.py).
+WS_TRITON = ((3, 6), (3, 9))  # first and last version, inclusive
 _WS_RULES = {
-    "sm90": [
-        (dict(triton=(3, 6)), (128, 128, 4, 2)),  # 181 KiB of shared memory at head dim 128, no spills
-        (dict(), (64, 128, 4, 2)),  # 165 KiB
-    ],
+    "sm90": {
+        "fwd": [
+            (dict(triton=(3, 6)), (128, 128, 4, 2)),  # 181 KiB of shared memory at head dim 128
+            (dict(), (64, 128, 4, 2)),  # 165 KiB
+        ],
+        "dq": [(dict(), (64, 64, 4, 2))],  # 115 KiB
+    },
 }
 
 # (conditions, (BLOCK_M, BLOCK_N, num_warps, num_stages[, tma])); the scheduled tile is BLOCK_M for fwd/dq, BLOCK_N
@@ -157,15 +164,19 @@ def rule(arch: str, kernel: str, head_dim: int, dtype: torch.dtype, seq_bucket: 
                 if _holds(cond, head_dim, dtype, seq_bucket, packed, fused_dq))
 
 
+WS_KERNELS = ("fwd", "dq")
+
+
 def ws_available(arch: str, triton_version: tuple[int, int]) -> bool:
-    """Whether the warp-specialized forward compiles for `arch` under Triton `triton_version` (major, minor)."""
-    return arch in _WS_RULES and triton_version >= WS_TRITON_MIN
+    """Whether the warp-specialized kernels compile for `arch` under Triton `triton_version` (major, minor)."""
+    return arch in _WS_RULES and WS_TRITON[0] <= triton_version <= WS_TRITON[1]
 
 
-def ws_config(arch: str, triton_version: tuple[int, int]) -> dict:
-    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA} of the warp-specialized forward (a
-    `ws_available` pair): the first of the architecture's WS rules whose Triton version matches."""
-    bm, bn, warps, stages = next(cfg for cond, cfg in _WS_RULES[arch]
+def ws_config(arch: str, kernel: str, triton_version: tuple[int, int]) -> dict:
+    """Launch config {BLOCK_M, BLOCK_N, num_warps, num_stages, TMA} of warp-specialized `kernel` (one of
+    WS_KERNELS; `arch` and `triton_version` as ws_available accepts): the first of its rules whose Triton
+    version matches."""
+    bm, bn, warps, stages = next(cfg for cond, cfg in _WS_RULES[arch][kernel]
                                  if cond.get("triton", triton_version) == triton_version)
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, TMA=True)
 

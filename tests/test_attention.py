@@ -339,19 +339,19 @@ def test_tma_needs_aligned_heads_in_a_token():
     assert not attention._tma_ok((torch.empty(40 * 4 * 64 + 1)[1:].view(40, 4, 64),), 64, 64, 0)  # base misaligned
 
 
-# ----------------------------------------------------------------------------- warp-specialized forward (WS)
+# ----------------------------------------------------------------------------- warp-specialized fwd and dq (WS)
 
 
 @pytest.fixture
 def ws_launches(monkeypatch):
-    """MOCA_WS=1 (as bench_attention's ours_ws or tuned.WS_FWD asks): records, per forward launch, its tiling
-    and whether it ran the warp-specialized form (one masked key loop, q, k, v through TMA descriptors)."""
+    """MOCA_WS=1 (as bench_attention's ours_ws or tuned.WARP_SPECIALIZE asks): records, per kernel launch, the
+    kernel, its tiling and whether it ran the warp-specialized form (one masked key loop, every tile through
+    TMA descriptors)."""
     monkeypatch.setenv("MOCA_WS", "1")
     calls = []
 
     def spy(name, grid, ptrs, sched, rest, meta, cfg, streamed):
-        if name == "fwd":
-            calls.append(("packed" if meta["PACKED"] else "segments", meta["WS"]))
+        calls.append((name, "packed" if meta["PACKED"] else "segments", meta.get("WS", False)))
         return run(name, grid, ptrs, sched, rest, meta, cfg, streamed)
 
     run = attention._run
@@ -371,31 +371,40 @@ def ws_launches(monkeypatch):
 def test_ws_matches_fp64(ws_launches, lens, hq, hkv, d, dtype):
     assert attention.path(max(lens), sum(lens), len(lens)) == "segments"
     check(lens, hq, hkv, d, dtype)
-    assert ws_launches == [("segments", True)]
+    assert ws_launches == [("fwd", "segments", True), ("dkdv", "segments", False), ("dq", "segments", True)]
 
 
 def test_ws_keeps_packed_tiles_plain(ws_launches):
-    """A mixed batch: its long segments take the warp-specialized forward, its packed short ones the plain one."""
+    """A mixed batch: its long segments take the warp-specialized forward and dq, its packed short ones the plain
+    kernels."""
     lens = [1, 7, 63, 64, 65, 200, 3, 130, 64, 16]
     assert attention.path(max(lens), sum(lens), len(lens)) == "mixed"
     check(lens, 4, 2, 64, torch.float16)
-    assert ws_launches == [("segments", True), ("packed", False)]
+    assert [ws for *_, ws in ws_launches] == [True, False, False, False, True, False]  # fwd, dk/dv, dq; segments first
 
 
 def test_ws_needs_16_bit_inputs_and_tma(ws_launches):
-    """fp32 keeps its exact small-tile forward; a masked head-dim tail (40) cannot have TMA descriptors (a
-    16-column tile would read the next head), so the plain forward runs (as where q alone has no descriptor,
+    """fp32 keeps its exact small-tile kernels; a masked head-dim tail (40) cannot have TMA descriptors (a
+    16-column tile would read the next head), so the plain kernels run (as where q or do has no descriptor,
     `_tma_ok`)."""
     check([300, 500], 2, 1, 64, torch.float32)
     check([300, 500], 2, 1, 40, torch.float16)
-    assert ws_launches == [("segments", False)] * 2
+    assert len(ws_launches) == 6 and not any(ws for *_, ws in ws_launches)
+
+
+def test_ws_with_the_fused_dq(ws_launches, monkeypatch):
+    """MOCA_FUSED_DQ=1 too: dk/dv adds dq with atomics and no dq kernel runs, so only the forward is
+    warp-specialized."""
+    monkeypatch.setenv("MOCA_FUSED_DQ", "1")
+    check([300, 1, 257, 97, 700], 4, 2, 64, torch.float16)
+    assert ws_launches == [("fwd", "segments", True), ("dkdv", "segments", False)]
 
 
 def test_ws_segments_do_not_leak(ws_launches):
     """A q tile running past its segment's end loads the next segment's queries through its descriptor: they must
     not reach any stored row."""
     assert_segments_do_not_leak([200, 345, 290], torch.float16)
-    assert ws_launches == [("segments", True)] * 2
+    assert ws_launches == [("fwd", "segments", True)] * 2
 
 
 # ----------------------------------------------------------------------------- fused dq (atomics in dk/dv)
@@ -598,14 +607,15 @@ def test_gpu_tma(tma_launches, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 80, 128])
 def test_gpu_ws(ws_launches, d):
-    """The warp-specialized forward on the GPU (what MOCA_WS=1 benchmarks as ours_ws), compiled by Triton's warp
-    specialization with its own tiles: per-segment (a 4096-token segment: 32+ key tiles per query tile) and
-    mixed batches, GQA 8 and 1."""
+    """The warp-specialized forward and dq on the GPU (what MOCA_WS=1 benchmarks as ours_ws), compiled by Triton's
+    warp specialization with their own tiles: per-segment (a 4096-token segment: 32+ key tiles per query tile)
+    and mixed batches, GQA 8 and 1."""
     if not attention.ws_available(torch.device("cuda")):
         pytest.skip(f"no warp-specialized forward on {torch.cuda.get_device_name()} with Triton {triton.__version__}")
     for lens, hq, hkv in (([4096, *MIXED, 1000, 16, 33, 600], 16, 2), ([*AWKWARD, 300, 2, 700] * 4, 16, 16)):
         check(lens, hq, hkv, d, torch.bfloat16, device="cuda")
-    assert ws_launches and all(ws for tiling, ws in ws_launches if tiling == "segments")
+    assert {name for name, _, ws in ws_launches if ws} == {"fwd", "dq"}
+    assert all(ws for name, tiling, ws in ws_launches if tiling == "segments" and name != "dkdv")
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ The Triton interpreter accepts code that the real compiler rejects (issue #12: a
 read by a jitted kernel), so the CPU tests of the kernels cannot see that class of fault. This runs
 bench/compile_gate.py in a subprocess with TRITON_INTERPRET=0 (conftest turns the interpreter on in
 this process, and triton.jit picks interpreter or compiler when the kernel modules are imported),
-and checks its rows: coverage is in that script's docstring. Cold, it compiles 719 kernels (5 min
+and checks its rows: coverage is in that script's docstring. Cold, it compiles 729 kernels (5 min
 wall on two cores); Triton's cache makes later runs take ~15 s for unchanged kernels.
 """
 
@@ -87,11 +87,11 @@ def test_gate_covers_every_kernel_specialization_and_shipped_config(rows):
         cands = {"{}x{} w{} s{}".format(*c) for c in candidates(name)}
         assert cands <= compiled[False], cands - compiled[False]
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
-    if tuned.ws_available("sm90", version):  # the warp-specialized forward, at this Triton's tiles, specialized
-        cfg = tuned.ws_config("sm90", version)
+    for name in tuned.WS_KERNELS if tuned.ws_available("sm90", version) else ():  # at this Triton's tiles
+        cfg = tuned.ws_config("sm90", name, version)
         label = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} tma ws".format(**cfg)
-        ws = {r["spec"]: r["warps"] for r in rows if r["kernel"] == "attn_fwd" and r["config"] == label}
-        assert {f"D={d} bf16 G={g}" for d in (64, 80, 128) for g in (1, 8)} <= set(ws), sorted(ws)
+        ws = {r["spec"]: r["warps"] for r in rows if r["kernel"] == f"attn_{name}" and r["config"] == label}
+        assert {f"D={d} bf16 G={g}" for d in (64, 80, 128) for g in (1, 8)} <= set(ws), (name, sorted(ws))
         assert all(warps == 3 * cfg["num_warps"] for warps in ws.values()), ws  # three warp groups launched
     for name in ("lm_fwd", "lm_dlogits", "mm_acc", "mm_acc_dw", "patch_loss", "patch_loss_grad"):
         configs = {r["config"] for r in rows if r["kernel"] == name and r["spec"].startswith("bf16")}
