@@ -337,7 +337,7 @@ def jobs(only: str = "") -> list[dict]:
                     add("attention", f"attn_{name}", dict(kernel=name, head_dim=D, dtype=dtype, group=group,
                                                           cfg=bmbnws, tma=True, ws=True),
                         f"D={D} {dtype} G={group}", "{}x{} w{} s{} tma ws".format(*bmbnws),
-                        tuned.WARP_SPECIALIZE[ARCH])
+                        tuned.WARP_SPECIALIZE[ARCH][name])
     tma_dtypes = TMA_DTYPES if _hopper() else ()
     for dtype in DTYPES:
         for rows in (1, 29, 37, 4096):  # BLOCK_M 16 (M == 1), 32, 64, 128

@@ -707,16 +707,18 @@ def ws_available(device: torch.device) -> bool:
             and tuned.ws_available(_arch(device.index), _triton_version()))
 
 
-def _ws(device, dtype) -> bool:
-    """Whether the per-segment forward and dq run warp-specialized (WS): 16-bit inputs, as kernels/tuned.py
-    WARP_SPECIALIZE ships it or MOCA_WS forces it, where `ws_available` (elsewhere MOCA_WS=1 is ignored).
-    Under the interpreter MOCA_WS=1 runs the same kernel code for the tests. Never under MOCA_AUTOTUNE=1,
-    whose candidates are the plain kernels'. The launchers also need TMA-fit tensors (`_tma_ok`)."""
+def _ws(name: str, device, dtype) -> bool:
+    """Whether per-segment kernel `name` (fwd or dq) runs warp-specialized (WS): 16-bit inputs, as
+    kernels/tuned.py WARP_SPECIALIZE ships it or MOCA_WS forces it (both kernels), where `ws_available`
+    (elsewhere MOCA_WS=1 is ignored). Under the interpreter MOCA_WS=1 runs the same kernel code for the tests.
+    Never under MOCA_AUTOTUNE=1, whose candidates are the plain kernels'. The launchers also need TMA-fit
+    tensors (`_tma_ok`)."""
     if dtype == torch.float32 or autotune_enabled():
         return False
     if interpreter_enabled():
         return switch("MOCA_WS", False)
-    return ws_available(device) and switch("MOCA_WS", tuned.WARP_SPECIALIZE.get(_arch(device.index), False))
+    shipped = tuned.WARP_SPECIALIZE.get(_arch(device.index), {}).get(name, False)
+    return ws_available(device) and switch("MOCA_WS", shipped)
 
 
 def _config(name: str, dtype, device, meta, bucket: int, packed: bool) -> dict:
@@ -895,7 +897,7 @@ def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
     tma_ok = functools.partial(_tma_ok, head_dim=meta["HEAD_DIM"], d0=meta["D0"], d1=meta["D1"])
     streamed = (k, v) if tma_ok((k, v)) else None
-    ws = streamed is not None and tma_ok((q,)) and _ws(q.device, dtype)
+    ws = streamed is not None and tma_ok((q,)) and _ws("fwd", q.device, dtype)
     _launch("fwd", dtype, T, H, n_seg, (q, k, v, o, lse, cu_seqlens), (*strides, T, scale * LOG2E, bucket),
             dict(H=H, WS=ws, **meta), bucket, mode, seg_ids, streamed)  # fmt: skip
     return o.to(dtype), lse
@@ -932,7 +934,7 @@ def _attn_bwd_launch(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
             (*strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), *dq_strides, *common),
             dict(H_KV=H_kv, FUSED_DQ=fused, **meta), bucket, mode, seg_ids, (q, do) if tma_ok((q, do)) else None)
     if not fused:
-        ws = tma_ok((q, k, v, do)) and _ws(q.device, dtype)  # k, v streamed, q and do loaded once per program
+        ws = tma_ok((q, k, v, do)) and _ws("dq", q.device, dtype)  # k, v streamed, q and do once per program
         _launch("dq", dtype, T, H, n_seg, (q, k, v, do, lse, delta, dq, cu_seqlens), (*strides, *dq_strides, *common),
                 dict(H=H, WS=ws, **meta), bucket, mode, seg_ids, (k, v) if tma_ok((k, v)) else None)  # fmt: skip
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)

@@ -49,10 +49,11 @@ FUSED_DQ = {"sm90": False}
 # The warp-specialized attention forward and dq (Hopper; kernels/attention.py WS): Triton's automatic warp
 # specialization (`tl.range(..., warp_specialize=True)`) splits their per-segment key loops into a TMA
 # producer and wgmma consumer warp groups, moving registers to the consumers (setmaxnreg), the structure of
-# flash-attention 3. Per architecture: whether it ships (off everywhere until a GPU run times it against the
-# plain kernels: bench_attention's ours_ws row; MOCA_WS=1 / 0 overrides), and each kernel's tiles (below:
-# num_warps is a group's, the launch has 12 warps), for 16-bit inputs and head dims without a masked tail.
-WARP_SPECIALIZE = {"sm90": False}
+# flash-attention 3. Per architecture and kernel: whether it ships (off everywhere until a GPU run times it
+# against the plain kernels: bench_attention's ours_ws row, whose fwd pass shows the forward's and bwd pass the
+# dq's; MOCA_WS=1 / 0 overrides both), and each kernel's tiles (below: num_warps is a group's, the launch has
+# 12 warps), for 16-bit inputs and head dims without a masked tail.
+WARP_SPECIALIZE = {"sm90": {"fwd": False, "dq": False}}
 # Triton versions whose compiler warp-specializes the kernels, every WS config below compiled for sm_90 under
 # each: 3.6 (the GPU image's) to 3.9 (bench/compile_gate.py: this machine's 3.9 and the committed 3.6 table;
 # 3.7 and 3.8 by hand). Newer releases are not assumed to: they keep the plain kernels until checked. Tiles
