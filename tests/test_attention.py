@@ -400,6 +400,26 @@ def test_ws_with_the_fused_dq(ws_launches, monkeypatch):
     assert ws_launches == [("fwd", "segments", True), ("dkdv", "segments", False)]
 
 
+def test_ws_follows_the_shipped_table_per_kernel(monkeypatch):
+    """On a GPU that has it (faked here: the decision only), tuned.WARP_SPECIALIZE decides per kernel, MOCA_WS=1 / 0
+    forces both, fp32 and the autotuning path never run it."""
+    monkeypatch.setattr(attention, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "ws_available", lambda device: True)
+    monkeypatch.setattr(attention, "_arch", lambda index: "sm90")
+    monkeypatch.setitem(tuned.WARP_SPECIALIZE, "sm90", {"fwd": True, "dq": False})
+    monkeypatch.delenv("MOCA_WS", raising=False)
+    gpu = torch.device("cuda", 0)
+    assert attention._ws("fwd", gpu, torch.bfloat16) and not attention._ws("dq", gpu, torch.bfloat16)
+    assert not attention._ws("fwd", gpu, torch.float32)
+    monkeypatch.setenv("MOCA_WS", "1")
+    assert attention._ws("dq", gpu, torch.float16)
+    monkeypatch.setenv("MOCA_AUTOTUNE", "1")
+    assert not attention._ws("fwd", gpu, torch.bfloat16)
+    monkeypatch.setenv("MOCA_AUTOTUNE", "0")
+    monkeypatch.setenv("MOCA_WS", "0")
+    assert not attention._ws("fwd", gpu, torch.bfloat16)
+
+
 def test_ws_segments_do_not_leak(ws_launches):
     """A q tile running past its segment's end loads the next segment's queries through its descriptor: they must
     not reach any stored row."""
