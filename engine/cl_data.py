@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import cl_synthetic
-from engine.data import DataError, require_columns
+from engine.data import DataError, require_columns, truncate_record
 from moca.batch import Sample
 from moca.processor import IMAGE_MARKER, IMAGE_PAD, Processor, normalize_markers
 
@@ -447,19 +447,20 @@ class CLData:
             e += 1
         return self.epoch(e)[index]
 
-    def _encode(self, item: dict) -> Sample:
-        sample = self.processor.encode(item)
-        return self.processor.truncate(sample, self.max_len) if len(sample) > self.max_len else sample
+    def _encode(self, item: dict, where: str) -> Sample:
+        return truncate_record(self.processor, self.processor.encode(item), self.max_len, where)
 
     def _example(self, si: int, i: int) -> tuple[Sample, Sample, list[Sample]]:
         sub = self.subsets[si]
         ex = check_record(sub[i], sub.image_root)
         negs = pick_negatives(ex.negatives, self.ratios[si])
         encoded: dict[int, Sample] = {}  # a repeated negative is encoded once
-        for n in negs:
+        where = sub.where(i)
+        for k, n in enumerate(negs):
             if id(n) not in encoded:
-                encoded[id(n)] = self._encode(n)
-        return self._encode(ex.query), self._encode(ex.positive), [encoded[id(n)] for n in negs]
+                encoded[id(n)] = self._encode(n, f"{where} negative {k}")
+        return (self._encode(ex.query, f"{where} query"), self._encode(ex.positive, f"{where} positive"),
+                [encoded[id(n)] for n in negs])
 
     def rank_batch(self, index: int, rank: int = 0, world: int = 1) -> RankBatch:
         """Rank `rank`'s slice of global batch `index`, encoded."""

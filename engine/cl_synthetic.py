@@ -73,6 +73,10 @@ class SyntheticSubset:
     def __getitem__(self, i: int) -> dict:
         return record(self.seed, self.task, i)
 
+    def where(self, i: int) -> str:
+        """Where record i is, for messages (as cl_data's subsets say it)."""
+        return f"subset {self.name} record {i}"
+
 
 # ------------------------------------------------------------------------------------ eval set
 def eval_set(seed: int = EVAL_SEED, queries: int = 100, candidates: int = 100) -> tuple[dict[str, list[dict]], dict[str, bytes]]:

@@ -17,6 +17,11 @@ Design decisions:
   (size, mtime) and is recomputed when any of them changed. A record that still fails when a
   micro-batch is encoded is logged and counted once and skipped from then on; a source none of
   whose records loads any more is a `DataError`, not an endless search for a good bin.
+* A record over max_len is cut by the release's rule (MOCA.md §2, `truncate_record`, CL data too): its
+  first max_len tokens, less an image whose tokens would be cut and everything after it; a record losing
+  images is logged by name. Embedding's rule (every image whole, text cut) would instead reject every
+  document whose images alone exceed max_len (five 256-token images at 1280) and splice the text of the
+  others around their images.
 * The batch plan is a pure function of (seed, epoch): the costs of the shuffled records are
   packed by the C++ first-fit-decreasing packer into bins of `budget` equivalent tokens (no
   padding), and the bins are shuffled. Micro-batch k of the run is bin k of that endless
@@ -44,10 +49,10 @@ from engine import synthetic
 from moca import host_ops
 from moca.batch import Sample
 from moca.image import image_grid, load_image
-from moca.processor import IMAGE_PAD, Processor, check_images_fit, normalize_markers
+from moca.processor import IMAGE_PAD, Processor, TruncationError, normalize_markers
 
 log = logging.getLogger("moca")
-CACHE_VERSION = 4  # 4: the reference's cost, capped at max_len
+CACHE_VERSION = 5  # 4: the reference's cost, capped at max_len; 5: records whose images exceed max_len are cut
 # per-source cost caches and the Arrow copies of Parquet sources (train.py's --cache-dir default)
 DEFAULT_CACHE_DIR = os.environ.get("MOCA_CACHE_DIR") or os.path.expanduser("~/.cache/moca")
 
@@ -305,16 +310,40 @@ def check_record(rec: dict, processor: Processor) -> tuple[str, list[tuple[int, 
 
 def record_cost(rec: dict, processor: Processor, max_len: int) -> int:
     """The reference's cost of a record (MOCA.md §2): text tokens + 4 x merged image tokens (the vision
-    tower's patch work) + 2 per image, capped at max_len, so that a bin of `budget` holds as many samples
-    as the release's micro-batch of that budget does. It is never below the LLM tokens the truncated
-    sample keeps (at most max_len), so a bin's LLM tokens stay within the budget. TruncationError when the
-    images alone exceed max_len (`Processor.truncate` keeps images whole), so the cost pass reports the
-    record instead of the batch."""
+    tower's patch work) + 2 per image, capped at max_len. Image tokens are counted at the resolution the
+    model sees (256..1024 an image once resized); the release counts them at the original size
+    (ceil(W/28) x ceil(H/28)), which misjudges every image its processor resizes. The cost is never below
+    the LLM tokens the truncated sample keeps (at most max_len), so a bin's LLM tokens stay within the
+    budget. TruncationError for a record that truncation would leave empty (`Processor.truncate` with
+    drop_images, as CPTData cuts: one that opens with an image longer than max_len), so the cost pass
+    reports it instead of the batch."""
     text, grids = check_record(rec, processor)
-    n_text = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 3 * len(grids)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     merge = processor.config.vision.spatial_merge_size**2
-    check_images_fit(grids, sum(t * h * w // merge + 2 for t, h, w in grids), max_len)
-    return min(max_len, n_text + sum(4 * (t * h * w // merge) + 2 for t, h, w in grids))
+    image_tokens = [t * h * w // merge for t, h, w in grids]
+    if ids[:2] == [processor.vision_start_id, processor.image_token_id] and image_tokens[0] + 2 > max_len:
+        raise TruncationError(f"the record opens with an image of {image_tokens[0] + 2} tokens (grid {grids[0]}), "
+                              f"more than max_len={max_len}: nothing would be left")
+    return min(max_len, len(ids) - 3 * len(grids) + sum(4 * n + 2 for n in image_tokens))
+
+
+_dropped_images = False  # whether this process has cut an image off a record yet
+
+
+def truncate_record(processor: Processor, sample: Sample, max_len: int, where: str) -> Sample:
+    """A training record's sample cut to max_len by the release's rule (`Processor.truncate` with drop_images:
+    an image whose tokens would be cut goes, with all after it), as CPT and CL data take it. A record that loses
+    images is logged, naming it (`where`): at info level the first time in a process, then at debug level."""
+    global _dropped_images
+    if len(sample) <= max_len:
+        return sample
+    cut = processor.truncate(sample, max_len, drop_images=True)
+    if len(cut.grids) < len(sample.grids):
+        log.log(logging.DEBUG if _dropped_images else logging.INFO,
+                "%s: cut at max_len=%d, %d of its %d image(s) dropped (the release's truncation; any later ones are "
+                "logged at debug level)", where, max_len, len(sample.grids) - len(cut.grids), len(sample.grids))
+        _dropped_images = True
+    return cut
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -467,10 +496,8 @@ class CPTData:
                     continue
                 src = self.sources[si]
                 try:
-                    sample = self.processor.encode(src[ri])
-                    if len(sample) > self.max_len:
-                        sample = self.processor.truncate(sample, self.max_len)
-                    samples.append(sample)
+                    samples.append(truncate_record(self.processor, self.processor.encode(src[ri]), self.max_len,
+                                                   src.where(ri)))
                     kept.append(item)
                 except Exception as e:
                     self.broken.add((si, ri))

