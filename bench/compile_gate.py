@@ -130,7 +130,7 @@ def _attention(kernel: str, head_dim: int, dtype: str, group: int, cfg: tuple, n
     dt = DTYPES[dtype]
     H, H_kv = GROUPS[group]
     D = head_dim
-    d0, d1 = attention._split_head_dim(D)
+    d0, d1 = tuned.split_head_dim(D)
     meta = dict(GROUP=group, HEAD_DIM=D, D0=d0, D1=d1, DTYPE=attention._TL_DTYPES[dt],
                 DOT_PREC="ieee" if dt == torch.float32 else "tf32")
     if kernel == "preprocess":
@@ -302,7 +302,7 @@ def jobs(only: str = "") -> list[dict]:
         for dtype in DTYPES:
             add("attention", "attn_preprocess", dict(kernel="preprocess", head_dim=D, dtype=dtype, group=8, cfg=None),
                 f"D={D} {dtype}", "64x D", True)
-            unmasked = sum(attention._split_head_dim(D)) == D
+            unmasked = not tuned.masked(D)
             for name, packed, fused in _attention_kernels(dtype):
                 # configs the launchers take (the fused dq's only count as shipped where tuned.py turns it on)
                 shipped = {tuple(tuned.attention_config(ARCH, name, D, DTYPES[dtype], s, packed, fused).values())
@@ -331,7 +331,7 @@ def jobs(only: str = "") -> list[dict]:
     for name in tuned.WS_KERNELS if tuned.ws_available(ARCH, version) else ():
         cfg = tuned.ws_config(ARCH, name, version)
         bmbnws = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])
-        for D in (d for d in HEAD_DIMS if sum(attention._split_head_dim(d)) == d):
+        for D in (d for d in HEAD_DIMS if not tuned.masked(d)):
             for dtype in TMA_DTYPES:
                 for group in (1, 8):
                     add("attention", f"attn_{name}", dict(kernel=name, head_dim=D, dtype=dtype, group=group,

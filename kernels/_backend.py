@@ -46,6 +46,25 @@ def resolve(backend: str | None, x: torch.Tensor) -> str:
     return backend
 
 
+def no_double_backward(op: str):
+    """Decorator of a loss Function's backward: create_graph=True (grad mode on inside the backward) is a
+    RuntimeError naming `op`. Its gradients come from kernels and carry no graph, so second derivatives (a
+    gradient penalty) would silently be missing or wrong; torch's once_differentiable does not catch that at
+    a loss, the root of the graph, whose upstream gradient never requires grad."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{op} has no double backward (create_graph=True): its gradients are computed "
+                                   "by kernels and carry no graph")
+            return fn(ctx, *grads)
+
+        return run
+
+    return wrap
+
+
 def autocast_off(fn):
     """A torch.autograd.Function's forward or backward run with autocast off on its first tensor's device.
     The losses set their own precision (16-bit operands into fp32 accumulators, fp32 reference paths);

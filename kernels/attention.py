@@ -71,6 +71,7 @@ Design decisions a reader must know:
 
 import functools
 import math
+import operator
 import os
 import weakref
 
@@ -807,14 +808,6 @@ def _launch_segments(name: str, dtype, n_tokens: int, n_heads: int, n_seg: int, 
 # ----------------------------------------------------------------------------- host launchers
 
 
-def _split_head_dim(d: int) -> tuple[int, int]:
-    """(D0, D1): a power-of-two chunk plus a power-of-two tail (0 if none), each >= 16, covering d."""
-    if d <= 16:
-        return 16, 0
-    d0 = 1 << (d.bit_length() - 1)
-    return (d, 0) if d0 == d else (d0, max(16, triton.next_power_of_2(d - d0)))
-
-
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -839,7 +832,7 @@ def _meta(dtype, operands, max_seqlen, mode):
     if max(x.stride(0) for x in operands) * span >= 2**31:
         raise ValueError(f"a {span}-token span at row strides {[x.stride(0) for x in operands]} overflows the "
                          "kernels' int32 in-segment offsets: pass contiguous tensors or shorter segments")
-    d0, d1 = _split_head_dim(D)
+    d0, d1 = tuned.split_head_dim(D)
     meta = dict(
         GROUP=q.shape[1] // k.shape[1],
         HEAD_DIM=D,
@@ -865,6 +858,7 @@ def _check_shapes(q, k, v, cu_seqlens):
     """What every backend requires (the public entry point checks it, so both fail alike)."""
     _need(q.dim() == 3 and k.dim() == 3 and k.shape == v.shape, "q: (T, Hq, D), k/v: (T, Hkv, D)")
     _need(k.shape[0] == q.shape[0] and k.shape[2] == q.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}")
+    _need(k.shape[1] >= 1 and q.shape[2] >= 1, f"Hkv and D must be >= 1, got k {tuple(k.shape)}")
     _need(q.shape[1] % k.shape[1] == 0, "Hq must be a multiple of Hkv")
     _need(cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32 and cu_seqlens.device == q.device,
           f"cu_seqlens: (B+1,) int32 on q's device, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype} on "
@@ -876,7 +870,8 @@ def _check(q, k, v, cu_seqlens):
     _check_shapes(q, k, v, cu_seqlens)
     _need(q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
           f"q, k, v dtype: one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _need(q.shape[2] <= 256, "head_dim <= 256")
+    _need(q.shape[2] <= tuned.MAX_HEAD_DIM, f"head_dim <= {tuned.MAX_HEAD_DIM} on the Triton backend (its compiled "
+          f"tiles' range; backend='torch' takes any), got {q.shape[2]}")
 
 
 def _attn_fwd_launch(q, k, v, cu_seqlens, max_seqlen, scale):
@@ -1010,15 +1005,23 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=None, backend=None):
     Under torch.autocast the inputs are cast to the autocast dtype first. Raises TypeError for
     mismatched dtypes outside autocast, ValueError for bad shapes, a scale <= 0 and (CPU tensors; CUDA:
     a device-side assert) a cu_seqlens that does not run from 0 to T or steps by more than max_seqlen, on
-    every backend. backend: "triton" | "torch" (per-segment SDPA) | None (kernels._backend.resolve: Triton on
-    CUDA or under TRITON_INTERPRET=1, else torch); only Triton limits dtypes (fp16/bf16/fp32, TypeError) and
-    head_dim (<= 256)."""
+    every backend; TypeError for a max_seqlen that is not an int. backend: "triton" | "torch" (per-segment
+    SDPA) | None (kernels._backend.resolve: Triton on CUDA or under TRITON_INTERPRET=1, else torch; torch for
+    head dims over tuned.MAX_HEAD_DIM); only Triton limits dtypes (fp16/bf16/fp32, TypeError) and head_dim
+    (<= tuned.MAX_HEAD_DIM = 128, ValueError)."""
+    if not isinstance(max_seqlen, torch.SymInt):
+        try:
+            max_seqlen = operator.index(max_seqlen)  # a Python or NumPy int
+        except TypeError:
+            raise TypeError(f"max_seqlen: an int at least the longest segment's tokens, got {max_seqlen!r}") from None
     q, k, v = _autocast_inputs(q, k, v)
     if scale is not None and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
     cu_seqlens = cu_seqlens.contiguous()
     _check_shapes(q, k, v, cu_seqlens)
     _check_cu_seqlens(cu_seqlens, q.shape[0], int(max_seqlen))
+    if backend is None and q.dim() == 3 and q.shape[2] > tuned.MAX_HEAD_DIM:
+        backend = "torch"
     if resolve(backend, q) == "torch":
         return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -40,7 +40,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels._backend import autocast_off, interpreter_enabled, resolve
+from kernels._backend import autocast_off, interpreter_enabled, no_double_backward, resolve
 from kernels.recon_loss import _cols_per_split, _desc, _scaled_downcast, _sm_count, _tile_matmul_tma, _use_tma
 
 LOG2E = 1.4426950408889634
@@ -295,6 +295,7 @@ class _InfoNCE(torch.autograd.Function):
         return (lse - pos / temperature).mean()
 
     @staticmethod
+    @no_double_backward("infonce")
     @autocast_off
     def backward(ctx, grad):
         q, t, neg, lse, neg_dot = ctx.saved_tensors
@@ -312,7 +313,8 @@ def infonce(q, t, negatives=None, temperature=0.03, backend=None):
     q, t and negatives. Memory beyond inputs and gradients: O(B) saved for backward, for
     16-bit inputs the fp32 (B, D) dt accumulator whose storage the returned dt keeps, and
     (CHUNK x CHUNK) + (CHUNK x r x D) blocks; never a (B x B) matrix. Raises ValueError for bad
-    shapes or a temperature that is not > 0, TypeError for mismatched dtypes or devices.
+    shapes or a temperature that is not > 0, TypeError for mismatched dtypes or devices. No double
+    backward (create_graph=True): differentiating the gradients raises a RuntimeError.
     """
     def need(ok, msg, error=ValueError):
         if not ok:

@@ -12,10 +12,12 @@ Design decisions a reader must know:
   floor is 3 GEMMs of 2 M V H (logits, d_hidden, d_weight); a backward that recomputes the logits
   adds a fourth. So, as Liger does, the forward walks chunks of rows: cuBLAS logits (rows, V) in the
   input dtype (what an unfused bf16 model computes), a fused Triton epilogue per row (online lse,
-  target logit, then d_logits = (softmax - onehot) / M written over the logits in place), then
+  target logit, then d_logits = softmax - onehot written over the logits in place), then
   d_hidden[chunk] = d_logits @ W in ONE cuBLAS GEMM over the whole vocabulary and
   d_weight += d_logits^T @ h[chunk] by a Triton GEMM into an fp32 (V, H) accumulator. The backward
-  only scales the saved gradients by grad_output, downcasting d_weight in place (rounded once).
+  only scales the saved gradients by grad_output / M, downcasting d_weight in place (rounded once).
+  The 1/M waits for the backward (and fp16 d_logits are written times 2^8, `_grad_scale`): applied in
+  the forward, before a loss scaler's factor, it flushed most fp16 softmax terms to zero.
   Memory: the chunk is sized to 10% of inputs + gradients, but the fp32 accumulator is 2x the 16-bit
   d_weight it ends up holding: peak ~1.55 x (inputs + gradients) at the 3B shapes. fp32 accumulation
   over row chunks, 3 GEMMs and 1.1x memory cannot all hold: a single-rounding d_weight needs either
@@ -66,8 +68,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels._backend import autocast_off, resolve, switch, tma_aligned
+from kernels._backend import autocast_off, no_double_backward, resolve, switch, tma_aligned
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REF_CHUNK = 1 << 22  # logits per row chunk of the torch reference (16 MiB in fp32)
 _DOWNCAST_SLAB = 1 << 24  # elements per step of the in-place d_weight downcast (a 64 MiB fp32 temporary)
 
@@ -212,8 +215,8 @@ def _mm_acc_kernel(c_ptr, a_ptr, b_ptr, a_desc, b_desc, M, N, K, stride_am, stri
 
 
 @triton.jit
-def _lm_ce_grad_kernel(z_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, inv_m, V, BLOCK_V: tl.constexpr):
-    """One row of a logits chunk: its lse and target logit, then d_logits = (softmax - onehot) * inv_m
+def _lm_ce_grad_kernel(z_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, scale, V, BLOCK_V: tl.constexpr):
+    """One row of a logits chunk: its lse and target logit, then d_logits = (softmax - onehot) * scale
     written over the logits, in their dtype (the gradient-in-forward epilogue).
 
     z: (rows, V) contiguous, overwritten; tgt: (rows,) int64; lse, tgt_logit: (rows,) fp32.
@@ -236,7 +239,7 @@ def _lm_ce_grad_kernel(z_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, inv_m, V, BLOCK_V
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         z = tl.load(z_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-        dz = (tl.exp(z - lse) - tl.where(cols == tgt, 1.0, 0.0)) * inv_m
+        dz = (tl.exp(z - lse) - tl.where(cols == tgt, 1.0, 0.0)) * scale
         tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -405,7 +408,8 @@ def _acc_cfg(dtype: torch.dtype, rows: int, cols: int, K: int, gpu: bool, tma: b
 
 
 def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
-    """Loss terms and the gradients of the mean loss (upstream grad 1), in 3 GEMMs of 2 M V H.
+    """Loss terms and the gradients of the SUMMED loss times `_grad_scale(dtype)` (the caller's backward
+    multiplies by grad_output / (M * that)), in 3 GEMMs of 2 M V H.
 
     h: (M, H); w: (V, H); tgt: (M,) int64 -> lse, target logit: (M,) fp32; d_hidden (M, H) in the
     input dtype or None; d_weight (V, H) fp32 or None. Per chunk of rows: cuBLAS logits in the input
@@ -429,7 +433,8 @@ def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
         hc = h[r0 : r0 + n]
         z = z_buf[: n * V].view(n, V)
         torch.mm(hc, w.t(), out=z)
-        _lm_ce_grad_kernel[(n,)](z, tgt[r0 : r0 + n], lse[r0 : r0 + n], tgt_logit[r0 : r0 + n], 1.0 / M, V, **ce_cfg)
+        _lm_ce_grad_kernel[(n,)](z, tgt[r0 : r0 + n], lse[r0 : r0 + n], tgt_logit[r0 : r0 + n], _grad_scale(h.dtype),
+                                 V, **ce_cfg)
         if need_dh:
             torch.mm(z, w, out=dh[r0 : r0 + n])
         if need_dw:  # a = d_logits^T: (V, n) with strides (1, V); with TMA its descriptor is over z itself
@@ -437,6 +442,15 @@ def _lm_grads_in_forward(h, w, tgt, need_dh, need_dw):
             ab = (_desc(z, bk, bm), _desc(hc, bk, bn)) if tma else (None, None)
             _mm_acc_kernel[acc_grid](dw32, z, hc, *ab, V, H, n, 1, V, H, 1, **acc_cfg, A_T=True)
     return lse, tgt_logit, dh, dw32
+
+
+def _grad_scale(dtype: torch.dtype) -> float:
+    """What the gradient-in-forward d_logits are written times: (softmax - onehot) is made in the forward,
+    before the upstream (loss-scaled) gradient is known, and a softmax entry near 1/V = 7e-6 over 1/M
+    flushes to zero in fp16 (subnormals end at 6e-8). fp16 therefore writes them unscaled times 2^8: each
+    is at most 256 in magnitude, and d_hidden's row, a sum of them times a column of the head, stays
+    within fp16's 65504 for head weights below 128. A power of two: exact to undo."""
+    return 256.0 if dtype == torch.float16 else 1.0
 
 
 def _scaled_downcast(x32, scale, dtype):
@@ -517,9 +531,9 @@ class _MaskedLMLoss(torch.autograd.Function):
         ctx.backend = backend
         ctx.grads = None
         need = ctx.needs_input_grad[:2]
-        if backend == "triton" and grad_in_forward and any(need):
+        if backend == "triton" and grad_in_forward and any(need):  # grad_in_forward: False without grad mode
             lse, tgt_logit, d_hidden, d_weight32 = _lm_grads_in_forward(hidden, weight, targets, *need)
-            ctx.grads, ctx.dtype = (d_hidden, d_weight32), weight.dtype
+            ctx.grads, ctx.dtype, ctx.rows = (d_hidden, d_weight32), weight.dtype, hidden.shape[0]
             return (lse - tgt_logit).mean()
         fwd = _lm_fwd_triton if backend == "triton" else _lm_fwd_torch
         lse, tgt_logit = fwd(hidden, weight, targets)
@@ -527,6 +541,7 @@ class _MaskedLMLoss(torch.autograd.Function):
         return (lse - tgt_logit).mean()
 
     @staticmethod
+    @no_double_backward("masked_lm_loss")
     @autocast_off
     def backward(ctx, grad):
         if ctx.grads is not None:
@@ -535,7 +550,7 @@ class _MaskedLMLoss(torch.autograd.Function):
                 raise LossBackwardError("masked_lm_loss computed its gradients in the forward and they were "
                                         "already used: backward through it once (no retain_graph reuse)")
             ctx.grads = (None, None)  # d_weight is downcast in place: a second backward would read garbage
-            g = grad.float()
+            g = grad.float() / (ctx.rows * _grad_scale(ctx.dtype))
             return (None if d_hidden is None else d_hidden.mul_(g),
                     None if d_weight32 is None else _scaled_downcast(d_weight32, g, ctx.dtype), None, None, None)
         hidden, weight, targets, lse = ctx.saved_tensors
@@ -548,28 +563,30 @@ class _MaskedLMLoss(torch.autograd.Function):
 class _MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, hidden, weight, bias, targets, backend):
+    def forward(ctx, hidden, weight, bias, targets, backend, grad_mode):
         ctx.backend = backend
         if backend == "triton":  # gradient in the forward: one pass of residuals, no recompute
-            sq_sum, ctx.residual_grad = _patch_triton(hidden, weight, bias, targets, any(ctx.needs_input_grad[:3]))
+            need = grad_mode and any(ctx.needs_input_grad[:3])  # needs_input_grad holds under no_grad too
+            sq_sum, ctx.residual_grad = _patch_triton(hidden, weight, bias, targets, need)
         else:
             sq_sum = _patch_fwd_torch(hidden, weight, bias, targets)
         ctx.save_for_backward(hidden, weight, bias, targets)
         return sq_sum / targets.numel()
 
     @staticmethod
+    @no_double_backward("masked_patch_loss")
     @autocast_off
     def backward(ctx, grad):
         hidden, weight, bias, targets = ctx.saved_tensors
         if ctx.backend == "torch":
             scale = (grad.float() / targets.numel()).reshape(1)
-            return (*_patch_bwd_torch(hidden, weight, bias, targets, scale), None, None)
+            return (*_patch_bwd_torch(hidden, weight, bias, targets, scale), None, None, None)
         G = ctx.residual_grad  # (N, D) = d loss / d prediction for upstream grad 1 (fp16: r, see _patch_triton)
         g = grad.float()
         if G.dtype == torch.float16:  # the upstream (loss-scaled) gradient first, in fp32, then fp16 GEMMs
             G, g = (G.float() * (2.0 * g / G.numel())).to(torch.float16), torch.ones_like(g)
         d_bias = (G.sum(0, dtype=torch.float32) * g).to(bias.dtype)
-        return (G @ weight).mul_(g), (G.t() @ hidden).mul_(g), d_bias, None, None
+        return (G @ weight).mul_(g), (G.t() @ hidden).mul_(g), d_bias, None, None, None
 
 
 class LossBackwardError(RuntimeError):
@@ -584,18 +601,22 @@ def _require(ok: bool, msg: str) -> None:
 def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=False):
     """Mean cross-entropy of `hidden @ lm_weight.T` against `targets`, without the logits (MOCA.md §2's MLM).
 
-    hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype;
+    hidden: (M, H) at the masked positions only, M >= 1; lm_weight: (V, H), same dtype (fp32, fp16 or bf16);
     targets: (M,) int64 in [0, V) (checked: ValueError on the host, a device-side assert on CUDA, no sync).
     Returns an fp32 scalar; gradients flow to hidden and lm_weight.
     grad_in_forward (Triton backend, when a gradient is needed): False (default) recomputes the logits
     in the backward (4 GEMMs, peak extra = gradients + fp32 (M, H)); True computes the gradients in the
-    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only: LossBackwardError on a second).
-    ValueError also for other shapes, mismatched dtypes, M = 0 or more than 2^31 elements in an input.
+    forward (3 GEMMs, an fp32 (V, H) d_weight accumulator, one backward only: LossBackwardError on a second;
+    ignored without grad mode, under torch.no_grad).
+    ValueError also for other shapes or dtypes, mismatched dtypes, M, V or H = 0 or more than 2^31 elements in
+    an input. No double backward (create_graph=True): differentiating the gradients raises a RuntimeError.
     """
     _require(hidden.ndim == 2 and lm_weight.ndim == 2 and hidden.shape[1] == lm_weight.shape[1],
              f"hidden (M, H) and lm_weight (V, H) expected, got {tuple(hidden.shape)} and {tuple(lm_weight.shape)}")
     _require(hidden.dtype == lm_weight.dtype, f"dtype mismatch: {hidden.dtype} vs {lm_weight.dtype}")
+    _require(hidden.dtype in _DTYPES, f"fp32, fp16 or bf16 inputs, got {hidden.dtype}")
     _require(hidden.shape[0] >= 1, "no masked rows")
+    _require(lm_weight.shape[0] >= 1 and hidden.shape[1] >= 1, f"empty LM head: lm_weight {tuple(lm_weight.shape)}")
     _require(max(hidden.numel(), lm_weight.numel()) < 2**31, "more than 2^31 elements (the kernels use int32 offsets)")
     _require(targets.dtype == torch.int64 and tuple(targets.shape) == (hidden.shape[0],),
              f"targets must be ({hidden.shape[0]},) int64, got {tuple(targets.shape)} {targets.dtype}")
@@ -606,16 +627,18 @@ def masked_lm_loss(hidden, lm_weight, targets, backend=None, grad_in_forward=Fal
         _require(bool((targets >= 0).all()) and bool((targets < V).all()), f"targets outside [0, {V})")
     backend = resolve(backend, hidden)
     return _MaskedLMLoss.apply(hidden.contiguous(), lm_weight.contiguous(), targets.contiguous(), backend,
-                               grad_in_forward)
+                               grad_in_forward and torch.is_grad_enabled())
 
 
 def masked_patch_loss(hidden, proj_weight, proj_bias, targets, backend=None):
     """Mean squared error of `hidden @ proj_weight.T + proj_bias` against `targets` (MOCA.md §2's MAE).
 
     hidden: (N, H) at the masked image tokens; proj_weight: (D, H), D = 4704 for MoCa; proj_bias: (D,);
-    the three in one dtype; targets: (N, D) in any float dtype. Returns an fp32 scalar; gradients flow to
-    hidden, proj_weight and proj_bias. ValueError for other shapes, mismatched dtypes, N = 0 or more than
-    2^31 elements in hidden or proj_weight.
+    the three in one dtype; targets: (N, D); each fp32, fp16 or bf16. Returns an fp32 scalar; gradients flow
+    to hidden, proj_weight and proj_bias (computed in the forward on the Triton backend, where grad mode is on).
+    ValueError for other shapes or dtypes, mismatched dtypes, N, H or D = 0 or more than 2^31 elements in
+    hidden or proj_weight. No double backward (create_graph=True): differentiating the gradients raises a
+    RuntimeError.
     """
     _require(hidden.ndim == 2 and proj_weight.ndim == 2 and hidden.shape[1] == proj_weight.shape[1],
              f"hidden (N, H) and proj_weight (D, H) expected, got {tuple(hidden.shape)} and {tuple(proj_weight.shape)}")
@@ -623,9 +646,12 @@ def masked_patch_loss(hidden, proj_weight, proj_bias, targets, backend=None):
     _require(tuple(proj_bias.shape) == (D,) and tuple(targets.shape) == (hidden.shape[0], D),
              f"proj_bias ({D},) and targets ({hidden.shape[0]}, {D}) expected")
     _require(hidden.dtype == proj_weight.dtype == proj_bias.dtype, "hidden, proj_weight and proj_bias dtypes differ")
+    _require(hidden.dtype in _DTYPES and targets.dtype in _DTYPES,
+             f"fp32, fp16 or bf16 inputs and targets, got {hidden.dtype} and {targets.dtype}")
     _require(hidden.shape[0] >= 1, "no masked image tokens")
+    _require(D >= 1 and hidden.shape[1] >= 1, f"empty projection: proj_weight {tuple(proj_weight.shape)}")
     _require(max(hidden.numel(), proj_weight.numel()) < 2**31,
              "more than 2^31 elements (the kernels use int32 offsets)")
     backend = resolve(backend, hidden)
     return _MaskedPatchLoss.apply(hidden.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(),
-                                  targets.contiguous(), backend)
+                                  targets.contiguous(), backend, torch.is_grad_enabled())

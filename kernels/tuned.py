@@ -10,7 +10,8 @@ index in its kernel's list), the candidate fastest over every benchmark launch t
 the head-dim splits that pay (bench/tune_rules.py; `bench/throughput.py --rules` benchmarks them).
 
 Rules: for an architecture and a kernel the first rule whose conditions all hold wins; a condition is
-`dtype` (equal), `head_dim` (equal), `max_seq` (seq bucket <=), `masked` (head_dim % 16 != 0),
+`dtype` (equal), `head_dim` (equal), `max_seq` (seq bucket <=), `masked` (`masked(head_dim)`: the split
+covers more than head_dim),
 `packed` (the packed-tile kernels, which batches of segments no longer than PACKED_MAX_SEQLEN run) or
 `fused_dq` (dk/dv adding dq too, FUSED_DQ below), and the last rule has none.
 The GQA group is no key: beyond GROUP == 1 it changes no kernel code, only the length of dk/dv's loop.
@@ -79,8 +80,8 @@ _RULES = {
     "sm90": {
         # 16-bit: 128-row query tiles on 8 warps keep the fp32 accumulators in registers up to head dim
         # 128 (segments of up to PACKED_MAX_SEQLEN tokens, e.g. 64-token vision windows, share packed tiles;
-        # a per-segment launch always has longer ones, so no rule conditions on max_seq yet). Head dims that
-        # are not a multiple of 16 (72) need masked, unvectorised loads, which spill the wider tiles.
+        # a per-segment launch always has longer ones, so no rule conditions on max_seq yet). Head dims whose
+        # split has a masked tail (72, 112: `masked`) need masked, unvectorised loads, which spill the wider tiles.
         # fp32 inputs take exact FMA dots (no tensor cores): only tiny tiles stay free of spills, with
         # both the Triton here and the GPU image's 3.6 (whose ptxas spilled the 16x32 dk/dv tile and the
         # pipelined 32x16 dq one: bench/results/sm90-compile-gate-triton3.6.json).
@@ -145,6 +146,24 @@ def arch_name(capability: tuple[int, int]) -> str:
     return f"sm{capability[0]}{capability[1]}"
 
 
+MAX_HEAD_DIM = 128  # the largest head dim the rules are compiled for (bench/compile_gate.py HEAD_DIMS)
+
+
+def split_head_dim(d: int) -> tuple[int, int]:
+    """(D0, D1): how the kernels cover head dim d, a power-of-two chunk plus a power-of-two tail (0 if none),
+    each >= 16 (64 + 16 for 80; 64 + 64 for 112, whose last 16 columns are masked)."""
+    if d <= 16:
+        return 16, 0
+    d0 = 1 << (d.bit_length() - 1)
+    return (d, 0) if d0 == d else (d0, max(16, 1 << (d - d0 - 1).bit_length()))
+
+
+def masked(head_dim: int) -> bool:
+    """Whether the kernels load head_dim's columns through a masked tail (split_head_dim covers more): 72,
+    40 and 112, not 80 or 96."""
+    return sum(split_head_dim(head_dim)) != head_dim
+
+
 def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packed: bool, fused_dq: bool) -> bool:
     return (
         cond.get("packed", packed) == packed
@@ -152,7 +171,7 @@ def _holds(cond: dict, head_dim: int, dtype: torch.dtype, seq_bucket: int, packe
         and cond.get("dtype", dtype) == dtype
         and cond.get("head_dim", head_dim) == head_dim
         and seq_bucket <= cond.get("max_seq", seq_bucket)
-        and cond.get("masked", head_dim % 16 != 0) == (head_dim % 16 != 0)
+        and cond.get("masked", masked(head_dim)) == masked(head_dim)
     )
 
 

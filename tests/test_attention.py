@@ -672,10 +672,33 @@ def test_gpu_autotune(monkeypatch, fused, tma):
 def test_head_dim_splits_into_power_of_two_tiles():
     """Every head dim is covered by a power-of-two tile plus a power-of-two tail tile (Triton's block shapes), each at
     least 16 wide, the tail smaller than the first (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16 masked); 112 = 64 + 48
-    runs on a 64-wide masked tail."""
+    runs on a 64-wide masked tail, so the tile rules take it as masked (their tiles for masked loads)."""
     for d in range(1, 257):
-        d0, d1 = attention._split_head_dim(d)
+        d0, d1 = tuned.split_head_dim(d)
         for width in (d0, d1) if d1 else (d0,):
             assert width >= 16 and width & (width - 1) == 0, (d, d0, d1)
         assert d0 + d1 >= d and (d1 == 0 or (d0 < d and d1 <= d0)), (d, d0, d1)
+        assert tuned.masked(d) == (d0 + d1 > d)
+    assert [d for d in range(16, 129, 8) if tuned.masked(d)] == [24, 40, 56, 72, 88, 104, 112, 120]
+    for arch in ("sm90", "default"):  # 112 takes the rules of 72, a masked head dim, not those of 96 or 128
+        for kernel in tuned.KERNELS:
+            assert tuned.rule(arch, kernel, 112, torch.bfloat16, 1024) == tuned.rule(arch, kernel, 72, torch.bfloat16, 1024)
+        assert tuned.rule(arch, "fwd", 112, torch.bfloat16, 1024) != tuned.rule(arch, "fwd", 96, torch.bfloat16, 1024)
     check([9, 40], 2, 1, 112, torch.float32)
+
+
+def test_bad_arguments_are_clear_errors():
+    q, k = torch.randn(6, 2, 16), torch.randn(6, 1, 16)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="Hkv and D must be >= 1"):
+        varlen_attention(q, torch.randn(6, 0, 16), torch.randn(6, 0, 16), cu, 6)
+    with pytest.raises(ValueError, match="Hkv and D must be >= 1"):
+        varlen_attention(q[..., :0], k[..., :0], k[..., :0], cu, 6)
+    with pytest.raises(TypeError, match="max_seqlen: an int"):
+        varlen_attention(q, k, k, cu, None)
+    wide = [torch.randn(6, h, 160, dtype=torch.float64) for h in (2, 1, 1)]
+    with pytest.raises(ValueError, match="head_dim <= 128 on the Triton backend"):
+        varlen_attention(*[x.float() for x in wide], cu, 6, backend="triton")
+    # the default backend takes head dims past the Triton tiles' range to torch, here against float64
+    out = varlen_attention(*[x.float() for x in wide], cu, 6)
+    torch.testing.assert_close(out.double(), dense_fp64(*wide, cu), rtol=1e-5, atol=1e-5)

@@ -112,19 +112,29 @@ def test_tma_matches_float64(tma_descs, monkeypatch, B, D, r):
     assert tma_descs and all(tma_descs)  # the forward and every backward block
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("frozen", ["q", "t_neg"])
-def test_partial_requires_grad(frozen):
+def test_partial_requires_grad(frozen, backend):
     q, t, neg = make_inputs(37, 64, 2)
     q.requires_grad_(frozen != "q")
     t.requires_grad_(frozen == "q")
     neg.requires_grad_(frozen == "q")
     want = [x for x in (q, t, neg) if x.requires_grad]
-    loss = infonce(q, t, neg, backend="torch")
+    loss = infonce(q, t, neg, backend=backend)
     got = torch.autograd.grad(loss, want)
     q64, t64, n64 = (x.double().requires_grad_(x.requires_grad) for x in (q, t, neg))
     exact = torch.autograd.grad(naive_infonce(q64, t64, n64, 0.03), [x for x in (q64, t64, n64) if x.requires_grad])
     for g, e in zip(got, exact):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_refuses_double_backward(backend):
+    """A gradient penalty (create_graph=True) raises: the Triton backward's gradients carry no graph, so second
+    derivatives came back missing (dq) or wrong (dt)."""
+    q, t, neg = (x.requires_grad_() for x in make_inputs(7, 16, 2))
+    with pytest.raises(RuntimeError, match="infonce has no double backward"):
+        torch.autograd.grad(infonce(q, t, neg, 0.5, backend=backend), q, create_graph=True)
 
 
 def test_rejects_bad_inputs():
