@@ -191,10 +191,13 @@ def open_subsets(spec: str, image_root: str | None = None, seed: int = 0) -> lis
     default 2000); `synthetic/<task>[:N]` one of them. A .jsonl or table file, or a folder with .parquet /
     .arrow files directly in it (or an HF DatasetDict), is one subset; another folder is a folder of
     subsets (module docstring), `count` applying to each, the image root defaulting to the folder.
-    FileNotFoundError when there is no data."""
+    FileNotFoundError when there is no data; DataError for another `synthetic...` spec."""
     path, count = parse_spec(spec)
-    if path == "synthetic" or path.startswith("synthetic/"):
+    if path == "synthetic" or path.startswith(("synthetic/", "synthetic:")):
         tasks = cl_synthetic.TASKS if path == "synthetic" else (path.partition("/")[2],)
+        if path.startswith("synthetic:") or not set(tasks) <= set(cl_synthetic.TASKS) or count == 0:
+            raise DataError(f"data source {spec!r}: the synthetic ones are synthetic[:N] and synthetic/<task>[:N], "
+                            f"N >= 1 records, <task> one of {', '.join(cl_synthetic.TASKS)}")
         return [(cl_synthetic.SyntheticSubset(t, count or 2000, seed), None) for t in tasks]
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source {path!r} does not exist")
@@ -355,7 +358,8 @@ def _draw(good: np.ndarray, count: int, batch: int, rng: np.random.Generator) ->
 
 
 class CLData:
-    """The subsets as one endless, deterministic sequence of task-homogeneous global batches."""
+    """The subsets as one endless, deterministic sequence of task-homogeneous global batches. DataError when no
+    subset has the usable records of one global batch."""
 
     def __init__(self, specs: list[str], processor: Processor, global_batch: int, negative_ratio: int = 2,
                  image_root: str | None = None, max_len: int = 1280, seed: int = 0, max_per_subset: int | None = None):
@@ -375,7 +379,8 @@ class CLData:
             for sub, count in open_subsets(spec, image_root, seed):
                 self._add(sub, count, negative_ratio)
         if not any(c >= global_batch for c in self.counts):
-            raise ValueError(f"no subset of {specs} has {global_batch} usable records for one global batch")
+            raise DataError(f"no subset of {specs} has the {global_batch} usable records of one global batch "
+                            "(--batch-size x ranks; the log gives each subset's count)")
         self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
 
     def _add(self, sub: Subset, count: int | None, negative_ratio: int) -> None:
@@ -389,7 +394,7 @@ class CLData:
                     n_negs[i] = len(check_record(sub[i], sub.image_root).negatives)
                 except Exception as e:  # whatever a record does wrong, it is reported, never fatal
                     bad[i] = f"{type(e).__name__}: {e}"
-        ok = np.asarray([i not in bad for i in range(len(sub))])
+        ok = np.asarray([i not in bad for i in range(len(sub))], dtype=bool)  # bool even when empty
         ratio = negative_ratio if (n_negs[ok] > 0).any() else 0
         if ratio:
             for i in np.flatnonzero(ok & (n_negs == 0)).tolist():

@@ -269,9 +269,13 @@ def _arrow_table(path: str):
 
 def open_source(path: str, seed: int = 0, cache_dir: str | None = None) -> Source:
     """The source at `path`: `synthetic[:N]`, JSONL (a file or a folder of them), or Parquet / Arrow tables
-    (Parquet copied to Arrow in `cache_dir`, default DEFAULT_CACHE_DIR). FileNotFoundError if nothing is there."""
+    (Parquet copied to Arrow in `cache_dir`, default DEFAULT_CACHE_DIR). FileNotFoundError if nothing is there;
+    DataError for a `synthetic:` spec whose count is not a number >= 1."""
     if path == "synthetic" or path.startswith("synthetic:"):
-        return SyntheticSource(int(path.partition(":")[2] or 2000), seed)
+        n = path.partition(":")[2] or "2000"
+        if not n.isdecimal() or int(n) < 1:
+            raise DataError(f"data source {path!r}: the synthetic one is synthetic[:N], N >= 1 records")
+        return SyntheticSource(int(n), seed)
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source {path!r} does not exist")
     if path.endswith(".jsonl") or (os.path.isdir(path) and glob.glob(os.path.join(path, "*.jsonl"))):

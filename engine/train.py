@@ -24,7 +24,7 @@ from engine import parallel
 from engine.data import DEFAULT_CACHE_DIR
 from engine.trainer import (METRICS, PRECISIONS, DivergedError, RunDirError, TrainConfig, Trainer, UsageError,
                             freeze, overwrite_run_dir, plot_metrics, prepare_run_dir)
-from moca.processor import COUNT, POSITIVE, add_image_tokens_arg, bounded
+from moca.processor import COUNT, POSITIVE, add_image_tokens_arg, bounded, device_arg
 
 log = logging.getLogger("moca")
 
@@ -68,6 +68,14 @@ def _data_spec(text: str) -> str:
 SHARE = bounded(float, 0.0, 1.0)
 
 
+def _device(text: str) -> str:
+    """--device of a training process: `device_arg`, less an index (each rank runs on cuda:LOCAL_RANK)."""
+    if text.startswith("cuda:"):
+        raise argparse.ArgumentTypeError(f"{text}: a training process runs on cuda:LOCAL_RANK (cuda:0 without "
+                                         "torchrun): give cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return device_arg(text)
+
+
 def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     """The flags both stages take; help texts give `stage`'s defaults (release, then the tiny preset's)."""
     release, tiny = (COMMON_DEFAULTS, PRESET_DEFAULTS["tiny"]) if stage == "cpt" else (CL_DEFAULTS, CL_EMBEDDED)
@@ -96,9 +104,12 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds a run, deleting it once the model and data load")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--device", type=_device, default=None,
+                   help="cpu or cuda (default: cuda when available); a rank runs on cuda:LOCAL_RANK")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    g.add_argument("--log-every", type=POSITIVE, default=None, help=f"log a line every N steps ({release['log_every']})")
+    log_every = release["log_every"] if tiny["log_every"] == release["log_every"] else (
+        f"{release['log_every']}; tiny: {tiny['log_every']}")
+    g.add_argument("--log-every", type=POSITIVE, default=None, help=f"log a line every N steps ({log_every})")
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=bounded(float, 0.0, low_open=True), default=None,
                    help=f"peak learning rate (MOCA.md: {release['lr']:g}; tiny: {tiny['lr']:g})")
@@ -188,10 +199,17 @@ def train_config(args: argparse.Namespace, out: str, stage: str) -> TrainConfig:
 
 
 def start_point(args: argparse.Namespace, out: str, ctx) -> str | None:
-    """The checkpoint to resume from (--resume), or None: see `prepare_run_dir`."""
+    """The checkpoint to resume from (--resume), or None: see `prepare_run_dir`. CheckpointError for a --model
+    that is neither a preset nor a folder, before the run folder is made (a resume only needs it when there is
+    nothing to resume)."""
+    from moca.checkpoint import check_model_name
+
+    if not args.resume:
+        check_model_name(args.model)
     resume_dir = prepare_run_dir(out, args.resume, args.overwrite, ctx)
     if args.resume and resume_dir is None:
         log.info("--resume: no checkpoint in %s, starting fresh", out)
+        check_model_name(args.model)
     return resume_dir
 
 
@@ -212,12 +230,14 @@ def run_cpt(args: argparse.Namespace) -> list[dict]:
     from engine.data import CPTData
     from engine.masking import add_mask_token
     from moca.checkpoint import load_model
+    from moca.embed import writable_folder
     from moca.processor import Processor
 
     ctx = parallel.init_distributed(args.device)
     setup_logging(ctx.rank)
     args = resolve_defaults(args, "cpt")
     out = args.output_dir
+    writable_folder(args.cache_dir, "--cache-dir (default $MOCA_CACHE_DIR or ~/.cache/moca)")
     resume_dir = start_point(args, out, ctx)
     source = resume_dir or args.model
     log.info("cpt: model=%s data=%s output=%s world=%d device=%s", source, " ".join(args.data), out, ctx.world,
@@ -282,7 +302,8 @@ def report(out: str, names: tuple[str, ...], data) -> None:
 
 def add_cl_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cl data and objective")
-    g.add_argument("--batch-size", type=POSITIVE, default=None, help="queries per device and micro-batch (24; tiny: 16)")
+    g.add_argument("--batch-size", type=POSITIVE, default=None,
+                   help="queries per device and micro-batch (24; the embedded run, without --model: 16)")
     g.add_argument("--negative-ratio", type=COUNT, default=2, help="hard negatives per query")
     g.add_argument("--temperature", type=bounded(float, 0.0, low_open=True), default=0.03, help="InfoNCE's tau (0.03)")
     g.add_argument("--grad-cache-chunk", type=COUNT, default=0, help="GradCache chunk in samples (0: off)")
@@ -393,8 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_attn_backend(args: argparse.Namespace) -> None:
+    """UsageError for --attn-backend triton where Triton cannot run: a CPU device without its interpreter."""
+    from kernels._backend import interpreter_enabled
+
+    cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
+    if args.attn_backend == "triton" and not cuda and not interpreter_enabled():
+        raise UsageError("--attn-backend triton: the Triton kernels need a CUDA device; use a GPU, or set "
+                         "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter (slow)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_attn_backend(args)
     try:
         return STAGES[args.stage][1](args)
     finally:

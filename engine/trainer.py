@@ -349,11 +349,13 @@ def clean_run_dir(output_dir: str) -> None:
 def lock_run_dir(output_dir: str) -> None:
     """Take (or keep) this process's exclusive lock on output_dir, creating the folder.
 
-    Raises RunDirError naming the holder's pid when another process holds it. The lock lives as long
-    as the process; taking it again in the same process is a no-op."""
+    Raises RunDirError naming the holder's pid when another process holds it, or when output_dir is a file.
+    The lock lives as long as the process; taking it again in the same process is a no-op."""
     key = os.path.realpath(output_dir)
     if key in _held_locks:
         return
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise RunDirError(f"--output-dir {output_dir} is a file, not a folder")
     os.makedirs(output_dir, exist_ok=True)
     fd = os.open(os.path.join(output_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -44,7 +44,7 @@ from moca.checkpoint import check_model_name, load_model
 from moca.config import CheckpointError
 from moca.image import ImageError, image_grid
 from moca.processor import (COUNT, IMAGE_MARKER, POSITIVE, Processor, TruncationError, add_image_tokens_arg,
-                            check_images_fit, item_parts)
+                            check_images_fit, device_arg, item_parts)
 
 log = logging.getLogger("moca")
 
@@ -294,12 +294,12 @@ def similarity_table(vectors: torch.Tensor, names: list[str]) -> str:
 
 def vector_paths(path: str) -> tuple[str, str]:
     """--output (with or without a .npy / .safetensors suffix, any case) -> (.npy, .safetensors) paths;
-    InputError if either is an existing folder."""
+    InputError if either is an existing folder or `path` names one (a trailing '/', '.' or '..')."""
     root, ext = os.path.splitext(path)
     targets = {".npy": (path, root + ".safetensors"), ".safetensors": (root + ".npy", path)}.get(
         ext.lower(), (path + ".npy", path + ".safetensors"))
     for folder in (path, *targets):
-        if os.path.isdir(folder):
+        if os.path.isdir(folder) or os.path.basename(folder) in ("", ".", ".."):
             raise InputError(f"--output {path}: {folder} is a folder; give a file path such as "
                              f"{os.path.join(folder, 'embeddings.npy')}")
     return targets
@@ -325,9 +325,13 @@ USER_ERRORS = (CheckpointError, InputError, ImageError, TruncationError, FileNot
 
 def run_cli(main, prog: str, errors: tuple = ()) -> None:
     """`python -m` entry: run main(); a user error (USER_ERRORS or `errors`) or a full disk or quota ends the
-    process with status 1 and one line `prog: message` on stderr; anything else (a bug) keeps its traceback."""
+    process with status 1 and one line `prog: message` on stderr; anything else (a bug) keeps its traceback.
+    Ctrl-C (KeyboardInterrupt) ends it with status 130, the shell's for SIGINT, and the line `prog: interrupted`."""
     try:
         main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:
         if not isinstance(e, USER_ERRORS + tuple(errors)) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -393,7 +397,8 @@ def main(argv=None) -> torch.Tensor:
                    help="DataLoader processes decoding images and packing batches (default: 4 on CUDA; 0 on a CPU, "
                         "which they would only take from the model)")
     p.add_argument("--pooling", choices=["mean", "last"], default="mean")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")

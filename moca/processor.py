@@ -84,6 +84,27 @@ def bounded(kind, low=None, high=None, low_open=False):
 POSITIVE, COUNT = bounded(int, 1), bounded(int, 0)
 
 
+def device_arg(text: str) -> str:
+    """An argparse type: --device `cpu`, `cuda` or `cuda:N` that this torch can run on, else a usage error
+    saying why (a CPU-only build, no visible GPU, no such index)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise argparse.ArgumentTypeError(f"{text}: torch here has no CUDA (a CPU-only build)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device here (driver, CUDA_VISIBLE_DEVICES)")
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: torch sees {count} CUDA device(s) here, cuda:0 to "
+                                             f"cuda:{count - 1}")
+    return text
+
+
 def add_image_tokens_arg(parser: argparse.ArgumentParser) -> None:
     """A command line's --image-tokens MIN MAX (-> args.image_tokens, a tuple or None), checked at parse time."""
 

@@ -61,7 +61,7 @@ from moca.batch import Sample
 from moca.embed import demo_items, image_size, item_cost, run_cli, sample_cost
 from moca.image import ImageError, load_image
 from moca.processor import (COUNT, IMAGE_MARKER, IMAGE_PAD, POSITIVE, Processor, add_image_tokens_arg, bounded,
-                            normalize_markers)
+                            device_arg, normalize_markers)
 
 log = logging.getLogger("moca")
 
@@ -672,7 +672,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="tiny", help="a preset (tiny, 3b, 7b) or an HF checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=bounded(int, 0, 65535), default=8080)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--batch-tokens", type=POSITIVE, default=16384, help="token budget (LLM tokens + image patches) per forward")

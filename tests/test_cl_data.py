@@ -324,3 +324,23 @@ def test_long_inputs_are_cut_by_the_releases_rule(tmp_path, processor, caplog, m
     _, positive = by_record[1]
     assert positive.grids == ((1, 8, 8),) and len(positive) < max_len
     assert f"{tmp_path / 'gamma.jsonl'}:1 query: cut at max_len=30, 1 of its 1 image(s) dropped" in caplog.text
+
+
+@pytest.mark.parametrize("records", [3, 0], ids=["too-few", "empty-file"])
+def test_too_few_records_for_a_global_batch_is_one_data_error(tmp_path, processor, records):
+    """An empty subset (no record, no bad record) is counted like any small one, not an IndexError."""
+    from engine.data import DataError
+
+    _write(tmp_path / "pairs.jsonl", [_rec("a", i, 1) for i in range(records)])
+    with pytest.raises(DataError, match=r"^no subset of \[.*pairs.jsonl'\] has the 4 usable records of one global "
+                                        r"batch \(--batch-size x ranks; the log gives each subset's count\)$"):
+        CLData([str(tmp_path / "pairs.jsonl")], processor, global_batch=4)
+
+
+@pytest.mark.parametrize("spec", ["synthetic/foo", "synthetic/t2i/x:8", "synthetic:abc", "synthetic:0"])
+def test_bad_synthetic_spec_is_one_data_error_naming_it(processor, spec):
+    from engine.data import DataError
+
+    with pytest.raises(DataError, match=rf"^data source '{spec}': the synthetic ones are synthetic\[:N\] and "
+                                        r"synthetic/<task>\[:N\], N >= 1 records, <task> one of t2i, i2t, vqa, cls$"):
+        CLData([spec], processor, global_batch=4)

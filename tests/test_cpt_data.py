@@ -74,6 +74,15 @@ def test_parse_source():
     assert parse_source("synthetic:300:40") == ("synthetic:300", 40)
 
 
+@pytest.mark.parametrize("spec", ["synthetic:abc", "synthetic:0", "synthetic:-3", "synthetic:abc:5"])
+def test_bad_synthetic_spec_is_one_data_error_naming_it(proc, spec):
+    from engine.data import DataError
+
+    with pytest.raises(DataError, match=rf"^data source '{spec.removesuffix(':5')}': the synthetic one is "
+                                        r"synthetic\[:N\], N >= 1 records$"):
+        CPTData([spec], proc)
+
+
 def test_bad_records_are_skipped_counted_and_logged(proc, tmp_path, caplog):
     path, bad = write_bad_jsonl(tmp_path / "src")
     with caplog.at_level(logging.WARNING, logger="moca"):

@@ -383,6 +383,68 @@ def test_cli_flag_values_are_checked_when_parsed(tmp_path, monkeypatch, capsys, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("cli", ["moca.embed", "moca.serve", "engine.train"])
+@pytest.mark.parametrize("device, built, gpus, message", [
+    ("foo", False, 0, "foo: expected cpu, cuda or cuda:N"),
+    ("cuda", False, 0, r"cuda: torch here has no CUDA \(a CPU-only build\)"),
+    ("cuda", True, 0, r"cuda: torch sees no CUDA device here \(driver, CUDA_VISIBLE_DEVICES\)"),
+    ("cuda:2", True, 2, r"cuda:2: torch sees 2 CUDA device\(s\) here, cuda:0 to cuda:1"),
+])
+def test_device_is_checked_when_parsed(tmp_path, monkeypatch, capsys, cli, device, built, gpus, message):
+    """One check for every CLI, whatever this machine has (the CUDA queries are faked), before any work."""
+    import importlib
+
+    import engine.parallel
+    import moca.checkpoint
+    import moca.embed
+
+    def parsed(*args):  # each CLI's first step after parsing
+        raise AssertionError(f"--device {device} parsed")
+
+    for module, name in ((moca.checkpoint, "check_model_name"), (moca.embed, "check_model_name"),
+                         (engine.parallel, "init_distributed")):
+        monkeypatch.setattr(module, name, parsed)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: built)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.chdir(tmp_path)
+    if cli == "engine.train" and device == "cuda:2":  # a rank's GPU is cuda:LOCAL_RANK: an index is refused
+        message = (r"cuda:2: a training process runs on cuda:LOCAL_RANK \(cuda:0 without torchrun\): give cuda, and "
+                   "choose the GPUs with CUDA_VISIBLE_DEVICES")
+    argv = {"moca.embed": ["--output", "out.npy"], "moca.serve": [], "engine.train": ["cpt"]}[cli]
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(cli).main([*argv, "--device", device])
+    assert exit_.value.code == 2 and re.search(f"error: argument --device: {message}$", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_output_ending_in_a_slash_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    import moca.embed
+
+    monkeypatch.setattr(moca.embed, "load_model", lambda *a, **k: pytest.fail("loaded the model before --output"))
+    output = str(tmp_path / "o3" / "dir") + os.sep
+    with pytest.raises(InputError, match=re.escape(f"--output {output}: {output} is a folder; give a file path such as "
+                                                   f"{output}embeddings.npy")):
+        main(["--text", "hello", "--output", output, "--device", "cpu"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_status_130_and_leaves_no_temp_file(tmp_path):
+    """SIGINT while embedding: the real signal, raised inside `vector_files` as a user's Ctrl-C would be."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\n"
+              "import moca.embed\n"
+              "moca.embed.embed_items = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.argv[1:] = ['--text', 'hi', '--output', 'v.npy', '--device', 'cpu']\n"
+              "moca.embed.run_cli(moca.embed.main, 'moca.embed')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 130 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == "moca.embed: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_ends_a_cli_with_one_line_other_os_errors_keep_their_traceback():
     import errno
 

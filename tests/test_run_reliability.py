@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from engine.data import CPTData, DataError, open_source, source_costs
 from engine.masking import add_mask_token
-from engine.train import main
-from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, LegacyCheckpointError, RunDirError, _rng_state,
-                            _set_rng_state, checkpoint_info, clean_run_dir, decode_state, encode_state, find_checkpoint,
-                            lock_run_dir)
+from engine.train import CL_DEFAULTS, CL_EMBEDDED, main
+from engine.trainer import (LEGACY_STATE, STATE_JSON, STATE_TENSORS, LegacyCheckpointError, RunDirError, UsageError,
+                            _rng_state, _set_rng_state, checkpoint_info, clean_run_dir, decode_state, encode_state,
+                            find_checkpoint, lock_run_dir)
 from moca import Processor
 from moca.checkpoint import save_model
 from moca.processor import IMAGE_MARKER
@@ -405,6 +405,46 @@ def test_user_errors_are_one_line(workdir, tmp_path):  # noqa: F811
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"moca: data source {str(tmp_path / 'typo.jsonl')!r} does not exist"
+
+
+@pytest.mark.parametrize("stage", ["cpt", "cl"])
+def test_a_bad_model_is_refused_before_the_run_folder_exists(tmp_path, stage):
+    from moca.config import CheckpointError
+
+    with pytest.raises(CheckpointError, match=re.escape(f"{str(tmp_path / 'nope')!r} is neither a checkpoint "
+                                                        "directory nor a preset (tiny, 3b, 7b)")):
+        main([stage, "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_triton_on_a_cpu_without_its_interpreter_is_refused_when_parsed(workdir, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(UsageError, match=r"^--attn-backend triton: the Triton kernels need a CUDA device; use a "
+                                         r"GPU, or set TRITON_INTERPRET=1 to run them in Triton's CPU interpreter "
+                                         r"\(slow\)$"):
+        main(args(workdir, tmp_path / "out", 1, "--attn-backend", "triton", "--device", "cpu"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cl_help_gives_the_defaults_a_run_takes(capsys):
+    """--model tiny takes the tiny settings (CL_EMBEDDED) but the release's batch size; only the embedded run
+    (no --model) takes 16."""
+    with pytest.raises(SystemExit):
+        main(["cl", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "queries per device and micro-batch (24; the embedded run, without --model: 16)" in text
+    assert f"log a line every N steps ({CL_DEFAULTS['log_every']}; tiny: {CL_EMBEDDED['log_every']})" in text
+
+
+def test_an_output_dir_that_is_a_file_or_an_unwritable_cache_is_named(workdir, tmp_path):  # noqa: F811
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(RunDirError, match=re.escape(f"--output-dir {tmp_path / 'afile'} is a file, not a folder")):
+        main(args(workdir, tmp_path / "afile", 1))
+    cache = tmp_path / "afile" / "cache"
+    with pytest.raises(PermissionError, match=re.escape(f"--cache-dir (default $MOCA_CACHE_DIR or ~/.cache/moca): "
+                                                        f"cannot write in {cache} (Not a directory)")):
+        main(args(workdir, tmp_path / "out", 1, "--cache-dir", str(cache)))
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------- item 5
