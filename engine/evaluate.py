@@ -335,11 +335,13 @@ def main(argv=None) -> dict:
         s.add_argument("--attn-backend", choices=["auto", "triton", "torch"], default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.trainer import check_attn_backend
     from moca.checkpoint import check_model_name
     from moca.embed import writable_folder
 
     # user errors before anything is read, embedded or written; the output folder is made here
     check_model_name(args.model)
+    check_attn_backend(args.attn_backend, None)
     for flag, folder in (("--data", args.data), ("--images", getattr(args, "images", None))):
         if folder is not None and not os.path.isdir(folder):
             raise eval_data.EvalDataError(f"{flag} {folder}: no such folder")
@@ -368,4 +370,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     from moca.embed import run_cli
 
-    run_cli(main, "engine.evaluate", errors=(eval_data.EvalDataError,))  # a user error: one line, no traceback
+    from engine.trainer import UsageError
+
+    run_cli(main, "engine.evaluate", errors=(eval_data.EvalDataError, UsageError))  # a user error: one line

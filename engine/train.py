@@ -23,7 +23,7 @@ from tqdm import tqdm
 from engine import parallel
 from engine.data import DEFAULT_CACHE_DIR
 from engine.trainer import (METRICS, PRECISIONS, DivergedError, RunDirError, TrainConfig, Trainer, UsageError,
-                            freeze, overwrite_run_dir, plot_metrics, prepare_run_dir)
+                            check_attn_backend, freeze, overwrite_run_dir, plot_metrics, prepare_run_dir)
 from moca.processor import COUNT, POSITIVE, add_image_tokens_arg, bounded, device_arg
 
 log = logging.getLogger("moca")
@@ -414,19 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_attn_backend(args: argparse.Namespace) -> None:
-    """UsageError for --attn-backend triton where Triton cannot run: a CPU device without its interpreter."""
-    from kernels._backend import interpreter_enabled
-
-    cuda = args.device.startswith("cuda") if args.device else torch.cuda.is_available()
-    if args.attn_backend == "triton" and not cuda and not interpreter_enabled():
-        raise UsageError("--attn-backend triton: the Triton kernels need a CUDA device; use a GPU, or set "
-                         "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter (slow)")
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_attn_backend(args)
+    check_attn_backend(args.attn_backend, args.device)
     try:
         return STAGES[args.stage][1](args)
     finally:

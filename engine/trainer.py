@@ -199,6 +199,17 @@ class UsageError(ValueError):
     """A flag that does not fit the model or the data (e.g. a --freeze prefix naming no parameter)."""
 
 
+def check_attn_backend(attn_backend: str, device: str | None) -> None:
+    """UsageError for --attn-backend triton where Triton cannot run: a CPU `device` (None: cuda when available)
+    without Triton's interpreter."""
+    from kernels._backend import interpreter_enabled
+
+    cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if attn_backend == "triton" and not cuda and not interpreter_enabled():
+        raise UsageError("--attn-backend triton: the Triton kernels need a CUDA device; use a GPU, or set "
+                         "TRITON_INTERPRET=1 to run them in Triton's CPU interpreter (slow)")
+
+
 class DivergedError(RuntimeError):
     """A step's loss or gradient norm is not finite: the run stops before anything of it is saved."""
 

@@ -85,6 +85,8 @@ def image_size(src) -> tuple[int, int]:
             return img.size
     except FileNotFoundError as e:
         raise ImageError(f"image file not found: {name}") from e
+    except Image.UnidentifiedImageError as e:  # its message names the BytesIO object, not the input
+        raise ImageError(f"cannot decode image {name}: not an image format PIL reads") from e
     except Exception as e:  # PIL raises many types on a bad header
         raise ImageError(f"cannot decode image {name}: {e}") from e
 

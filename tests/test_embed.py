@@ -465,3 +465,18 @@ def test_a_full_disk_ends_a_cli_with_one_line_other_os_errors_keep_their_traceba
         run_cli(fails(OSError(errno.EIO, "I/O error")), "moca.embed")
     with pytest.raises(SystemExit, match="^moca.embed: input 3: bad$"):
         run_cli(fails(InputError("input 3: bad")), "moca.embed")
+
+
+def test_an_undecodable_header_reads_as_the_decoder_says_it(tmp_path):
+    """The cost pass reads image headers only (`image_size`); its error for bytes that are no image names the input
+    as the decoder's does, not PIL's BytesIO object."""
+    from moca.embed import image_size
+    from moca.image import load_image
+
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for src, name in ((b"not an image", "<bytes>"), ({"bytes": b"not an image"}, "<bytes>"),
+                      (str(tmp_path / "junk.png"), str(tmp_path / "junk.png"))):
+        message = f"cannot decode image {name}: not an image format PIL reads"
+        for read in (image_size, load_image):
+            with pytest.raises(ImageError, match=f"^{re.escape(message)}$"):
+                read(src)

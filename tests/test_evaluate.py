@@ -392,6 +392,20 @@ def test_cli_output_is_checked_before_the_model_loads(tmp_path, monkeypatch, tas
     assert (tmp_path / "afile").read_text() == "scores" and not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_cli_triton_on_a_cpu_without_its_interpreter_is_refused_first(tmp_path, monkeypatch):
+    import engine.evaluate as ev
+    from engine.trainer import UsageError
+
+    data = write_mmeb(tmp_path)[0]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ev.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ev.Embedder, "__init__", lambda *a, **k: pytest.fail("built the embedder first"))
+    with pytest.raises(UsageError, match="^--attn-backend triton: the Triton kernels need a CUDA device"):
+        ev.main(["mmeb", "--data", str(data), "--images", str(tmp_path / "images"), "--output", str(tmp_path / "o"),
+                 "--attn-backend", "triton"])
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("cuda, flag, workers", [(False, [], 0), (True, [], 4), (False, ["--num-workers", "3"], 3)])
 def test_cli_decode_workers_default_to_4_on_cuda_and_0_on_a_cpu(tmp_path, monkeypatch, cuda, flag, workers):
     """On a CPU, workers would only take cores from the model; on CUDA they keep the device fed."""
