@@ -140,9 +140,18 @@ def default_tokenizer_dir() -> str:
 
 
 def load_tokenizer(path: str):
+    """The tokenizer in `path`, from local files only. transformers reads the folder's config.json on the way,
+    and warns about the top-level `rope_scaling` our checkpoints keep for transformers 4.x beside 5.x's
+    `text_config` (moca.config `to_hf_config`): its config is not used here, so its warnings are muted."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def normalize_markers(text: str) -> str:

@@ -400,3 +400,16 @@ def test_save_in_bf16_stores_bf16_and_transformers_loads_it_as_bf16(hf_dir, tmp_
         assert t.dtype == torch.bfloat16 and torch.equal(t, fp32[name].to(torch.bfloat16)), name
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype="auto")
     assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+
+
+def test_loading_our_checkpoint_prints_no_transformers_config_warnings(tmp_path):
+    """Our config.json keeps a top-level rope_scaling for transformers 4.x beside 5.x's text_config; transformers 5
+    warns about it (once a process) when the tokenizer loads, which reads the config it then does not use."""
+    import subprocess
+    import sys
+
+    model = load_model("tiny", dtype=torch.float32)
+    save_model(model, str(tmp_path / "ckpt"), processor=Processor.from_pretrained("tiny"))
+    run = subprocess.run([sys.executable, "-c", f"from moca import Processor; Processor.from_pretrained({str(tmp_path / 'ckpt')!r})"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "rope" not in run.stderr and "[transformers]" not in run.stderr, run.stderr
