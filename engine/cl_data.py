@@ -23,8 +23,11 @@ Design decisions:
   marker/image agreement, image files present, negative lists aligned). A bad record is
   skipped, counted and logged with where it is (`FILE:LINE` for JSONL, 1-based physical lines),
   never a crash, never a silent drop; one that still fails when it is encoded (an undecodable
-  image) is logged the same way, once, and replaced by the next record of its subset, so every
-  rank keeps an equal slice.
+  image, a side that opens with an image longer than max_len) is logged the same way, once, and
+  replaced by the next record of its subset, so every rank keeps an equal slice.
+* A query, positive or negative longer than max_len is cut by the release's rule, as CPT records
+  (`engine.data.truncate_record`, MOCA.md §2): its first max_len tokens, less an image whose tokens
+  would be cut and everything after it; a side losing an image is logged, naming it.
 * Phi-3-V `<|image_N|>` (and `<image>`) markers become the Qwen marker when the side has an
   image and are removed when it has none (MOCA.md §4).
 * Task-homogeneous batches (MOCA.md §3): the plan of an epoch is a pure function of (seed,

@@ -327,7 +327,9 @@ def main(argv=None) -> dict:
         s.add_argument("--num-workers", type=COUNT, default=None,
                        help="DataLoader processes decoding images (default: 4 on CUDA; 0 on a CPU, which they would "
                             "only take from the model)")
-        s.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
+        s.add_argument("--max-length", type=POSITIVE, default=None,
+                   help="tokens per input (default: no limit); a longer one has its text cut from the end, its "
+                   "images kept whole, and one whose images alone exceed it is an error")
         add_image_tokens_arg(s)
         s.add_argument("--pooling", choices=["mean", "last"], default="mean")
         s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

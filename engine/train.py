@@ -95,8 +95,9 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--epochs", type=bounded(float, 0.0, low_open=True), default=None,
                    help="passes over the data when --max-steps is not given (default 1, as MOCA.md's release)")
     g.add_argument("--save-every", type=COUNT, default=0, help="write checkpoint-<step>/ every N steps (0: only final/)")
-    g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep")
-    g.add_argument("--seed", type=COUNT, default=0, help="seeds the data order, the masks and a fresh model (>= 0)")
+    g.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoint-<step>/ directories to keep (2)")
+    g.add_argument("--seed", type=COUNT, default=0,
+                   help="seeds the data order" + (", the masks" if stage == "cpt" else "") + " and a fresh model (0)")
     g.add_argument("--loader-workers", type=COUNT, default=None,
                    help="processes per rank preparing the next steps' micro-batches (decode, pack, mask) while the "
                         "device runs; 0: in the training process, between steps (default: 2 on CUDA; 0 on a CPU, "
@@ -115,20 +116,22 @@ def add_common_args(p: argparse.ArgumentParser, stage: str) -> None:
                    help=f"peak learning rate (MOCA.md: {release['lr']:g}; tiny: {tiny['lr']:g})")
     o.add_argument("--warmup-ratio", type=SHARE, default=None,
                    help=f"linear warm-up share of max-steps ({release['warmup_ratio']:g}; tiny: {tiny['warmup_ratio']:g})")
-    o.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.0)
+    o.add_argument("--weight-decay", type=bounded(float, 0.0), default=0.0, help="AdamW's (0)")
     o.add_argument("--grad-clip", type=bounded(float, 0.0, low_open=True), default=5.0,
-                   help="max global gradient norm (5.0). The gradient is that of the step's mean loss; the CPT "
-                        "release's was about --grad-accum times larger (docs/MOCA.md §2)")
+                   help="max global gradient norm (5.0). The gradient is that of the step's mean loss; " + (
+                       "the CPT release's was about --grad-accum times larger (docs/MOCA.md §2)" if stage == "cpt" else
+                       "the CL release's was W times smaller on W ranks (docs/MOCA.md §3)"))
     o.add_argument("--grad-accum", type=POSITIVE, default=None,
-                   help=f"micro-batches per optimizer step and rank ({release['grad_accum']})")
+                   help=f"micro-batches per optimizer step and rank ({release['grad_accum']}; tiny: {tiny['grad_accum']})")
     o.add_argument("--max-len", type=POSITIVE, default=None,
-                   help=f"tokens per sample, longer ones truncated ({release['max_len']}; tiny: {tiny['max_len']})")
+                   help=f"tokens per sample ({release['max_len']}; tiny: {tiny['max_len']}); a longer one keeps its "
+                        "first max-len tokens less an image that would be cut, which goes with all after it (MOCA.md §2)")
     add_image_tokens_arg(o)
     o.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device; fp32")
     o.add_argument("--activation-checkpointing", action="store_true")
     o.add_argument("--compile", action="store_true", help="torch.compile every block")
-    o.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP or FSDP2")
+    o.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun: DDP or FSDP2 (ddp)")
     o.add_argument("--freeze", nargs="+", default=None, metavar="PREFIX",
                    help="do not train parameters whose names start with these (e.g. embed_tokens visual)"
                         + ("" if stage == "cpt" else "; tiny: embed_tokens"))
@@ -143,10 +146,11 @@ def add_cpt_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                    help="where per-source cost caches and the Arrow copies of Parquet sources live "
                         "(default $MOCA_CACHE_DIR or ~/.cache/moca)")
-    g.add_argument("--workers", type=POSITIVE, default=min(16, os.cpu_count() or 1), help="threads of the cost pass")
-    g.add_argument("--mlm-prob", type=SHARE, default=0.4, help="share of non-special tokens masked")
-    g.add_argument("--mae-prob", type=SHARE, default=0.5, help="share of image tokens (2x2 patches) masked")
-    g.add_argument("--mae-weight", type=bounded(float, 0.0), default=0.1, help="loss = MLM + w * MAE")
+    g.add_argument("--workers", type=POSITIVE, default=min(16, os.cpu_count() or 1),
+                   help="threads of the cost pass (the CPUs, at most 16)")
+    g.add_argument("--mlm-prob", type=SHARE, default=0.4, help="share of non-special tokens masked (0.4)")
+    g.add_argument("--mae-prob", type=SHARE, default=0.5, help="share of image tokens (2x2 patches) masked (0.5)")
+    g.add_argument("--mae-weight", type=bounded(float, 0.0), default=0.1, help="loss = MLM + w * MAE (0.1)")
     g.add_argument("--no-mlm", action="store_true", help="switch the MLM loss off")
     g.add_argument("--no-mae", action="store_true", help="switch the MAE loss off")
 
@@ -304,7 +308,7 @@ def add_cl_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cl data and objective")
     g.add_argument("--batch-size", type=POSITIVE, default=None,
                    help="queries per device and micro-batch (24; the embedded run, without --model: 16)")
-    g.add_argument("--negative-ratio", type=COUNT, default=2, help="hard negatives per query")
+    g.add_argument("--negative-ratio", type=COUNT, default=2, help="hard negatives per query (2)")
     g.add_argument("--temperature", type=bounded(float, 0.0, low_open=True), default=0.03, help="InfoNCE's tau (0.03)")
     g.add_argument("--grad-cache-chunk", type=COUNT, default=0, help="GradCache chunk in samples (0: off)")
     g.add_argument("--image-root", default=None, help="root of relative image paths (default: the folder given to --data; a file's folder)")

@@ -403,7 +403,9 @@ def main(argv=None) -> torch.Tensor:
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-length", type=POSITIVE, default=None,
+                   help="tokens per input (default: no limit); a longer one has its text cut from the end, its "
+                   "images kept whole, and one whose images alone exceed it is an error")
     add_image_tokens_arg(p)
     p.add_argument("--show", type=COUNT, default=8, help="print the cosine-similarity table of the first N inputs")
     args = p.parse_args(argv)

@@ -681,7 +681,10 @@ def main(argv=None) -> None:
     p.add_argument("--max-queue", type=POSITIVE, default=256, help="most requests admitted at once; more get 503")
     p.add_argument("--max-request-tokens", type=POSITIVE, default=None,
                    help="most tokens + patches per request, 413 over it (default 4 x --batch-tokens)")
-    p.add_argument("--max-length", type=POSITIVE, default=None, help="truncate inputs to this many tokens")
+    p.add_argument("--max-length", type=POSITIVE, default=None,
+                   help="tokens per input (default: no limit); a longer one has its text cut from the end, its "
+                   "images kept whole, and one whose images alone exceed it is an error; TEI's truncate=false "
+                   "refuses them instead")
     add_image_tokens_arg(p)
     p.add_argument("--payload-limit", type=POSITIVE, default=64 << 20, help="most bytes in a request body, 413 over it")
     p.add_argument("--max-client-batch-size", type=POSITIVE, default=2048, help="most inputs in a request, 413 over it "

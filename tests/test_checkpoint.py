@@ -410,6 +410,6 @@ def test_loading_our_checkpoint_prints_no_transformers_config_warnings(tmp_path)
 
     model = load_model("tiny", dtype=torch.float32)
     save_model(model, str(tmp_path / "ckpt"), processor=Processor.from_pretrained("tiny"))
-    run = subprocess.run([sys.executable, "-c", f"from moca import Processor; Processor.from_pretrained({str(tmp_path / 'ckpt')!r})"],
-                         capture_output=True, text=True, timeout=300)
+    load = f"from moca import Processor; Processor.from_pretrained({str(tmp_path / 'ckpt')!r})"
+    run = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "rope" not in run.stderr and "[transformers]" not in run.stderr, run.stderr
