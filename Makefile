@@ -1,6 +1,7 @@
 # Two jobs, each reusing what the last run built:
 #   make demo   set up .venv, build moca._C, run the embedded pipeline: CPT, then CL, then the eval table
 #   make test   set up .venv, build moca._C, run the test suite (CPU; Triton via its interpreter)
+#   make setup  only set up .venv and build moca._C;  make bench  the benchmarks at small shapes (--quick)
 # On a GPU machine (its own python with CUDA torch, no .venv; wheels from `make gpu-wheels` in .whl/):
 #   make gpu-check   GPU tests, the embedded pipeline on CUDA, every benchmark -> bench/results/<device>-<date>.*
 #   make gpu-tune    the tile tunings, and the attention benchmark under the tuned rules (~9 min on an H100/H200)
