@@ -1,4 +1,4 @@
-"""Evaluation metrics against hand-computed cases and a plain-loop float64 oracle."""
+"""Evaluation metrics against hand-computed cases, a plain-loop float64 oracle and trec_eval (pytrec_eval)."""
 
 import math
 
@@ -82,3 +82,34 @@ def test_ndcg_matches_loop_oracle_on_random_graded_qrels(q, d, k):
     scores = torch.randn(q, d)
     rel = torch.randint(0, 4, (q, d)) * (torch.rand(q, d) < 0.3)
     assert ndcg_at_k(scores, rel, k).tolist() == pytest.approx(_ndcg_loops(scores, rel, k), abs=1e-12)
+
+
+def test_ndcg_and_recall_equal_trec_eval():
+    """pytrec_eval (trec_eval's C code, which ViDoRe and MTEB score with) on graded qrels (0 included), tied scores
+    and ids whose byte order decides ties (trec_eval ranks a tie by document id, highest first: the column order
+    engine.evaluate.score_beir gives), queries judged only 0 among them."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = torch.Generator().manual_seed(0)
+    measures = {"ndcg_cut_5": (ndcg_at_k, 5), "ndcg_cut_10": (ndcg_at_k, 10), "recall_1": (recall_at_k, 1),
+                "recall_5": (recall_at_k, 5), "recall_10": (recall_at_k, 10)}
+    checked = 0
+    for _ in range(200):
+        n_docs, n_queries = int(torch.randint(1, 16, (1,), generator=rng)), int(torch.randint(1, 5, (1,), generator=rng))
+        ids = sorted({f"{'dDxa'[int(torch.randint(0, 4, (1,), generator=rng))]}{int(torch.randint(0, 40, (1,), generator=rng))}"
+                      for _ in range(n_docs)}, key=str.encode, reverse=True)
+        levels = torch.tensor([0.1, 0.2, 0.3, 0.5])  # few distinct scores: many ties
+        scores = torch.where(torch.rand(n_queries, len(ids), generator=rng) < 0.7,
+                             levels[torch.randint(0, 4, (n_queries, len(ids)), generator=rng)],
+                             torch.rand(n_queries, len(ids), generator=rng)).double()
+        judged = torch.rand(n_queries, len(ids), generator=rng) < 0.6
+        judged[:, 0] = True  # every query judged on at least one document
+        relevance = torch.randint(0, 4, (n_queries, len(ids)), generator=rng) * judged
+        qrels = {f"q{q}": {d: int(relevance[q, j]) for j, d in enumerate(ids) if judged[q, j]} for q in range(n_queries)}
+        run = {f"q{q}": {d: float(scores[q, j]) for j, d in enumerate(ids)} for q in range(n_queries)}
+        truth = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.5", "ndcg_cut.10", "recall.1", "recall.5",
+                                                       "recall.10"}).evaluate(run)
+        for name, (metric, k) in measures.items():
+            ours = metric(scores, relevance.double(), k)
+            assert ours.tolist() == pytest.approx([truth[f"q{q}"][name] for q in range(n_queries)], abs=1e-12), name
+            checked += n_queries
+    assert checked > 1000
