@@ -9,8 +9,9 @@ file), or the built-in `synthetic` corpus. `path:count` draws `count` records fr
 
 Design decisions:
 * Every record is validated once, in the cost pass (text present, marker count == image count,
-  every image decodes, not opening with an image longer than max_len); a bad record is skipped, counted and logged with where it is
-  (`FILE:LINE` for JSONL, 1-based physical lines), never a crash and never a silent drop. Costs
+  every image decodes, not opening with an image longer than max_len); a bad record is skipped,
+  counted and logged with where it is (`FILE:LINE` for JSONL, 1-based physical lines), never a
+  crash and never a silent drop. Costs
   (text tokens + 4 x image tokens + 2 per image, capped at max_len, MOCA.md §2) are computed by
   a thread pool with a progress bar and cached on disk per source, keyed by the source's files,
   the tokenizer and the image settings; the cache also lists the image files the records name
