@@ -120,7 +120,7 @@ def parse_inputs(value, field: str) -> list[tuple[str, str, list]]:
     values = [value] if single else value
     if not values:
         raise RequestError("empty", f"{field}: must not be empty", field)
-    if all(isinstance(v, int) for v in values) or any(isinstance(v, list) for v in values):
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values) or any(isinstance(v, list) for v in values):
         raise RequestError("invalid", f"{field}: token ids are not accepted (a client's ids, e.g. tiktoken's, mean "
                                       "nothing to this model's tokenizer): send text (LangChain's OpenAIEmbeddings: "
                                       "check_embedding_ctx_length=False)", field)
@@ -532,7 +532,7 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
         return JSONResponse(body, status, headers=headers)
 
     def openai_check(payload: dict) -> bool:
-        if payload.get("encoding_format", "float") not in ("float", "base64"):
+        if (payload.get("encoding_format") or "float") not in ("float", "base64"):  # null: OpenAI's default
             raise RequestError("invalid", f"encoding_format: 'float' or 'base64', got {payload['encoding_format']!r}",
                                "encoding_format")
         dims = payload.get("dimensions")
@@ -543,7 +543,7 @@ def create_app(model, processor: Processor, **options) -> FastAPI:
 
     def openai_answer(payload: dict, vectors: torch.Tensor, tokens: int) -> Response:
         vectors = F.normalize(vectors, dim=-1)
-        if payload.get("encoding_format", "float") == "base64":  # little-endian float32, as OpenAI's
+        if payload.get("encoding_format") == "base64":  # little-endian float32, as OpenAI's
             data = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
         else:
             data = vectors.tolist()

@@ -133,9 +133,10 @@ def test_base64_encoding_tei_endpoint_and_metrics(served, tiny):
     r = client.post("/embed", json={"inputs": "a short text"})
     assert r.status_code == 200
     assert (torch.tensor(r.json()) - oracle(tiny, [{"text": "a short text"}])).abs().max().item() <= 1e-5
-    # single string input on the OpenAI endpoint too
-    assert torch.allclose(vectors(client.post("/v1/embeddings", json={"input": "a short text"})), torch.tensor(r.json()),
-                          atol=1e-5)
+    # single string input on the OpenAI endpoint too, and a null encoding_format is OpenAI's default, float
+    for options in ({}, {"encoding_format": None}):
+        assert torch.allclose(vectors(client.post("/v1/embeddings", json={"input": "a short text", **options})),
+                              torch.tensor(r.json()), atol=1e-5)
 
     families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -152,6 +153,7 @@ BAD_INPUTS = [
     (b'{"input": "\\ud800 a lone surrogate"}', 400, "input: not valid Unicode text"),  # JSON may escape one
     ({"input": [[9707, 11, 1879]]}, 400, "input: token ids are not accepted"),
     ({"input": [9707, 11]}, 400, "input: token ids are not accepted"),
+    ({"input": True}, 400, "input: expected a string"),  # a JSON true is no token id
     ({"input": ["a", ""]}, 400, "input[1]: empty text"),
     ({"input": [{"text": "x", "image": "https://example.com/cat.png"}]}, 400, "input[0].image: image URLs"),
     (b'["a list"]', 400, "JSON object"),
